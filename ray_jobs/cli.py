@@ -1,0 +1,158 @@
+"""``python -m ray_jobs``: the data plane's command line (DESIGN.md, "Parts").
+
+A bad argument or bad input exits 2 with one line naming what to fix, before any Ray work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+
+from ray_jobs.errors import JobInputError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line instead of usage + error
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX (for example 1-4), got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed one partition (or a whole manifest) with the staged twin-tower model",
+        description="Embed rows with the twin-tower model split into pipeline stages, write embeddings and "
+        "rejects, and commit the partition with _SUCCESS. A committed partition is skipped.",
+    )
+    src = p.add_argument_group("input (one of)")
+    src.add_argument(
+        "--manifest", help="Parquet manifest file, directory or s3:// prefix (whole manifest = one partition)"
+    )
+    src.add_argument("--plan", help="plan.json written by `plan`")
+    src.add_argument("--partition", type=int, help="partition index in --plan")
+    p.add_argument("--output", required=True, help="output root (local path, file:// or s3://)")
+    p.add_argument("--model", required=True, help="twin-tower checkpoint directory or s3:// prefix")
+    layout = p.add_argument_group("stage layout")
+    layout.add_argument("--num-stages", type=_positive_int, help="split the layers into K balanced stages (default 2)")
+    layout.add_argument("--stages", help="explicit spec, e.g. 'text@gpus=1|image:0-5@gpus=1|image:6-11@gpus=1'")
+    layout.add_argument("--stage-num-cpus", type=float, default=1.0, help="default CPUs per stage actor")
+    layout.add_argument("--stage-num-gpus", type=float, default=0.0, help="default GPUs per stage actor (fractions ok)")
+    layout.add_argument("--stage-pool", type=_pair, default=(1, 1), help="default actor pool size per stage, MIN-MAX")
+    tune = p.add_argument_group("tuning")
+    tune.add_argument("--batch-size", type=_positive_int, default=64)
+    tune.add_argument("--preprocess-cpus", type=float, default=1.0, help="CPUs per preprocessing actor")
+    tune.add_argument("--preprocess-pool", type=_pair, default=(1, 2), help="preprocessing actor pool, MIN-MAX")
+    tune.add_argument("--fetch-threads", type=_positive_int, default=16, help="concurrent image fetches per actor")
+    tune.add_argument("--rows-per-file", type=_positive_int, default=100_000)
+    tune.add_argument("--max-image-pixels", type=_positive_int, default=None)
+    tune.add_argument("--max-object-bytes", type=_positive_int, default=None)
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--force", action="store_true", help="re-embed even if the partition is committed")
+    p.add_argument("--summary-json", help="also write the result as JSON to this local path")
+
+
+def _add_demo_assets(sub) -> None:
+    p = sub.add_parser(
+        "demo-assets",
+        help="write a tiny seeded checkpoint, demo images (some broken) and a manifest",
+        description="Write DIR/model (tiny ALBERT+ViT twin tower in Hugging Face format), DIR/images and "
+        "DIR/manifest. DIR may be an s3:// prefix.",
+    )
+    p.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    p.add_argument("--rows", type=_positive_int, default=200)
+    p.add_argument("--bad-images", type=int, default=6, help="how many rows get a broken image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--files", type=_positive_int, default=2, help="number of manifest Parquet files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m ray_jobs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_embed(sub)
+    _add_demo_assets(sub)
+    return parser
+
+
+def _cmd_embed(args) -> int:
+    from ray_jobs.embed_job import EmbedConfig, run_embed
+    from ray_jobs.model.stage_spec import StageResources
+    from ray_jobs.preprocess import DEFAULT_MAX_OBJECT_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
+
+    cfg = EmbedConfig(
+        output_uri=args.output,
+        model_uri=args.model,
+        manifest_uri=args.manifest,
+        plan_uri=args.plan,
+        partition=args.partition,
+        num_stages=args.num_stages if (args.num_stages or args.stages) else 2,
+        stages=args.stages,
+        stage_defaults=StageResources(args.stage_num_cpus, args.stage_num_gpus, *args.stage_pool),
+        batch_size=args.batch_size,
+        preprocess_cpus=args.preprocess_cpus,
+        preprocess_pool=args.preprocess_pool,
+        fetch_threads=args.fetch_threads,
+        rows_per_file=args.rows_per_file,
+        limits=ImageLimits(
+            args.max_image_pixels or DEFAULT_MAX_PIXELS, args.max_object_bytes or DEFAULT_MAX_OBJECT_BYTES
+        ),
+        ray_address=args.ray_address,
+        force=args.force,
+    )
+    result = run_embed(cfg)
+    print(result.summary(), flush=True)
+    if args.summary_json:
+        with open(args.summary_json, "w") as fh:
+            json.dump(asdict(result), fh, indent=2)
+    return 0
+
+
+def _cmd_demo_assets(args) -> int:
+    from ray_jobs.demo_assets import write_demo_assets
+
+    assets = write_demo_assets(args.out, rows=args.rows, bad_images=args.bad_images, seed=args.seed, files=args.files)
+    broken = ", ".join(f"{k}={v}" for k, v in sorted(assets.broken.items())) or "none"
+    print(
+        f"demo-assets: rows={assets.rows} broken=({broken}) model={assets.model} manifest={assets.manifest}",
+        flush=True,
+    )
+    return 0
+
+
+COMMANDS = {"embed": _cmd_embed, "demo-assets": _cmd_demo_assets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(key, value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except JobInputError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,205 @@
+"""The contract between the control plane and the data plane.
+
+Manifest schema, output layout, commit-marker format and the deterministic ids. This module
+depends on nothing heavier than pyarrow and the standard library, so the Airflow side can
+import it at parse time; everything that touches storage lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from ray_jobs.errors import ManifestError, OutputError
+
+# --------------------------------------------------------------------------- manifest
+
+#: Required manifest columns and a description of the accepted Arrow types.
+REQUIRED_COLUMNS: Mapping[str, str] = {"id": "string", "text": "string", "image_uri": "string"}
+#: Optional columns the data plane understands.
+OPTIONAL_COLUMNS: Mapping[str, str] = {"image_bytes": "int64"}
+
+
+def _type_ok(expected: str, actual: pa.DataType) -> bool:
+    if expected == "string":
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if expected == "int64":
+        return pa.types.is_integer(actual)
+    raise AssertionError(expected)
+
+
+def check_manifest_schema(schema: pa.Schema, source: str) -> None:
+    """Raise :class:`ManifestError` naming the file and column when *schema* breaks the contract."""
+    for name, expected in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            if name in REQUIRED_COLUMNS:
+                raise ManifestError(
+                    f"manifest file {source}: required column {name!r} ({expected}) is missing; "
+                    f"found columns {schema.names}"
+                )
+            continue
+        actual = schema.field(idx).type
+        if not _type_ok(expected, actual):
+            raise ManifestError(f"manifest file {source}: column {name!r} has type {actual}, expected {expected}")
+
+
+# --------------------------------------------------------------------------- ids
+
+_ID_SAFE = re.compile(r"[^a-z0-9_]+")
+
+
+def short_hash(*parts: object, length: int = 12) -> str:
+    """A stable short hex digest of JSON-serialisable *parts*."""
+    payload = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def sanitize_name(name: str) -> str:
+    """Lower-case ``[a-z0-9_]`` form of *name*, usable in paths and table names."""
+    cleaned = _ID_SAFE.sub("_", name.lower()).strip("_")
+    return cleaned or "model"
+
+
+def make_model_id(name: str, content_digest: str) -> str:
+    """``{sanitised name}-{first 10 hex of the checkpoint content hash}``."""
+    return f"{sanitize_name(name)}-{content_digest[:10]}"
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    """One manifest file as planning sees it: its path, byte size and row count."""
+
+    path: str
+    size: int
+    rows: int
+
+
+def manifest_fingerprint(files: Iterable[FileFingerprint]) -> str:
+    """A digest of the manifest's files (sorted), independent of listing order."""
+    rows = sorted((f.path, f.size, f.rows) for f in files)
+    return short_hash("manifest", rows, length=16)
+
+
+def make_plan_id(fingerprint: str, settings: Mapping[str, object]) -> str:
+    """Short hash of the manifest fingerprint and the partitioning settings."""
+    return short_hash("plan", fingerprint, dict(settings), length=12)
+
+
+# --------------------------------------------------------------------------- layout
+
+SUCCESS_FILE = "_SUCCESS"
+REJECTS_FILE = "rejects.parquet"
+COMMIT_FORMAT = "multimodal-embeddings-commit/1"
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path segments onto a local path or URI without touching storage."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def plan_uri(output: str, run_id: str) -> str:
+    return join_uri(output, "runs", run_id, "plan.json")
+
+
+def model_root(output: str, model_id: str) -> str:
+    return join_uri(output, "embeddings", f"model={model_id}")
+
+
+def plan_root(output: str, model_id: str, plan_id: str) -> str:
+    return join_uri(model_root(output, model_id), f"plan={plan_id}")
+
+
+def partition_dir(output: str, model_id: str, plan_id: str, index: int) -> str:
+    if index < 0:
+        raise ValueError(f"partition index must be >= 0, got {index}")
+    return join_uri(plan_root(output, model_id, plan_id), f"partition={index:05d}")
+
+
+def part_file_name(n: int) -> str:
+    return f"part-{n:05d}.parquet"
+
+
+def embeddings_schema(text_dim: int, image_dim: int) -> pa.Schema:
+    """Schema of ``part-*.parquet``: id plus two L2-normalised fixed-size float32 vectors."""
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("text_embedding", pa.list_(pa.float32(), text_dim), nullable=False),
+            pa.field("image_embedding", pa.list_(pa.float32(), image_dim), nullable=False),
+        ]
+    )
+
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+
+# --------------------------------------------------------------------------- commit marker
+
+
+@dataclass(frozen=True)
+class CommittedFile:
+    """A data file listed by a commit marker, relative to the partition directory."""
+
+    path: str
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CommitMarker:
+    """The JSON content of ``_SUCCESS``: the only thing readers trust."""
+
+    model_id: str
+    plan_id: str
+    partition: int
+    rows_in: int
+    rows_ok: int
+    rows_rejected: int
+    text_dim: int
+    image_dim: int
+    files: tuple[CommittedFile, ...]
+    rejects: CommittedFile
+    rejects_by_reason: Mapping[str, int] = field(default_factory=dict)
+    timings: Mapping[str, float] = field(default_factory=dict)
+    stages: str = ""
+    format: str = COMMIT_FORMAT
+
+    def reconciles(self) -> bool:
+        """True when every input row is accounted for and the listed files agree."""
+        return (
+            self.rows_ok + self.rows_rejected == self.rows_in
+            and sum(f.rows for f in self.files) == self.rows_ok
+            and self.rejects.rows == self.rows_rejected
+        )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["files"] = [asdict(f) for f in self.files]
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "_SUCCESS") -> CommitMarker:
+        try:
+            data = json.loads(text)
+            if data.get("format") != COMMIT_FORMAT:
+                raise ValueError(f"unknown format {data.get('format')!r}")
+            data["files"] = tuple(CommittedFile(**f) for f in data["files"])
+            data["rejects"] = CommittedFile(**data["rejects"])
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OutputError(f"commit marker {source} is not a valid {COMMIT_FORMAT}: {exc}") from exc

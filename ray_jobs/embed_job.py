@@ -1,0 +1,260 @@
+"""The partition job: read rows -> preprocess (CPU actors) -> K model stages -> sink -> commit.
+
+Everything that can be checked without Ray (manifest schema, model, stage layout, output
+slot) is checked first, so a bad input fails in seconds with one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from ray_jobs import storage
+from ray_jobs.contract import make_plan_id, partition_dir
+from ray_jobs.errors import UsageError
+from ray_jobs.manifest import ManifestFile, fingerprint, read_manifest
+from ray_jobs.model.stage_spec import StageLayout, StageResources
+from ray_jobs.preprocess import ImageLimits
+
+log = logging.getLogger(__name__)
+
+#: Environment every Ray worker of the job gets (no hub access, quiet transformers).
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+_FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "RAY_JOBS_CACHE_DIR",
+)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Everything one partition job needs; validated on construction."""
+
+    output_uri: str
+    model_uri: str
+    manifest_uri: str | None = None
+    plan_uri: str | None = None
+    partition: int | None = None
+    num_stages: int | None = None
+    stages: str | None = None
+    stage_defaults: StageResources = field(default_factory=StageResources)
+    batch_size: int = 64
+    preprocess_cpus: float = 1.0
+    preprocess_pool: tuple[int, int] = (1, 2)
+    fetch_threads: int = 16
+    rows_per_file: int = 100_000
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    ray_address: str | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.manifest_uri is None) == (self.plan_uri is None):
+            raise UsageError("give exactly one of --manifest or --plan")
+        if self.plan_uri is not None and (self.partition is None or self.partition < 0):
+            raise UsageError("--plan needs --partition K (K >= 0)")
+        if self.manifest_uri is not None and self.partition not in (None, 0):
+            raise UsageError("--partition goes with --plan; the --manifest form embeds the whole manifest")
+        if self.num_stages is not None and self.stages:
+            raise UsageError("give --num-stages or --stages, not both")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise UsageError(f"--num-stages must be >= 1, got {self.num_stages}")
+        for name in ("batch_size", "fetch_threads", "rows_per_file"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        lo, hi = self.preprocess_pool
+        if not 1 <= lo <= hi:
+            raise UsageError(f"--preprocess-pool needs 1 <= min <= max, got {lo}-{hi}")
+        if self.preprocess_cpus <= 0:
+            raise UsageError(f"--preprocess-cpus must be > 0, got {self.preprocess_cpus}")
+        if self.limits.max_pixels <= 0 or self.limits.max_object_bytes <= 0:
+            raise UsageError("--max-image-pixels and --max-object-bytes must be > 0")
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """The result of the pre-flight: what will run and where it lands."""
+
+    config: EmbedConfig
+    files: tuple[ManifestFile, ...]
+    model_uri: str
+    model_id: str
+    embed_dim: int
+    layout: StageLayout
+    plan_id: str
+    partition: int
+    partition_uri: str
+
+    @property
+    def rows_in(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    partition_uri: str
+    skipped: bool
+    rows_in: int
+    rows_ok: int
+    rows_rejected: int
+    wall_s: float
+    rows_per_s: float
+    time_to_first_batch_s: float | None
+
+    def summary(self) -> str:
+        head = "already committed, skipped" if self.skipped else "committed"
+        return (
+            f"embed: {head}: rows_in={self.rows_in} rows_ok={self.rows_ok} rows_rejected={self.rows_rejected} "
+            f"rows/s={self.rows_per_s:.1f} wall={self.wall_s:.1f}s output={self.partition_uri}"
+        )
+
+
+def prepare(cfg: EmbedConfig) -> PreparedJob:
+    """Check every input without Ray; raises :class:`~ray_jobs.errors.JobInputError` subclasses."""
+    from ray_jobs.model.checkpoint import TwinTowerCheckpoint
+    from ray_jobs.model.staged import build_layout
+
+    if cfg.plan_uri is not None:
+        raise UsageError("--plan needs the planning command, which is not part of this release yet; use --manifest")
+    files = tuple(read_manifest(cfg.manifest_uri))
+    ckpt = TwinTowerCheckpoint(cfg.model_uri)
+    layout = build_layout(ckpt, num_stages=cfg.num_stages, spec=cfg.stages, defaults=cfg.stage_defaults)
+    plan_id = make_plan_id(fingerprint(list(files)), {"mode": "whole-manifest"})
+    partition = 0
+    return PreparedJob(
+        config=cfg,
+        files=files,
+        model_uri=ckpt.uri,
+        model_id=ckpt.model_id,
+        embed_dim=ckpt.config.embed_dim,
+        layout=layout,
+        plan_id=plan_id,
+        partition=partition,
+        partition_uri=partition_dir(cfg.output_uri, ckpt.model_id, plan_id, partition),
+    )
+
+
+def _ensure_ray(job: PreparedJob) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {**WORKER_ENV, **{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
+    address = job.config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    cfg = job.config
+    needed = cfg.preprocess_cpus * cfg.preprocess_pool[0] + sum(
+        s.resources.num_cpus * s.resources.min_pool for s in job.layout.stages
+    )
+    # Logical CPUs: enough for every pool's minimum plus read tasks, so a small machine
+    # oversubscribes instead of deadlocking.
+    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 2)
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",  # loopback only
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+    )
+
+
+def build_dataset(job: PreparedJob):
+    """The lazy Ray Data pipeline for *job* (nothing runs until it is iterated)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from ray_jobs.model.staged import ModelStage
+    from ray_jobs.preprocess import Preprocessor
+
+    cfg = job.config
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic part files
+    fs, _ = storage.filesystem_for(job.files[0].uri)
+    paths = [storage.filesystem_for(f.uri)[1] for f in job.files]
+    ds = ray.data.read_parquet(paths, filesystem=storage.arrow_filesystem(fs), columns=["id", "text", "image_uri"])
+    ds = ds.map_batches(
+        Preprocessor,
+        fn_constructor_kwargs={"model_uri": job.model_uri, "limits": cfg.limits, "fetch_threads": cfg.fetch_threads},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=cfg.preprocess_pool[0], max_size=cfg.preprocess_pool[1]),
+        num_cpus=cfg.preprocess_cpus,
+    )
+    spec = job.layout.spec()
+    for stage in job.layout.stages:
+        res = stage.resources
+        ds = ds.map_batches(
+            ModelStage,
+            fn_constructor_kwargs={
+                "model_uri": job.model_uri,
+                "layout_spec": spec,
+                "stage_index": stage.index,
+                "num_threads": max(1, int(res.num_cpus)),
+            },
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=res.min_pool, max_size=res.max_pool),
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+        )
+    return ds
+
+
+def run_prepared(job: PreparedJob) -> EmbedResult:
+    from ray_jobs.sink import PartitionSink, committed_marker
+
+    start = time.perf_counter()
+    if not job.config.force:
+        marker = committed_marker(job.partition_uri, job.model_id)
+        if marker is not None:
+            return EmbedResult(
+                job.partition_uri, True, marker.rows_in, marker.rows_ok, marker.rows_rejected, 0.0, 0.0, None
+            )
+    _ensure_ray(job)
+    ds = build_dataset(job)
+    sink = PartitionSink(job.partition_uri, job.embed_dim, job.embed_dim, job.config.rows_per_file)
+    sink.begin()
+    first = None
+    pipeline_start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        if first is None:
+            first = time.perf_counter() - pipeline_start
+        sink.add(batch)
+    wall = time.perf_counter() - start
+    marker = sink.commit(
+        rows_in=job.rows_in,
+        model_id=job.model_id,
+        plan_id=job.plan_id,
+        partition=job.partition,
+        stages=job.layout.spec(),
+        timings={
+            "wall_s": round(wall, 3),
+            "time_to_first_batch_s": round(first or 0.0, 3),
+            "rows_per_s": round(job.rows_in / wall, 3) if wall > 0 else 0.0,
+        },
+    )
+    return EmbedResult(
+        job.partition_uri,
+        False,
+        marker.rows_in,
+        marker.rows_ok,
+        marker.rows_rejected,
+        wall,
+        marker.rows_in / wall if wall > 0 else 0.0,
+        first,
+    )
+
+
+def run_embed(cfg: EmbedConfig) -> EmbedResult:
+    return run_prepared(prepare(cfg))

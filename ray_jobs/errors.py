@@ -1,0 +1,30 @@
+"""Narrow exception types of the data plane.
+
+Every error a user can cause by a bad argument or bad input derives from
+:class:`JobInputError`; the command line prints its message as one line and exits 2,
+before any Ray work starts. Everything else is a bug or an infrastructure failure.
+"""
+
+
+class JobInputError(Exception):
+    """An input the user controls is wrong; the message says what to fix."""
+
+
+class UsageError(JobInputError):
+    """A command-line argument or config value is invalid."""
+
+
+class ManifestError(JobInputError):
+    """The manifest is unreadable, empty, or violates the schema contract."""
+
+
+class ModelError(JobInputError):
+    """The model checkpoint is missing, incomplete or of an unsupported architecture."""
+
+
+class StageSpecError(UsageError):
+    """A stage layout does not cover the model's layers exactly once, in order."""
+
+
+class OutputError(JobInputError):
+    """The output location is unusable, or holds a commit that contradicts this run."""

@@ -1,0 +1,83 @@
+import pyarrow as pa
+import pytest
+
+from ray_jobs import contract
+from ray_jobs.errors import ManifestError, OutputError
+
+
+def _schema(**over):
+    fields = {"id": pa.string(), "text": pa.string(), "image_uri": pa.string(), **over}
+    return pa.schema([(k, v) for k, v in fields.items() if v is not None])
+
+
+def test_valid_schema_with_large_strings_and_extra_columns_passes():
+    contract.check_manifest_schema(_schema(text=pa.large_string(), extra=pa.float64()), "m.parquet")
+
+
+@pytest.mark.parametrize("column", ["id", "text", "image_uri"])
+def test_missing_required_column_names_file_and_column(column):
+    with pytest.raises(ManifestError, match=rf"m\.parquet.*'{column}'.*missing"):
+        contract.check_manifest_schema(_schema(**{column: None}), "m.parquet")
+
+
+def test_wrong_type_names_column_and_expected_type():
+    with pytest.raises(ManifestError, match=r"'image_uri' has type int64, expected string"):
+        contract.check_manifest_schema(_schema(image_uri=pa.int64()), "m.parquet")
+    with pytest.raises(ManifestError, match=r"'image_bytes' has type string, expected int64"):
+        contract.check_manifest_schema(_schema(image_bytes=pa.string()), "m.parquet")
+
+
+def test_layout_is_deterministic_and_zero_padded():
+    d = contract.partition_dir("s3://b/out/", "tiny-abc", "p123", 7)
+    assert d == "s3://b/out/embeddings/model=tiny-abc/plan=p123/partition=00007"
+    assert contract.part_file_name(3) == "part-00003.parquet"
+    assert contract.plan_uri("/o", "run1") == "/o/runs/run1/plan.json"
+    with pytest.raises(ValueError):
+        contract.partition_dir("/o", "m", "p", -1)
+
+
+def test_ids_are_stable_and_sensitive_to_inputs():
+    files = [contract.FileFingerprint("b", 2, 20), contract.FileFingerprint("a", 1, 10)]
+    fp = contract.manifest_fingerprint(files)
+    assert fp == contract.manifest_fingerprint(list(reversed(files)))
+    assert fp != contract.manifest_fingerprint(files[:1])
+    assert contract.make_plan_id(fp, {"rows": 10}) == contract.make_plan_id(fp, {"rows": 10})
+    assert contract.make_plan_id(fp, {"rows": 10}) != contract.make_plan_id(fp, {"rows": 11})
+    assert contract.make_model_id("Tiny ALBERT/ViT", "abcdef0123456789") == "tiny_albert_vit-abcdef0123"
+
+
+def _marker(**over):
+    base = dict(
+        model_id="m",
+        plan_id="p",
+        partition=0,
+        rows_in=10,
+        rows_ok=8,
+        rows_rejected=2,
+        text_dim=4,
+        image_dim=4,
+        files=(contract.CommittedFile("part-00000.parquet", 8, 100),),
+        rejects=contract.CommittedFile("rejects.parquet", 2, 50),
+    )
+    return contract.CommitMarker(**{**base, **over})
+
+
+def test_marker_round_trips_and_reconciles():
+    m = _marker(rejects_by_reason={"missing object": 2})
+    again = contract.CommitMarker.from_json(m.to_json())
+    assert again == m and again.reconciles()
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{"rows_ok": 7}, {"rows_in": 11}, {"files": (contract.CommittedFile("part-00000.parquet", 7, 100),)}],
+)
+def test_marker_that_does_not_add_up_does_not_reconcile(over):
+    assert not _marker(**over).reconciles()
+
+
+def test_invalid_marker_is_an_output_error():
+    with pytest.raises(OutputError, match="not a valid"):
+        contract.CommitMarker.from_json('{"format": "other"}', "x/_SUCCESS")
+    with pytest.raises(OutputError):
+        contract.CommitMarker.from_json("not json", "x/_SUCCESS")
