@@ -48,7 +48,11 @@ def demo_assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's server mode) on loopback; the environment points s3fs at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -146,20 +146,36 @@ class TwinTowerCheckpoint:
 
     @cached_property
     def model_id(self) -> str:
-        """Checkpoint name plus a hash of every file's name and content (weights included)."""
+        """Checkpoint name plus a hash of every file's name and content (weights included).
+
+        Local and remote copies of one checkpoint get the same id. For a remote one the
+        content hash is computed once per machine and cached under its listing (paths,
+        sizes, ETags), so partition jobs do not re-read the weights just to name them.
+        """
         fs, root = storage.filesystem_for(self.uri)
-        digest = hashlib.sha256()
-        for path in sorted(fs.find(root)):
+        found = fs.find(root, detail=True)
+        files = []
+        for path, info in sorted(found.items()):
             rel = os.path.relpath(path, root)
-            if os.path.basename(rel).startswith("."):
-                continue
+            if not os.path.basename(rel).startswith("."):
+                files.append((rel, path, info))
+        cache = None
+        if storage.is_remote(self.uri):
+            listing = [(rel, info.get("size"), info.get("ETag")) for rel, _, info in files]
+            key = hashlib.sha256(json.dumps([self.uri, listing]).encode()).hexdigest()[:24]
+            cache = os.path.join(_cache_root(), "model-ids", key)
+            if os.path.exists(cache):
+                with open(cache) as fh:
+                    return fh.read().strip()
+        digest = hashlib.sha256()
+        for rel, path, _ in files:
             digest.update(rel.encode() + b"\0")
-            info = fs.info(path)
-            etag = info.get("ETag") or info.get("etag")
-            if etag and storage.is_remote(self.uri):
-                digest.update(f"etag:{etag}:{info.get('size')}".encode())
-                continue
             with fs.open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
                     digest.update(chunk)
-        return make_model_id(self.config.name, digest.hexdigest())
+        model_id = make_model_id(self.config.name, digest.hexdigest())
+        if cache:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with open(cache, "w") as fh:
+                fh.write(model_id)
+        return model_id

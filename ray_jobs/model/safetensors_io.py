@@ -83,7 +83,7 @@ class SafetensorsIndex:
         else:
             raise ModelError(f"no {filename} (or {filename}.index.json) under {model_dir}")
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return sorted(self.entries)
 
     def load(self, names: Iterable[str]) -> dict:

@@ -71,7 +71,7 @@ class TowerSegment:
 
         cfg = ckpt.hf_config(tower)
         index = SafetensorsIndex(ckpt.tower_uri(tower))
-        pieces = TowerPieces(cfg, tower, index.keys())
+        pieces = TowerPieces(cfg, tower, index.names())
         self.tower, self.config, self.start, self.stop = tower, cfg, start, stop
         self.has_embed, self.has_head = embed, head
         self.pooling = ckpt.config.text_pooling if tower == "text" else ckpt.config.image_pooling

@@ -56,8 +56,8 @@ def test_each_stage_holds_only_its_share_of_parameters(demo_checkpoint, k):
     assert all(0 < c < total for c in counts)
     keys = [set(s.loaded_keys) for s in stages]
     assert sum(len(x) for x in keys) == len(set().union(*keys)), "no tensor is loaded by two stages"
-    every = {f"text:{key}" for key in SafetensorsIndex(ckpt.tower_uri("text")).keys()}
-    every |= {f"image:{key}" for key in SafetensorsIndex(ckpt.tower_uri("image")).keys()}
+    every = {f"text:{key}" for key in SafetensorsIndex(ckpt.tower_uri("text")).names()}
+    every |= {f"image:{key}" for key in SafetensorsIndex(ckpt.tower_uri("image")).names()}
     every |= {f"{t}:projection.safetensors:{t}_projection.weight" for t in ("text", "image")}
     assert set().union(*keys) == every
     # the last stage reads only the image layers it runs (and the embedding only if it owns layer 0)
@@ -79,6 +79,11 @@ def test_reference_deployment_layout_stage1_text_then_two_vit_halves(demo_checkp
     assert {k.split(":")[0] for k in stages[0].loaded_keys} == {"text"}
 
 
+def _vocab(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, "text", "tokenizer.json")) as fh:
+        return json.load(fh)["model"]["vocab"]
+
+
 def _variant(tmp_path, demo_checkpoint, text_config: dict) -> str:
     """A copy of the demo checkpoint whose text tower is another architecture (random, seeded)."""
     import torch
@@ -96,12 +101,19 @@ def _variant(tmp_path, demo_checkpoint, text_config: dict) -> str:
 
 
 def test_bert_text_tower_runs_through_the_same_code(tmp_path, demo_checkpoint):
-    vocab = json.load(open(os.path.join(demo_checkpoint, "text", "tokenizer.json")))["model"]["vocab"]
+    vocab = _vocab(demo_checkpoint)
     path = _variant(
         tmp_path,
         demo_checkpoint,
-        dict(model_type="bert", vocab_size=len(vocab), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-             intermediate_size=96, max_position_embeddings=64),
+        dict(
+            model_type="bert",
+            vocab_size=len(vocab),
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+        ),
     )
     ckpt = TwinTowerCheckpoint(path)
     ids, mask, px = _inputs(ckpt)
@@ -112,12 +124,21 @@ def test_bert_text_tower_runs_through_the_same_code(tmp_path, demo_checkpoint):
 
 def test_albert_with_shared_layer_weights_splits_correctly(tmp_path, demo_checkpoint):
     """Real ALBERT shares one layer group across all layers: each text stage loads that group."""
-    vocab = json.load(open(os.path.join(demo_checkpoint, "text", "tokenizer.json")))["model"]["vocab"]
+    vocab = _vocab(demo_checkpoint)
     path = _variant(
         tmp_path,
         demo_checkpoint,
-        dict(model_type="albert", vocab_size=len(vocab), embedding_size=16, hidden_size=64, num_hidden_layers=6,
-             num_hidden_groups=1, num_attention_heads=4, intermediate_size=96, max_position_embeddings=64),
+        dict(
+            model_type="albert",
+            vocab_size=len(vocab),
+            embedding_size=16,
+            hidden_size=64,
+            num_hidden_layers=6,
+            num_hidden_groups=1,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+        ),
     )
     ckpt = TwinTowerCheckpoint(path)
     ids, mask, px = _inputs(ckpt)
