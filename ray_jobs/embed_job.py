@@ -107,13 +107,31 @@ class EmbedResult:
     wall_s: float
     rows_per_s: float
     time_to_first_batch_s: float | None
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_marker(cls, uri: str, marker, *, skipped: bool, wall_s: float = 0.0, first_batch_s: float | None = None):
+        return cls(
+            partition_uri=uri,
+            skipped=skipped,
+            rows_in=marker.rows_in,
+            rows_ok=marker.rows_ok,
+            rows_rejected=marker.rows_rejected,
+            wall_s=wall_s,
+            rows_per_s=marker.rows_in / wall_s if wall_s > 0 else 0.0,
+            time_to_first_batch_s=first_batch_s,
+            rejects_by_reason=dict(marker.rejects_by_reason),
+        )
 
     def summary(self) -> str:
         head = "already committed, skipped" if self.skipped else "committed"
-        return (
+        line = (
             f"embed: {head}: rows_in={self.rows_in} rows_ok={self.rows_ok} rows_rejected={self.rows_rejected} "
             f"rows/s={self.rows_per_s:.1f} wall={self.wall_s:.1f}s output={self.partition_uri}"
         )
+        if self.rejects_by_reason:
+            line += "\nembed: rejects by reason: " + ", ".join(f"{k}={v}" for k, v in self.rejects_by_reason.items())
+        return line
 
 
 def prepare(cfg: EmbedConfig) -> PreparedJob:
@@ -218,9 +236,7 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
     if not job.config.force:
         marker = committed_marker(job.partition_uri, job.model_id)
         if marker is not None:
-            return EmbedResult(
-                job.partition_uri, True, marker.rows_in, marker.rows_ok, marker.rows_rejected, 0.0, 0.0, None
-            )
+            return EmbedResult.from_marker(job.partition_uri, marker, skipped=True)
     _ensure_ray(job)
     ds = build_dataset(job)
     sink = PartitionSink(job.partition_uri, job.embed_dim, job.embed_dim, job.config.rows_per_file)
@@ -244,16 +260,7 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
             "rows_per_s": round(job.rows_in / wall, 3) if wall > 0 else 0.0,
         },
     )
-    return EmbedResult(
-        job.partition_uri,
-        False,
-        marker.rows_in,
-        marker.rows_ok,
-        marker.rows_rejected,
-        wall,
-        marker.rows_in / wall if wall > 0 else 0.0,
-        first,
-    )
+    return EmbedResult.from_marker(job.partition_uri, marker, skipped=False, wall_s=wall, first_batch_s=first)
 
 
 def run_embed(cfg: EmbedConfig) -> EmbedResult:

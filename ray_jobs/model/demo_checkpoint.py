@@ -58,51 +58,77 @@ def _build_tokenizer(text_dir: str) -> int:
     return tok.get_vocab_size()
 
 
-def build_demo_checkpoint(
-    out_dir: str,
-    *,
-    seed: int = 0,
-    name: str = "tiny-albert-vit",
-    text_layers: int = 4,
-    image_layers: int = 6,
-    hidden: int = 64,
-    image_hidden: int = 64,
-    image_size: int = 32,
-    patch_size: int = 8,
-    embed_dim: int = 32,
-    text_max_length: int = 32,
-) -> str:
-    """Write the checkpoint to *out_dir* and return it. The same arguments give the same bytes."""
+#: Architecture presets: the demo's tiny model, and one sized like ALBERT-base + ViT-S/16 at 224 px
+#: (random weights; for benchmarks). Values are Hugging Face config fields.
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "name": "tiny-albert-vit",
+        "text": dict(
+            embedding_size=32,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_hidden_groups=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+        ),
+        "image": dict(
+            hidden_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+        ),
+        "embed_dim": 32,
+        "text_max_length": 32,
+    },
+    "albert-base-vit-s16": {
+        "name": "albert-base-vit-s16-random",
+        "text": dict(
+            embedding_size=128,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_hidden_groups=1,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        ),
+        "image": dict(
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            intermediate_size=1536,
+            image_size=224,
+            patch_size=16,
+        ),
+        "embed_dim": 512,
+        "text_max_length": 64,
+    },
+}
+
+
+def build_demo_checkpoint(out_dir: str, *, seed: int = 0, preset: str = "tiny", name: str | None = None) -> str:
+    """Write the checkpoint to *out_dir* and return it. The same arguments give the same bytes.
+
+    In the tiny preset every ALBERT layer has its own weight group, so pipeline stages hold
+    disjoint layers; the ALBERT-base preset shares one group across layers, as the real one does.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AlbertConfig, AlbertModel, ViTConfig, ViTModel
 
+    spec = PRESETS[preset]
+    name = name or spec["name"]
     text_dir, image_dir = os.path.join(out_dir, "text"), os.path.join(out_dir, "image")
     os.makedirs(text_dir, exist_ok=True)
     os.makedirs(image_dir, exist_ok=True)
     vocab = _build_tokenizer(text_dir)
 
     torch.manual_seed(seed)
-    text_cfg = AlbertConfig(
-        vocab_size=vocab,
-        embedding_size=32,
-        hidden_size=hidden,
-        num_hidden_layers=text_layers,
-        num_hidden_groups=text_layers,  # one weight group per layer, so stages hold disjoint layers
-        num_attention_heads=4,
-        intermediate_size=hidden * 2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
+    text_cfg = AlbertConfig(vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, **spec["text"])
     AlbertModel(text_cfg, add_pooling_layer=False).save_pretrained(text_dir)
-    image_cfg = ViTConfig(
-        hidden_size=image_hidden,
-        num_hidden_layers=image_layers,
-        num_attention_heads=4,
-        intermediate_size=image_hidden * 2,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    image_cfg = ViTConfig(**spec["image"])
+    image_size, hidden, image_hidden = image_cfg.image_size, text_cfg.hidden_size, image_cfg.hidden_size
+    embed_dim, text_max_length = spec["embed_dim"], spec["text_max_length"]
     ViTModel(image_cfg, add_pooling_layer=False).save_pretrained(image_dir)
     with open(os.path.join(image_dir, "preprocessor_config.json"), "w") as fh:
         json.dump(
