@@ -51,7 +51,7 @@ def _add_embed(sub) -> None:
     )
     src.add_argument("--plan", help="plan.json written by `plan`")
     src.add_argument("--partition", type=int, help="partition index in --plan")
-    p.add_argument("--output", required=True, help="output root (local path, file:// or s3://)")
+    p.add_argument("--output", help="output root (local path, file:// or s3://); with --plan, the plan's")
     p.add_argument("--model", required=True, help="twin-tower checkpoint directory or s3:// prefix")
     layout = p.add_argument_group("stage layout")
     layout.add_argument("--num-stages", type=_positive_int, help="split the layers into K balanced stages (default 2)")
@@ -86,10 +86,55 @@ def _add_demo_assets(sub) -> None:
     p.add_argument("--files", type=_positive_int, default=2, help="number of manifest Parquet files")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="split a manifest into balanced partitions of row groups (reads Parquet footers only)",
+        description="Read every manifest file's footer (never a data page), check the schema, pack row groups "
+        "into balanced partitions and write {output}/runs/{run_id}/plan.json. Same manifest + settings = same plan.",
+    )
+    p.add_argument("--manifest", required=True, help="Parquet file, directory or s3:// prefix")
+    p.add_argument("--output", required=True, help="output root; the plan goes to {output}/runs/{run_id}/plan.json")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--partition-rows", type=_positive_int, help="target rows per partition (default 1000000)")
+    size.add_argument("--partition-bytes", type=_positive_int, help="target image bytes per partition")
+    p.add_argument(
+        "--max-partitions",
+        type=_positive_int,
+        default=1024,
+        help="upper bound on partitions (Airflow's max_map_length); partitions grow to fit",
+    )
+    p.add_argument(
+        "--avg-image-bytes",
+        type=_positive_int,
+        default=256 * 1024,
+        help="image bytes assumed per row when the footer has no image_bytes hint",
+    )
+    p.add_argument("--run-id", help="run id (default: plan-{plan_id})")
+    p.add_argument("--model", help="model URI to record in the plan (validate uses it)")
+    p.add_argument("--force", action="store_true", help="replace a different plan already written for this run id")
+    p.add_argument("--summary-json", help="also write the result as JSON to this local path")
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check that every partition of a plan is committed, reconciled and intact",
+        description="Check every partition of the plan: _SUCCESS present, counts reconcile with the plan, "
+        "embedding dims as recorded, listed files present with their sizes. Exits 1 if anything is wrong.",
+    )
+    p.add_argument("--plan", required=True, help="plan.json written by `plan`")
+    p.add_argument("--model", help="model whose outputs to check (default: the plan's, or the only one present)")
+    p.add_argument("--max-reject-rate", type=float, default=1.0, help="fail if rejected/rows_in exceeds this")
+    p.add_argument("--summary-json", help="also write the report as JSON to this local path")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m ray_jobs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_plan(sub)
     _add_embed(sub)
+    _add_validate(sub)
     _add_demo_assets(sub)
     return parser
 
@@ -139,7 +184,49 @@ def _cmd_demo_assets(args) -> int:
     return 0
 
 
-COMMANDS = {"embed": _cmd_embed, "demo-assets": _cmd_demo_assets}
+def _cmd_plan(args) -> int:
+    from ray_jobs.planning import PlanSettings, run_plan
+
+    settings = PlanSettings(args.partition_rows, args.partition_bytes, args.max_partitions, args.avg_image_bytes)
+    result = run_plan(args.manifest, args.output, settings, run_id=args.run_id, model_uri=args.model, force=args.force)
+    print(result.summary(), flush=True)
+    if args.summary_json:
+        p = result.plan
+        with open(args.summary_json, "w") as fh:
+            json.dump(
+                {
+                    "plan_uri": result.uri,
+                    "plan_id": p.plan_id,
+                    "run_id": p.run_id,
+                    "rows": p.rows,
+                    "partitions": [x.index for x in p.partitions],
+                    "seconds": result.seconds,
+                },
+                fh,
+                indent=2,
+            )
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from ray_jobs.planning import load_plan
+    from ray_jobs.validate import resolve_model_id, validate_plan
+
+    if not 0 <= args.max_reject_rate <= 1:
+        raise UsageError(f"--max-reject-rate must be between 0 and 1, got {args.max_reject_rate}")
+    plan = load_plan(args.plan)
+    model_id, dim = resolve_model_id(plan, args.model)
+    report = validate_plan(plan, model_id, dim, args.max_reject_rate)
+    print(report.table(), flush=True)
+    for problem in report.problems():
+        print(f"validate: {problem}", file=sys.stderr, flush=True)
+    if args.summary_json:
+        with open(args.summary_json, "w") as fh:
+            json.dump(asdict(report) | {"ok": report.ok, "problems": report.problems()}, fh, indent=2)
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"plan": _cmd_plan, "embed": _cmd_embed, "validate": _cmd_validate, "demo-assets": _cmd_demo_assets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ray_jobs import storage
 from ray_jobs.contract import make_plan_id, partition_dir
-from ray_jobs.errors import UsageError
-from ray_jobs.manifest import ManifestFile, fingerprint, read_manifest
+from ray_jobs.errors import ManifestError, PlanError, UsageError
+from ray_jobs.fragments import FragmentRef, make_datasource
+from ray_jobs.manifest import fingerprint, read_manifest
 from ray_jobs.model.stage_spec import StageLayout, StageResources
 from ray_jobs.preprocess import ImageLimits
 
@@ -38,7 +40,7 @@ _FORWARDED_ENV = (
 class EmbedConfig:
     """Everything one partition job needs; validated on construction."""
 
-    output_uri: str
+    output_uri: str | None
     model_uri: str
     manifest_uri: str | None = None
     plan_uri: str | None = None
@@ -62,6 +64,8 @@ class EmbedConfig:
             raise UsageError("--plan needs --partition K (K >= 0)")
         if self.manifest_uri is not None and self.partition not in (None, 0):
             raise UsageError("--partition goes with --plan; the --manifest form embeds the whole manifest")
+        if self.manifest_uri is not None and not self.output_uri:
+            raise UsageError("--manifest needs --output")
         if self.num_stages is not None and self.stages:
             raise UsageError("give --num-stages or --stages, not both")
         if self.num_stages is not None and self.num_stages < 1:
@@ -83,7 +87,7 @@ class PreparedJob:
     """The result of the pre-flight: what will run and where it lands."""
 
     config: EmbedConfig
-    files: tuple[ManifestFile, ...]
+    fragments: tuple[FragmentRef, ...]
     model_uri: str
     model_id: str
     embed_dim: int
@@ -94,7 +98,7 @@ class PreparedJob:
 
     @property
     def rows_in(self) -> int:
-        return sum(f.rows for f in self.files)
+        return sum(f.rows for f in self.fragments)
 
 
 @dataclass(frozen=True)
@@ -134,28 +138,61 @@ class EmbedResult:
         return line
 
 
+def _whole_manifest(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str]:
+    files = read_manifest(cfg.manifest_uri)
+    refs = tuple(FragmentRef(f.uri, tuple(range(len(f.row_group_rows))), f.rows) for f in files if f.rows)
+    return refs, make_plan_id(fingerprint(files), {"mode": "whole-manifest"}), cfg.output_uri
+
+
+def _plan_partition(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str]:
+    from ray_jobs.planning import load_plan
+
+    plan = load_plan(cfg.plan_uri)
+    if cfg.output_uri and cfg.output_uri.rstrip("/") != plan.output_uri.rstrip("/"):
+        raise UsageError(f"--output {cfg.output_uri} differs from the plan's output {plan.output_uri}; drop --output")
+    try:
+        part = plan.partition(cfg.partition)
+    except IndexError as exc:
+        raise PlanError(f"--partition: {exc}") from exc
+    refs = tuple(FragmentRef(plan.files[f.file].uri, f.row_groups, f.rows) for f in part.fragments)
+
+    def check(ref_file) -> None:
+        fs, path = storage.filesystem_for(ref_file.uri)
+        try:
+            size = fs.size(path)
+        except FileNotFoundError:
+            size = None
+        if size != ref_file.size:
+            raise ManifestError(
+                f"manifest file {ref_file.uri} changed since planning (size {size}, planned {ref_file.size}); "
+                "plan the run again"
+            )
+
+    used = {f.file for f in part.fragments}
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(used)))) as pool:
+        list(pool.map(check, [plan.files[i] for i in sorted(used)]))
+    return refs, plan.plan_id, plan.output_uri
+
+
 def prepare(cfg: EmbedConfig) -> PreparedJob:
     """Check every input without Ray; raises :class:`~ray_jobs.errors.JobInputError` subclasses."""
     from ray_jobs.model.checkpoint import TwinTowerCheckpoint
     from ray_jobs.model.staged import build_layout
 
-    if cfg.plan_uri is not None:
-        raise UsageError("--plan needs the planning command, which is not part of this release yet; use --manifest")
-    files = tuple(read_manifest(cfg.manifest_uri))
+    refs, plan_id, output = _plan_partition(cfg) if cfg.plan_uri else _whole_manifest(cfg)
+    partition = cfg.partition or 0
     ckpt = TwinTowerCheckpoint(cfg.model_uri)
     layout = build_layout(ckpt, num_stages=cfg.num_stages, spec=cfg.stages, defaults=cfg.stage_defaults)
-    plan_id = make_plan_id(fingerprint(list(files)), {"mode": "whole-manifest"})
-    partition = 0
     return PreparedJob(
         config=cfg,
-        files=files,
+        fragments=refs,
         model_uri=ckpt.uri,
         model_id=ckpt.model_id,
         embed_dim=ckpt.config.embed_dim,
         layout=layout,
         plan_id=plan_id,
         partition=partition,
-        partition_uri=partition_dir(cfg.output_uri, ckpt.model_id, plan_id, partition),
+        partition_uri=partition_dir(output, ckpt.model_id, plan_id, partition),
     )
 
 
@@ -198,9 +235,7 @@ def build_dataset(job: PreparedJob):
     cfg = job.config
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic part files
-    fs, _ = storage.filesystem_for(job.files[0].uri)
-    paths = [storage.filesystem_for(f.uri)[1] for f in job.files]
-    ds = ray.data.read_parquet(paths, filesystem=storage.arrow_filesystem(fs), columns=["id", "text", "image_uri"])
+    ds = ray.data.read_datasource(make_datasource(job.fragments))
     ds = ds.map_batches(
         Preprocessor,
         fn_constructor_kwargs={"model_uri": job.model_uri, "limits": cfg.limits, "fetch_threads": cfg.fetch_threads},
@@ -237,16 +272,17 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
         marker = committed_marker(job.partition_uri, job.model_id)
         if marker is not None:
             return EmbedResult.from_marker(job.partition_uri, marker, skipped=True)
-    _ensure_ray(job)
-    ds = build_dataset(job)
     sink = PartitionSink(job.partition_uri, job.embed_dim, job.embed_dim, job.config.rows_per_file)
     sink.begin()
     first = None
-    pipeline_start = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        if first is None:
-            first = time.perf_counter() - pipeline_start
-        sink.add(batch)
+    if job.rows_in:  # an empty manifest commits an empty partition without starting Ray
+        _ensure_ray(job)
+        ds = build_dataset(job)
+        pipeline_start = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            if first is None:
+                first = time.perf_counter() - pipeline_start
+            sink.add(batch)
     wall = time.perf_counter() - start
     marker = sink.commit(
         rows_in=job.rows_in,

@@ -28,3 +28,7 @@ class StageSpecError(UsageError):
 
 class OutputError(JobInputError):
     """The output location is unusable, or holds a commit that contradicts this run."""
+
+
+class PlanError(JobInputError):
+    """A plan file is missing, unreadable, or does not match the manifest it names."""

@@ -15,11 +15,15 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
-_REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://")
+
+def _scheme(uri: str) -> str | None:
+    head, sep, _ = uri.partition("://")
+    return head.lower() if sep and head.isidentifier() else None
 
 
 def is_remote(uri: str) -> bool:
-    return uri.startswith(_REMOTE_SCHEMES)
+    """True for any ``scheme://`` URI other than ``file://`` (s3, gs, az, or any fsspec protocol)."""
+    return _scheme(uri) not in (None, "file")
 
 
 def _s3_options() -> dict:
@@ -43,7 +47,11 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         protocol, _, rest = uri.partition("://")
         protocol = "s3" if protocol == "s3a" else protocol
         opts = _s3_options() if protocol == "s3" else {}
-        return _remote_fs(protocol, tuple(sorted(opts.items()))), rest.rstrip("/")
+        try:
+            fs = _remote_fs(protocol, tuple(sorted(opts.items())))
+        except (ValueError, ImportError) as exc:
+            raise ValueError(f"no filesystem for {protocol}:// URIs ({uri}): {exc}") from exc
+        return fs, rest.rstrip("/")
     return LocalFileSystem(), os.path.abspath(uri)
 
 

@@ -52,8 +52,13 @@ def test_no_command(capsys):
 
 
 def test_missing_required_flag(capsys):
-    rc, err = _run(capsys, "embed", "--manifest", "x")
-    assert rc == 2 and len(err) == 1 and "--output" in err[0]
+    rc, err = _run(capsys, "embed", "--manifest", "x", "--output", "y")
+    assert rc == 2 and len(err) == 1 and "--model" in err[0]
+
+
+def test_manifest_form_needs_output(capsys):
+    rc, err = _run(capsys, "embed", "--manifest", "x", "--model", "m")
+    assert rc == 2 and len(err) == 1 and "--manifest needs --output" in err[0]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +157,7 @@ def test_subprocess_exit_code_and_single_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: manifest")
 
 
-@pytest.mark.parametrize("command", ["embed", "demo-assets"])
+@pytest.mark.parametrize("command", ["plan", "embed", "validate", "demo-assets"])
 def test_help(command):
     proc = subprocess.run(
         [sys.executable, "-m", "ray_jobs", command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120

@@ -1,0 +1,164 @@
+"""``validate``: is every partition of a plan committed, complete and intact?
+
+For each partition: ``_SUCCESS`` present and parseable, its counts reconcile and equal the
+plan's row count, the embedding dims are the model's, and every listed file exists with the
+recorded size. The DAG's validation task calls :func:`validate_plan` too.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ray_jobs import storage
+from ray_jobs.contract import Plan, join_uri, partition_dir, plan_root
+from ray_jobs.errors import OutputError, PlanError
+from ray_jobs.sink import read_marker
+
+
+@dataclass(frozen=True)
+class PartitionCheck:
+    index: int
+    rows_planned: int
+    rows_in: int | None = None
+    rows_ok: int | None = None
+    rows_rejected: int | None = None
+    problems: tuple[str, ...] = ()
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    plan_id: str
+    model_id: str
+    output_uri: str
+    checks: tuple[PartitionCheck, ...]
+    max_reject_rate: float = 1.0
+
+    @property
+    def rows_in(self) -> int:
+        return sum(c.rows_in or 0 for c in self.checks)
+
+    @property
+    def rows_ok(self) -> int:
+        return sum(c.rows_ok or 0 for c in self.checks)
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(c.rows_rejected or 0 for c in self.checks)
+
+    @property
+    def reject_rate(self) -> float:
+        return self.rows_rejected / self.rows_in if self.rows_in else 0.0
+
+    @property
+    def failed(self) -> list[PartitionCheck]:
+        return [c for c in self.checks if not c.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.reject_rate <= self.max_reject_rate
+
+    def problems(self) -> list[str]:
+        out = [f"partition {c.index:05d}: {p}" for c in self.failed for p in c.problems]
+        if self.reject_rate > self.max_reject_rate:
+            out.append(f"reject rate {self.reject_rate:.4f} exceeds max_reject_rate {self.max_reject_rate}")
+        return out
+
+    def table(self) -> str:
+        rows = [f"{'partition':>9}  {'planned':>9}  {'rows_in':>9}  {'ok':>9}  {'rejected':>9}  status"]
+        for c in self.checks:
+            status = "ok" if c.ok else "FAIL: " + "; ".join(c.problems)
+
+            def fmt(v):
+                return "-" if v is None else str(v)
+
+            rows.append(
+                f"{c.index:>9}  {c.rows_planned:>9}  {fmt(c.rows_in):>9}  {fmt(c.rows_ok):>9}  "
+                f"{fmt(c.rows_rejected):>9}  {status}"
+            )
+        verdict = "OK" if self.ok else "FAILED"
+        rows.append(
+            f"validate: {verdict}: partitions={len(self.checks)} failed={len(self.failed)} rows_in={self.rows_in} "
+            f"rows_ok={self.rows_ok} rows_rejected={self.rows_rejected} reject_rate={self.reject_rate:.4f} "
+            f"plan_id={self.plan_id} model_id={self.model_id}"
+        )
+        return "\n".join(rows)
+
+
+def check_partition(plan: Plan, model_id: str, index: int, embed_dim: int | None) -> PartitionCheck:
+    planned = plan.partitions[index]
+    uri = partition_dir(plan.output_uri, model_id, plan.plan_id, index)
+    try:
+        marker = read_marker(uri)
+    except OutputError as exc:
+        return PartitionCheck(index, planned.rows, problems=(str(exc),))
+    if marker is None:
+        return PartitionCheck(index, planned.rows, problems=("missing: no _SUCCESS",))
+    problems = []
+    if marker.rows_in != planned.rows:
+        problems.append(f"rows_in {marker.rows_in} != planned {planned.rows}")
+    if not marker.reconciles():
+        problems.append(
+            f"counts do not reconcile: rows_ok {marker.rows_ok} + rows_rejected {marker.rows_rejected} "
+            f"vs rows_in {marker.rows_in} and files {sum(f.rows for f in marker.files)}"
+        )
+    if (marker.model_id, marker.plan_id, marker.partition) != (model_id, plan.plan_id, index):
+        problems.append(f"marker names model {marker.model_id} plan {marker.plan_id} partition {marker.partition}")
+    if embed_dim is not None and (marker.text_dim, marker.image_dim) != (embed_dim, embed_dim):
+        problems.append(f"embedding dims {marker.text_dim}/{marker.image_dim} != model's {embed_dim}")
+    fs, path = storage.filesystem_for(uri)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)
+    sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(path, detail=True)}
+    for f in (*marker.files, marker.rejects):
+        if f.path not in sizes:
+            problems.append(f"listed file {f.path} is missing")
+        elif sizes[f.path] != f.bytes:
+            problems.append(f"listed file {f.path} has {sizes[f.path]} bytes, marker says {f.bytes}")
+    return PartitionCheck(
+        index,
+        planned.rows,
+        marker.rows_in,
+        marker.rows_ok,
+        marker.rows_rejected,
+        tuple(problems),
+        dict(marker.rejects_by_reason),
+    )
+
+
+def resolve_model_id(plan: Plan, model_uri: str | None) -> tuple[str, int | None]:
+    """The model id whose outputs to check: from --model, the plan's model, or the only one present."""
+    uri = model_uri or plan.model_uri
+    if uri:
+        from ray_jobs.model.checkpoint import TwinTowerCheckpoint
+
+        ckpt = TwinTowerCheckpoint(uri)
+        return ckpt.model_id, ckpt.config.embed_dim
+    root = join_uri(plan.output_uri, "embeddings")
+    fs, path = storage.filesystem_for(root)
+    candidates = []
+    if fs.exists(path):
+        for entry in fs.ls(path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            model_id = name.removeprefix("model=")
+            if name != model_id and storage.exists(plan_root(plan.output_uri, model_id, plan.plan_id)):
+                candidates.append(model_id)
+    if len(candidates) != 1:
+        raise PlanError(
+            f"cannot tell which model's outputs to validate for plan {plan.plan_id} "
+            f"(found {sorted(candidates) or 'none'} under {root}); pass --model"
+        )
+    return candidates[0], None
+
+
+def validate_plan(
+    plan: Plan, model_id: str, embed_dim: int | None = None, max_reject_rate: float = 1.0, threads: int = 32
+) -> ValidationReport:
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plan.partitions)))) as pool:
+        checks = tuple(pool.map(lambda i: check_partition(plan, model_id, i, embed_dim), range(len(plan.partitions))))
+    return ValidationReport(plan.plan_id, model_id, plan.output_uri, checks, max_reject_rate)
