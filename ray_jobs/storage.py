@@ -57,10 +57,10 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Inverse of :func:`filesystem_for` for a path found by listing *fs*."""
-    if isinstance(fs, LocalFileSystem):
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" in protocols:
         return path
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return f"{protocol}://{path}"
+    return f"{protocols[0]}://{path}"
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:

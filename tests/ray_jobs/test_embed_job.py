@@ -120,3 +120,55 @@ def test_crash_before_commit_is_cleaned_up_by_the_next_run(ray_session, demo_ass
     names = sorted(_files(job.partition_uri))
     assert names == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "rejects.parquet"]
     assert read_marker(job.partition_uri).reconciles()
+
+
+def test_plan_partition_embeds_exactly_its_row_groups(ray_session, demo_assets, tmp_path):
+    from ray_jobs.planning import PlanSettings, run_plan
+    from ray_jobs.validate import validate_plan
+
+    planned = run_plan(demo_assets.manifest, str(tmp_path), PlanSettings(partition_rows=40), run_id="r").plan
+    part = planned.partitions[1]
+    expected_ids = []
+    for frag in part.fragments:
+        pf = pq.ParquetFile(planned.files[frag.file].uri)
+        for rg in frag.row_groups:
+            expected_ids += pf.read_row_group(rg, columns=["id"])["id"].to_pylist()
+    job = prepare(
+        EmbedConfig(
+            output_uri=None,
+            model_uri=demo_assets.model,
+            plan_uri=f"{tmp_path}/runs/r/plan.json",
+            partition=1,
+            num_stages=2,
+            batch_size=16,
+            preprocess_pool=(1, 1),
+        )
+    )
+    assert job.partition_uri.endswith(f"plan={planned.plan_id}/partition=00001")
+    result = run_prepared(job)
+    assert result.rows_in == part.rows == len(expected_ids)
+    marker = read_marker(job.partition_uri)
+    got = pq.read_table([os.path.join(job.partition_uri, f.path) for f in marker.files])["id"].to_pylist()
+    rejected = pq.read_table(os.path.join(job.partition_uri, "rejects.parquet"))["id"].to_pylist()
+    assert sorted(got + rejected) == sorted(expected_ids)
+    report = validate_plan(planned, job.model_id, job.embed_dim)
+    assert [c.index for c in report.checks if c.ok] == [1]
+
+
+def test_plan_form_refuses_a_manifest_changed_since_planning(demo_assets, tmp_path):
+    import shutil
+
+    from ray_jobs.errors import ManifestError
+    from ray_jobs.planning import PlanSettings, run_plan
+
+    manifest = tmp_path / "manifest"
+    shutil.copytree(demo_assets.manifest, manifest)
+    run_plan(str(manifest), str(tmp_path), PlanSettings(partition_rows=40), run_id="r")
+    first = sorted(manifest.iterdir())[0]
+    table = pq.read_table(first)
+    pq.write_table(table.slice(0, 10), first)
+    cfg = EmbedConfig(
+        output_uri=None, model_uri=demo_assets.model, plan_uri=f"{tmp_path}/runs/r/plan.json", partition=0
+    )
+    with pytest.raises(ManifestError, match="changed since planning"):
+        prepare(cfg)

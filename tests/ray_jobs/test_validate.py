@@ -1,0 +1,94 @@
+"""validate: committed partitions are written here with the real sink (no Ray needed)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from ray_jobs.cli import main
+from ray_jobs.contract import partition_dir
+from ray_jobs.errors import PlanError
+from ray_jobs.planning import PlanSettings, run_plan
+from ray_jobs.sink import PartitionSink
+from ray_jobs.validate import resolve_model_id, validate_plan
+from tests.ray_jobs.test_planning import write_manifest
+
+MODEL = "tiny-0123456789"
+
+
+def _commit(plan, index, rows=None, rejected=0, model_id=MODEL):
+    rows = plan.partitions[index].rows if rows is None else rows
+    sink = PartitionSink(partition_dir(plan.output_uri, model_id, plan.plan_id, index), 4, 4, rows_per_file=40)
+    sink.begin()
+    ok = np.arange(rows) >= rejected
+    emb = np.full((rows, 4), 0.5, dtype=np.float32)
+    sink.add(
+        {
+            "id": np.array([f"p{index}-{i}" for i in range(rows)], dtype=object),
+            "ok": ok,
+            "reject_stage": np.array(["" if o else "decode" for o in ok], dtype=object),
+            "reject_reason": np.array(["" if o else "not an image: x" for o in ok], dtype=object),
+            "text_embedding": emb,
+            "image_embedding": emb,
+        }
+    )
+    return sink.commit(rows_in=rows, model_id=model_id, plan_id=plan.plan_id, partition=index)
+
+
+@pytest.fixture
+def plan(tmp_path):
+    m = write_manifest(tmp_path / "m", n_files=2)
+    return run_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="r").plan
+
+
+def test_all_committed_is_ok(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rejected=1)
+    report = validate_plan(plan, MODEL, embed_dim=4)
+    assert report.ok and report.rows_in == 120 and report.rows_rejected == len(plan.partitions)
+    assert "validate: OK" in report.table()
+    assert not validate_plan(plan, MODEL, embed_dim=4, max_reject_rate=0.01).ok
+
+
+def test_missing_partition(plan):
+    _commit(plan, 0)
+    report = validate_plan(plan, MODEL)
+    assert not report.ok and [c.index for c in report.failed] == list(range(1, len(plan.partitions)))
+    assert report.failed[0].problems == ("missing: no _SUCCESS",)
+
+
+def test_count_mismatch_with_the_plan(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rows=plan.partitions[i].rows - (1 if i == 1 else 0))
+    report = validate_plan(plan, MODEL)
+    assert [c.index for c in report.failed] == [1]
+    assert "rows_in" in report.failed[0].problems[0] and "!= planned" in report.failed[0].problems[0]
+
+
+def test_deleted_data_file_and_wrong_dims(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i)
+    os.remove(os.path.join(partition_dir(plan.output_uri, MODEL, plan.plan_id, 0), "part-00000.parquet"))
+    report = validate_plan(plan, MODEL, embed_dim=8)
+    assert any("part-00000.parquet is missing" in p for p in report.failed[0].problems)
+    assert all(any("dims 4/4 != model's 8" in p for p in c.problems) for c in report.checks)
+
+
+def test_model_id_found_when_only_one_model_wrote_the_plan(plan):
+    _commit(plan, 0)
+    assert resolve_model_id(plan, None) == (MODEL, None)
+    _commit(plan, 0, model_id="other-model")
+    with pytest.raises(PlanError, match="pass --model"):
+        resolve_model_id(plan, None)
+
+
+def test_cli_exit_codes(plan, capsys, tmp_path):
+    plan_uri = os.path.join(plan.output_uri, "runs", "r", "plan.json")
+    for i in range(len(plan.partitions)):
+        _commit(plan, i)
+    assert main(["validate", "--plan", plan_uri]) == 0
+    os.remove(os.path.join(partition_dir(plan.output_uri, MODEL, plan.plan_id, 1), "_SUCCESS"))
+    assert main(["validate", "--plan", plan_uri, "--summary-json", str(tmp_path / "v.json")]) == 1
+    out = capsys.readouterr()
+    assert "FAIL: missing: no _SUCCESS" in out.out and "partition 00001: missing" in out.err
+    assert main(["validate", "--plan", str(tmp_path / "nope.json")]) == 2
