@@ -180,6 +180,8 @@ def prepare(cfg: EmbedConfig) -> PreparedJob:
     from ray_jobs.model.staged import build_layout
 
     refs, plan_id, output = _plan_partition(cfg) if cfg.plan_uri else _whole_manifest(cfg)
+    if not storage.is_remote(output):
+        output = storage.filesystem_for(output)[1]  # absolute local path in markers and summaries
     partition = cfg.partition or 0
     ckpt = TwinTowerCheckpoint(cfg.model_uri)
     layout = build_layout(ckpt, num_stages=cfg.num_stages, spec=cfg.stages, defaults=cfg.stage_defaults)
