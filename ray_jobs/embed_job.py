@@ -204,9 +204,12 @@ def _ensure_ray(job: PreparedJob) -> None:
     if ray.is_initialized():
         return
     env = {**WORKER_ENV, **{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
-    address = job.config.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    if job.config.ray_address:
+        ray.init(address=job.config.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # inside a Ray job: the submitter's runtime_env (working_dir, env_vars) already applies
+        ray.init(log_to_driver=True)
         return
     cfg = job.config
     needed = cfg.preprocess_cpus * cfg.preprocess_pool[0] + sum(

@@ -140,6 +140,8 @@ def make_plan(
     tail_bytes: int = DEFAULT_TAIL_BYTES,
 ) -> tuple[Plan, int]:
     """Build the plan (nothing written); returns it and the number of non-empty row groups."""
+    if not storage.is_remote(output_uri):
+        output_uri = storage.filesystem_for(output_uri)[1]  # plans name absolute local paths
     # min/max statistics of image_bytes are read only when balancing by bytes (they cost
     # ~8 us per row group); rows plans estimate bytes from footer hints or avg_image_bytes.
     files = read_manifest(
