@@ -24,6 +24,7 @@ class TokenRef:
     name: str | None = None
     key: str = "auth_token"
     conn_id: str | None = None
+    kube_config: str | None = None  # k8s_secret: a kubeconfig path instead of the connection's
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "file", "k8s_secret", "connection"):
@@ -50,7 +51,8 @@ def resolve_token(ref: TokenRef) -> str | None:
     if ref.kind == "k8s_secret":
         from ray_embeddings.hooks.kuberay import KubeRayHook
 
-        return KubeRayHook(conn_id=ref.conn_id).read_secret_value(ref.namespace, ref.name, ref.key)
+        hook = KubeRayHook(kubernetes_conn_id=ref.conn_id, config_file=ref.kube_config)
+        return hook.read_secret_value(ref.namespace, ref.name, ref.key)
     from ray_embeddings.hooks.ray_jobs import RayJobsHook
 
     return RayJobsHook(ref.conn_id).get_token()

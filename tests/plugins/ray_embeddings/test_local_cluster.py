@@ -57,8 +57,14 @@ def _run_trigger(trigger):
 
 
 def _operator(handle, entrypoint, partition, **kw):
-    return RayJobOperator(task_id=f"job_{partition}", cluster=handle.to_dict(), entrypoint=entrypoint,
-                          partition=partition, poll_interval=0.5, **kw)
+    return RayJobOperator(
+        task_id=f"job_{partition}",
+        cluster=handle.to_dict(),
+        entrypoint=entrypoint,
+        partition=partition,
+        poll_interval=0.5,
+        **kw,
+    )
 
 
 def test_dashboard_requires_the_token_and_bind_is_loopback(cluster):
@@ -80,8 +86,10 @@ def test_setup_retry_adopts_the_running_cluster(cluster):
 def test_embed_job_submitted_and_sensed_to_success(cluster, demo_assets, tmp_path, caplog, capfd):
     _, handle = cluster
     caplog.set_level(logging.INFO)
-    entry = (f"{sys.executable} -m ray_jobs embed --manifest {demo_assets.manifest} --output {tmp_path} "
-             f"--model {demo_assets.model} --num-stages 2 --batch-size 16 --preprocess-pool 1-1")
+    entry = (
+        f"{sys.executable} -m ray_jobs embed --manifest {demo_assets.manifest} --output {tmp_path} "
+        f"--model {demo_assets.model} --num-stages 2 --batch-size 16 --preprocess-pool 1-1"
+    )
     op = _operator(handle, entry, 0, runtime_env=working_tree_runtime_env())
     ti = StandInTaskInstance()
     with pytest.raises(TaskDeferred) as deferred:
@@ -164,7 +172,7 @@ def test_a_rebuilt_trigger_ends_with_the_same_event(cluster):
 
 def test_non_deferrable_on_kill_stops_the_job(cluster):
     _, handle = cluster
-    entry = f"{sys.executable} -c \"import time; time.sleep(600)\""
+    entry = f'{sys.executable} -c "import time; time.sleep(600)"'
     op = _operator(handle, entry, "kill")
     ti = StandInTaskInstance()
     with pytest.raises(TaskDeferred):

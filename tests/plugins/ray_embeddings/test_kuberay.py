@@ -1,0 +1,225 @@
+"""KubeRay backend: manifests against the real CRD, lifecycle against an HTTP stand-in API."""
+
+import asyncio
+import functools
+import os
+import time
+
+import pytest
+import yaml
+from airflow.sdk.exceptions import TaskDeferred
+
+from ray_embeddings.backends.kuberay import KubeRayBackend, WorkerGroup
+from ray_embeddings.cluster import resolve_token
+from ray_embeddings.errors import ClusterNotReady
+from ray_embeddings.naming import cluster_name
+from ray_embeddings.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
+from ray_embeddings.triggers.ray_cluster import RayClusterReadyTrigger
+from tests.plugins.ray_embeddings.k8s_standin import K8sStandIn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+CRDS = os.path.join(os.path.dirname(ROOT), "shared", "kuberay-crds")
+
+
+class StandInTaskInstance:
+    """Stands in for Airflow's runtime task instance: ids and an XCom dict."""
+
+    def __init__(self, dag_id="nightly", run_id="scheduled__2026-11-26"):
+        self.dag_id, self.run_id, self.xcom = dag_id, run_id, {}
+
+    def xcom_push(self, key, value):
+        self.xcom[key] = value
+
+
+@functools.lru_cache(maxsize=4)
+def _load_crd(path):
+    with open(path) as fh:
+        crd = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def _crd_schema(kind_file):
+    if not os.path.isdir(CRDS):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CRDS} is missing in CI; the CRD tests must run there")
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (a fresh clone has no ../shared)")
+    return _load_crd(os.path.join(CRDS, kind_file))
+
+
+def unknown_fields(obj, schema, path="") -> list[str]:
+    """Keys the schema does not declare (the API server would silently prune them)."""
+    out = []
+    if isinstance(obj, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields"):
+            return out
+        if path.endswith("metadata") and "properties" not in schema:
+            return out  # ObjectMeta: declared as a bare object in CRDs, validated by the API server itself
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for key, value in obj.items():
+            if props is not None and key in props:
+                out += unknown_fields(value, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                out += unknown_fields(value, extra, f"{path}.{key}")
+            elif extra is True:
+                continue
+            else:
+                out.append(f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, item in enumerate(obj):
+            out += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return out
+
+
+def _validate(manifest):
+    import jsonschema
+
+    schema = _crd_schema("ray.io_rayclusters.yaml")
+    jsonschema.validate(manifest, schema)
+    assert unknown_fields(manifest, schema) == []
+
+
+GPU_CONFIG = {
+    "image": "registry.example.com/emb-ray:2.60.0-cuda",
+    "namespace": "ml-batch",
+    "service_account": "ray-embeddings",
+    "gpu_workers": {
+        "min_replicas": 0,
+        "max_replicas": 16,
+        "gpus": 1,
+        "cpu": "12",
+        "memory": "96Gi",
+        "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+    "cpu_workers": {"min_replicas": 2, "max_replicas": 32, "cpu": "16", "memory": "64Gi"},
+    "labels": {"team": "ml-platform"},
+}
+
+
+@pytest.mark.parametrize("config", [{}, GPU_CONFIG], ids=["defaults", "gpu-node-pool"])
+def test_rendered_raycluster_validates_against_the_crd_with_no_unknown_fields(config):
+    manifest = KubeRayBackend.from_config(config).render("emb-nightly-0123456789")
+    _validate(manifest)
+    spec = manifest["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-decode", "gpu-stages"}
+    gpu = groups["gpu-stages"]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    if config:
+        assert manifest["metadata"]["namespace"] == "ml-batch"
+        assert gpu["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+        assert groups["cpu-decode"]["maxReplicas"] == 32 and groups["gpu-stages"]["maxReplicas"] == 16
+        assert gpu["serviceAccountName"] == "ray-embeddings"
+
+
+def test_a_misspelt_field_is_caught():
+    manifest = KubeRayBackend().render("emb-x-0123456789")
+    manifest["spec"]["enableInTreeAutoscalling"] = True
+    schema = _crd_schema("ray.io_rayclusters.yaml")
+    assert unknown_fields(manifest, schema) == [".spec.enableInTreeAutoscalling"]
+
+
+def test_bad_backend_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown kuberay backend setting"):
+        KubeRayBackend.from_config({"imagee": "x"})
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
+        WorkerGroup(3, 1)
+
+
+def test_rbac_grants_exactly_what_the_hook_calls(tmp_path):
+    with open(os.path.join(ROOT, "include", "kuberay", "rbac.yaml")) as fh:
+        docs = list(yaml.safe_load_all(fh))
+    role = next(d for d in docs if d["kind"] == "Role")
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    with K8sStandIn(ready_after_gets=1) as api:
+        backend = KubeRayBackend.from_config(
+            {"kube_config": api.kubeconfig(tmp_path / "kc"), "namespace": "ns", "poll_interval_s": 0.05}
+        )
+        handle = backend.up("emb-rbac-0123456789")
+        resolve_token(handle.token)
+        backend.down(handle)
+        backend.down(handle)
+        used = {(res, verb) for verb, res, _ in api.calls}
+    assert used == granted
+
+
+def _setup(config, ti):
+    op = RayClusterSetupOperator(task_id="cluster_up", backend="kuberay", backend_config=config)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})
+    return op, deferred.value.trigger
+
+
+def _run(trigger):
+    async def go():
+        async for event in trigger.run():
+            return event.payload
+
+    return asyncio.run(go())
+
+
+def test_lifecycle_create_wait_ready_adopt_delete(tmp_path):
+    with K8sStandIn(ready_after_gets=3) as api:
+        config = {"kube_config": api.kubeconfig(tmp_path / "kc"), "namespace": "ns", "poll_interval_s": 0.05}
+        ti = StandInTaskInstance()
+        op, trigger = _setup(config, ti)
+        assert isinstance(trigger, RayClusterReadyTrigger)
+        name = cluster_name(ti.dag_id, ti.run_id)
+        assert trigger.name == name and ("ns", name) in api.clusters
+        rebuilt = RayClusterReadyTrigger(**trigger.serialize()[1])  # survives a triggerer restart
+        event = _run(rebuilt)
+        assert event == {"status": "ready", "name": name, "namespace": "ns"}
+        handle = op.execute_complete({"ti": ti}, event)
+        assert handle["dashboard_url"] == f"http://{name}-head-svc.ns.svc.cluster.local:8265"
+        assert handle["token"] == {
+            "kind": "k8s_secret",
+            "namespace": "ns",
+            "name": name,
+            "key": "auth_token",
+            "conn_id": "kubernetes_default",
+            "kube_config": config["kube_config"],
+        }
+        assert api.token not in repr(handle) and api.token not in repr(trigger.serialize())
+
+        # a retried setup adopts the cluster: one create attempt answered 409, no second cluster
+        op2 = RayClusterSetupOperator(task_id="cluster_up", backend="kuberay", backend_config=config)
+        again = op2.execute({"ti": StandInTaskInstance()})  # ready now: no deferral
+        assert again == handle and len(api.clusters) == 1
+
+        from ray_embeddings.cluster import ClusterHandle
+
+        assert resolve_token(ClusterHandle.from_dict(handle).token) == api.token
+
+        teardown = RayClusterTeardownOperator(
+            task_id="cluster_down", cluster=handle, backend="kuberay", backend_config=config
+        )
+        teardown.execute({"ti": ti})
+        assert api.clusters == {}
+        teardown.execute({"ti": ti})  # already gone: a 404 is success
+        # teardown without a handle (setup failed before returning) finds the cluster by name
+        _setup(config, StandInTaskInstance())
+        RayClusterTeardownOperator(task_id="cluster_down", backend="kuberay", backend_config=config).execute(
+            {"ti": StandInTaskInstance()}
+        )
+        assert api.clusters == {}
+        assert ("delete", "rayclusters", name) in api.calls
+
+
+def test_timeout_when_the_head_never_becomes_ready(tmp_path):
+    with K8sStandIn(ready_after_gets=None) as api:
+        config = {
+            "kube_config": api.kubeconfig(tmp_path / "kc"),
+            "namespace": "ns",
+            "poll_interval_s": 0.05,
+            "ready_timeout_s": 0.5,
+        }
+        op, trigger = _setup(config, StandInTaskInstance())
+        start = time.monotonic()
+        event = _run(trigger)
+        assert event["status"] == "timeout" and time.monotonic() - start < 5
+        with pytest.raises(ClusterNotReady, match="timeout"):
+            op.execute_complete({}, event)
