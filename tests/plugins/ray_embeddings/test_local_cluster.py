@@ -17,7 +17,8 @@ from ray_embeddings.backends.local import LocalRayBackend, processes_referencing
 from ray_embeddings.cluster import ClusterHandle, resolve_token
 from ray_embeddings.errors import RayJobError
 from ray_embeddings.hooks.ray_jobs import RayJobsClient
-from ray_embeddings.naming import submission_id
+from ray_embeddings.naming import cluster_name, submission_id
+from ray_embeddings.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
 from ray_embeddings.operators.ray_job import RayJobOperator
 from ray_embeddings.runtime_env import working_tree_runtime_env
 from ray_embeddings.triggers.ray_job import RayJobTrigger
@@ -36,12 +37,17 @@ class StandInTaskInstance:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    backend = LocalRayBackend(num_cpus=6)  # default temp root: Ray's socket paths must stay short
-    handle = backend.up(f"pytest-local-cluster-{os.getpid()}")
-    yield backend, handle
-    backend.down(handle)
+def cluster():
+    """Up through the setup operator; down through the teardown operator *by name* (no handle)."""
+    config = {"num_cpus": 6}  # default temp root: Ray's socket paths must stay short
+    ti = StandInTaskInstance(dag_id="pytest_local", run_id=f"manual__{os.getpid()}")
+    setup = RayClusterSetupOperator(task_id="cluster_up", backend="local", backend_config=config)
+    handle = ClusterHandle.from_dict(setup.execute({"ti": ti}))
+    assert handle.name == cluster_name(ti.dag_id, ti.run_id)
+    yield LocalRayBackend(**config), handle
+    RayClusterTeardownOperator(task_id="cluster_down", backend="local", backend_config=config).execute({"ti": ti})
     assert processes_referencing(handle.details["temp_dir"]) == [], "teardown left processes of ours behind"
+    assert not os.path.exists(handle.details["temp_dir"])
 
 
 def _client(handle):
@@ -180,6 +186,57 @@ def test_non_deferrable_on_kill_stops_the_job(cluster):
     op.on_kill()
     event = _run_trigger(RayJobTrigger(handle.dashboard_url, ti.xcom["submission_id"], handle.token.to_dict(), 0.5))
     assert event["status"] == "STOPPED"
+
+
+def test_existing_backend_from_an_airflow_connection(cluster, monkeypatch):
+    """The same cluster reached as `existing`: address and token from a connection (env-defined)."""
+    import json
+
+    from ray_embeddings.backends.existing import ExistingClusterBackend
+
+    _, handle = cluster
+    token = resolve_token(handle.token)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_RAY_TEST",
+        json.dumps({"conn_type": "ray_dashboard", "host": handle.dashboard_url, "password": token}),
+    )
+    existing = ExistingClusterBackend(conn_id="ray_test").up("whatever")
+    assert existing.dashboard_url == handle.dashboard_url
+    assert existing.token.to_dict() == {"kind": "connection", "conn_id": "ray_test", "key": "auth_token"}
+    with RayJobsClient(existing.dashboard_url, resolve_token(existing.token)) as c:
+        assert c.version()["ray_version"] == "2.60.0"
+    ExistingClusterBackend(conn_id="ray_test").down(existing)  # not ours: nothing happens
+    with _client(handle) as c:
+        c.version()
+
+
+def test_trigger_polling_never_blocks_the_event_loop(cluster):
+    _, handle = cluster
+    entry = f"{sys.executable} -c \"import time; time.sleep(4); print('done')\""
+    ti = StandInTaskInstance()
+    with pytest.raises(TaskDeferred) as deferred:
+        _operator(handle, entry, "loop").execute({"ti": ti})
+    trigger = deferred.value.trigger
+    gaps = []
+
+    async def ticker(stop):
+        last = asyncio.get_running_loop().time()
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+            now = asyncio.get_running_loop().time()
+            gaps.append(now - last)
+            last = now
+
+    async def main():
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop))
+        event = await _first_event(trigger)
+        stop.set()
+        await tick
+        return event
+
+    assert asyncio.run(main())["status"] == "SUCCEEDED"
+    assert max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f}s"
 
 
 def test_handle_round_trips_without_the_token(cluster):
