@@ -1,0 +1,140 @@
+"""Register a validated plan's committed files in an Apache Iceberg table (pyiceberg).
+
+The table ``embeddings.<model_id>`` gets one snapshot per registration that makes it hold
+exactly this plan's embeddings: an overwrite that removes the previous files and adds the
+committed ``part-*.parquet`` files in place (no data is copied). Earlier runs stay reachable
+by time travel. Registering the same files again creates no snapshot, so a re-run never
+adds rows twice. The snapshot summary carries the run id, plan id, model id and counts.
+
+``catalog_uri`` is a SQLAlchemy URL for pyiceberg's SQL catalog (``sqlite:///…`` by
+default, PostgreSQL in production), or ``pyiceberg:<name>`` to use a catalog configured the
+pyiceberg way (``.pyiceberg.yaml`` or ``PYICEBERG_CATALOG__<NAME>__*``: REST, Glue, Hive).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ray_jobs import storage
+from ray_jobs.contract import Plan, embeddings_schema, join_uri, partition_dir, sanitize_name
+from ray_jobs.errors import OutputError, UsageError
+from ray_jobs.sink import read_marker
+
+NAMESPACE = "embeddings"
+
+
+def table_identifier(model_id: str) -> str:
+    return f"{NAMESPACE}.{sanitize_name(model_id)}"
+
+
+def _io_properties() -> dict[str, str]:
+    props = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    for key, env in (
+        ("s3.access-key-id", "AWS_ACCESS_KEY_ID"),
+        ("s3.secret-access-key", "AWS_SECRET_ACCESS_KEY"),
+        ("s3.session-token", "AWS_SESSION_TOKEN"),
+        ("s3.region", "AWS_REGION"),
+    ):
+        if os.environ.get(env):
+            props[key] = os.environ[env]
+    if "s3.region" not in props and os.environ.get("AWS_DEFAULT_REGION"):
+        props["s3.region"] = os.environ["AWS_DEFAULT_REGION"]
+    if endpoint:
+        props["s3.endpoint"] = endpoint
+    return props
+
+
+def open_catalog(catalog_uri: str, warehouse: str):
+    """The pyiceberg catalog behind *catalog_uri*; *warehouse* is where new tables' metadata goes."""
+    if catalog_uri.startswith("pyiceberg:"):
+        from pyiceberg.catalog import load_catalog
+
+        return load_catalog(catalog_uri.removeprefix("pyiceberg:"))
+    if "://" not in catalog_uri:
+        raise UsageError(f"catalog_uri {catalog_uri!r} is not a SQLAlchemy URL (e.g. sqlite:////path/catalog.db)")
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    if catalog_uri.startswith("sqlite:///"):
+        path = catalog_uri.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    if not storage.is_remote(warehouse):
+        os.makedirs(storage.filesystem_for(warehouse)[1], exist_ok=True)
+        warehouse = "file://" + storage.filesystem_for(warehouse)[1]
+    return SqlCatalog("embeddings", uri=catalog_uri, warehouse=warehouse, **_io_properties())
+
+
+@dataclass(frozen=True)
+class CatalogResult:
+    table: str
+    snapshot_id: int
+    rows: int
+    files: int
+    new_snapshot: bool
+
+    def summary(self) -> str:
+        verb = "registered" if self.new_snapshot else "already registered"
+        return f"catalog: {verb} {self.rows} rows in {self.files} files as {self.table} snapshot {self.snapshot_id}"
+
+
+def committed_files(plan: Plan, model_id: str) -> tuple[list[str], int, int, int]:
+    """Data file URIs listed by every partition's marker, and the summed rows in/ok/rejected."""
+    files, rows_in, rows_ok, rejected = [], 0, 0, 0
+    for p in plan.partitions:
+        uri = partition_dir(plan.output_uri, model_id, plan.plan_id, p.index)
+        marker = read_marker(uri)
+        if marker is None or not marker.reconciles():
+            raise OutputError(f"partition {p.index:05d} is not committed ({uri}); validate the plan first")
+        files += [join_uri(uri, f.path) for f in marker.files]
+        rows_in, rows_ok, rejected = rows_in + marker.rows_in, rows_ok + marker.rows_ok, rejected + marker.rows_rejected
+    return files, rows_in, rows_ok, rejected
+
+
+def _location(uri: str) -> str:
+    return uri if storage.is_remote(uri) else "file://" + storage.filesystem_for(uri)[1]
+
+
+def register_plan(
+    plan: Plan, model_id: str, embed_dim: int, catalog_uri: str, run_id: str, warehouse: str | None = None
+) -> CatalogResult:
+    from pyiceberg.exceptions import NoSuchTableError
+    from pyiceberg.io.pyarrow import parquet_files_to_data_files
+    from pyiceberg.table.name_mapping import create_mapping_from_schema
+
+    files, rows_in, rows_ok, rejected = committed_files(plan, model_id)
+    catalog = open_catalog(catalog_uri, warehouse or join_uri(plan.output_uri, "warehouse"))
+    ident = table_identifier(model_id)
+    catalog.create_namespace_if_not_exists(NAMESPACE)
+    try:
+        table = catalog.load_table(ident)
+    except NoSuchTableError:
+        table = catalog.create_table(ident, schema=embeddings_schema(embed_dim, embed_dim))
+        with table.transaction() as tx:  # our Parquet files carry no field ids: map columns by name
+            tx.set_properties(
+                {"schema.name-mapping.default": create_mapping_from_schema(table.schema()).model_dump_json()}
+            )
+        table = catalog.load_table(ident)
+    locations = sorted(_location(f) for f in files)
+    current = table.current_snapshot()
+    if current is not None:
+        present = sorted(task.file.file_path for task in table.scan().plan_files())
+        if present == locations:
+            return CatalogResult(ident, current.snapshot_id, rows_ok, len(files), new_snapshot=False)
+    properties = {
+        "airflow.run_id": run_id,
+        "embeddings.plan_id": plan.plan_id,
+        "embeddings.model_id": model_id,
+        "embeddings.rows_in": str(rows_in),
+        "embeddings.rows_ok": str(rows_ok),
+        "embeddings.rows_rejected": str(rejected),
+        "embeddings.partitions": str(len(plan.partitions)),
+    }
+    with table.transaction() as tx, tx.update_snapshot(snapshot_properties=properties).overwrite() as ow:
+        for task in table.scan().plan_files():
+            ow.delete_data_file(task.file)
+        for data_file in parquet_files_to_data_files(table.io, table.metadata, iter(locations)):
+            ow.append_data_file(data_file)
+    table = catalog.load_table(ident)
+    return CatalogResult(ident, table.current_snapshot().snapshot_id, rows_ok, len(files), new_snapshot=True)
