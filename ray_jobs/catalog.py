@@ -79,9 +79,9 @@ class CatalogResult:
         return f"catalog: {verb} {self.rows} rows in {self.files} files as {self.table} snapshot {self.snapshot_id}"
 
 
-def committed_files(plan: Plan, model_id: str) -> tuple[list[str], int, int, int]:
-    """Data file URIs listed by every partition's marker, and the summed rows in/ok/rejected."""
-    files, rows_in, rows_ok, rejected = [], 0, 0, 0
+def committed_files(plan: Plan, model_id: str) -> tuple[list[str], int, int, int, int]:
+    """Data file URIs listed by every partition's marker, the summed rows in/ok/rejected, and the dim."""
+    files, rows_in, rows_ok, rejected, dims = [], 0, 0, 0, set()
     for p in plan.partitions:
         uri = partition_dir(plan.output_uri, model_id, plan.plan_id, p.index)
         marker = read_marker(uri)
@@ -89,7 +89,11 @@ def committed_files(plan: Plan, model_id: str) -> tuple[list[str], int, int, int
             raise OutputError(f"partition {p.index:05d} is not committed ({uri}); validate the plan first")
         files += [join_uri(uri, f.path) for f in marker.files]
         rows_in, rows_ok, rejected = rows_in + marker.rows_in, rows_ok + marker.rows_ok, rejected + marker.rows_rejected
-    return files, rows_in, rows_ok, rejected
+        dims.add((marker.text_dim, marker.image_dim))
+    if len(dims) > 1:
+        raise OutputError(f"partitions of plan {plan.plan_id} disagree on embedding dims: {sorted(dims)}")
+    dim = next(iter(dims))[0] if dims else 0
+    return files, rows_in, rows_ok, rejected, dim
 
 
 def _location(uri: str) -> str:
@@ -97,13 +101,13 @@ def _location(uri: str) -> str:
 
 
 def register_plan(
-    plan: Plan, model_id: str, embed_dim: int, catalog_uri: str, run_id: str, warehouse: str | None = None
+    plan: Plan, model_id: str, catalog_uri: str, run_id: str, warehouse: str | None = None
 ) -> CatalogResult:
     from pyiceberg.exceptions import NoSuchTableError
     from pyiceberg.io.pyarrow import parquet_files_to_data_files
     from pyiceberg.table.name_mapping import create_mapping_from_schema
 
-    files, rows_in, rows_ok, rejected = committed_files(plan, model_id)
+    files, rows_in, rows_ok, rejected, embed_dim = committed_files(plan, model_id)
     catalog = open_catalog(catalog_uri, warehouse or join_uri(plan.output_uri, "warehouse"))
     ident = table_identifier(model_id)
     catalog.create_namespace_if_not_exists(NAMESPACE)

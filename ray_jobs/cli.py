@@ -127,6 +127,14 @@ def _add_validate(sub) -> None:
     p.add_argument("--model", help="model whose outputs to check (default: the plan's, or the only one present)")
     p.add_argument("--max-reject-rate", type=float, default=1.0, help="fail if rejected/rows_in exceeds this")
     p.add_argument("--summary-json", help="also write the report as JSON to this local path")
+    p.add_argument(
+        "--report", action="store_true", help="also write the run report (report.json, report.md) next to the plan"
+    )
+    p.add_argument(
+        "--catalog-uri",
+        help="with --report: register the committed files in this Iceberg catalog "
+        "(SQLAlchemy URL, e.g. sqlite:////path/catalog.db) when validation passes",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +231,19 @@ def _cmd_validate(args) -> int:
     if args.summary_json:
         with open(args.summary_json, "w") as fh:
             json.dump(asdict(report) | {"ok": report.ok, "problems": report.problems()}, fh, indent=2)
+    if args.report:
+        from ray_jobs.report import build_report, write_report
+
+        catalog = None
+        if args.catalog_uri and report.ok:
+            from ray_jobs.catalog import register_plan
+
+            result = register_plan(plan, model_id, args.catalog_uri, run_id=plan.run_id)
+            print(result.summary(), flush=True)
+            catalog = {"table": result.table, "snapshot_id": result.snapshot_id}
+        run_report = build_report(plan, report, catalog=catalog)
+        _, md_uri = write_report(run_report)
+        print(f"report: {run_report.summary()} -> {md_uri}", flush=True)
     return 0 if report.ok else 1
 
 

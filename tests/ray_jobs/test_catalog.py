@@ -24,15 +24,17 @@ def test_register_holds_exactly_the_committed_rows_and_rerun_adds_nothing(tmp_pa
     for i in range(len(plan.partitions)):
         _commit(plan, i, rejected=2)
     uri = f"sqlite:///{tmp_path}/catalog.db"
-    first = register_plan(plan, MODEL, 4, uri, run_id="manual__1")
+    first = register_plan(plan, MODEL, uri, run_id="manual__1")
     assert first.new_snapshot and first.table == "embeddings.tiny_0123456789"
     table = _table(uri, tmp_path)
     assert table.scan().to_arrow().num_rows == 120 - 2 * len(plan.partitions) == first.rows
     summary = table.current_snapshot().summary
     assert summary["embeddings.plan_id"] == plan.plan_id and summary["airflow.run_id"] == "manual__1"
-    assert summary["embeddings.model_id"] == MODEL and summary["embeddings.rows_rejected"] == str(2 * len(plan.partitions))
+    assert summary["embeddings.model_id"] == MODEL and summary["embeddings.rows_rejected"] == str(
+        2 * len(plan.partitions)
+    )
 
-    again = register_plan(plan, MODEL, 4, uri, run_id="manual__2")
+    again = register_plan(plan, MODEL, uri, run_id="manual__2")
     assert not again.new_snapshot and again.snapshot_id == first.snapshot_id
     assert len(_table(uri, tmp_path).snapshots()) == 1
 
@@ -42,13 +44,13 @@ def test_a_new_plan_replaces_the_table_content_and_the_old_one_stays_reachable(t
     plan1 = _plan(tmp_path)
     for i in range(len(plan1.partitions)):
         _commit(plan1, i)
-    first = register_plan(plan1, MODEL, 4, uri, run_id="night-1")
+    first = register_plan(plan1, MODEL, uri, run_id="night-1")
     write_manifest(tmp_path / "m", n_files=1, start=1000)  # tonight's manifest has one more file
     plan2 = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="r2").plan
     assert plan2.plan_id != plan1.plan_id
     for i in range(len(plan2.partitions)):
         _commit(plan2, i)
-    second = register_plan(plan2, MODEL, 4, uri, run_id="night-2")
+    second = register_plan(plan2, MODEL, uri, run_id="night-2")
     table = _table(uri, tmp_path)
     assert table.scan().to_arrow().num_rows == 180 == second.rows
     assert table.scan(snapshot_id=first.snapshot_id).to_arrow().num_rows == 120
@@ -58,7 +60,7 @@ def test_uncommitted_partitions_are_refused(tmp_path):
     plan = _plan(tmp_path)
     _commit(plan, 0)
     with pytest.raises(OutputError, match="partition 00001 is not committed"):
-        register_plan(plan, MODEL, 4, f"sqlite:///{tmp_path}/catalog.db", run_id="r")
+        register_plan(plan, MODEL, f"sqlite:///{tmp_path}/catalog.db", run_id="r")
 
 
 def test_catalog_uri_must_be_a_url(tmp_path):
@@ -78,7 +80,7 @@ def test_warehouse_and_data_on_s3(s3_bucket, tmp_path):
     for i in range(len(plan.partitions)):
         _commit(plan, i)
     uri = f"sqlite:///{tmp_path}/catalog.db"
-    result = register_plan(plan, MODEL, 4, uri, run_id="r", warehouse=f"{s3_bucket}/ice/warehouse")
+    result = register_plan(plan, MODEL, uri, run_id="r", warehouse=f"{s3_bucket}/ice/warehouse")
     table = open_catalog(uri, f"{s3_bucket}/ice/warehouse").load_table(table_identifier(MODEL))
     assert table.metadata_location.startswith("s3://embeddings-test/ice/warehouse/")
     assert table.scan().to_arrow().num_rows == 120 == result.rows

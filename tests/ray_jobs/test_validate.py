@@ -92,3 +92,23 @@ def test_cli_exit_codes(plan, capsys, tmp_path):
     out = capsys.readouterr()
     assert "FAIL: missing: no _SUCCESS" in out.out and "partition 00001: missing" in out.err
     assert main(["validate", "--plan", str(tmp_path / "nope.json")]) == 2
+
+
+def test_validate_report_and_catalog_from_the_cli(plan, capsys, tmp_path):
+    import json
+
+    plan_uri = os.path.join(plan.output_uri, "runs", "r", "plan.json")
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rejected=1)
+    rc = main(["validate", "--plan", plan_uri, "--report", "--catalog-uri", f"sqlite:///{tmp_path}/cat.db"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "catalog: registered" in out and "report: OK" in out
+    run_dir = os.path.join(plan.output_uri, "runs", "r")
+    with open(os.path.join(run_dir, "report.json")) as fh:
+        report = json.load(fh)
+    assert report["rows_in"] == 120 and report["rows_rejected"] == len(plan.partitions)
+    assert report["rejects_by_reason"] == {"not an image": len(plan.partitions)}
+    assert report["catalog"]["table"] == "embeddings.tiny_0123456789"
+    with open(os.path.join(run_dir, "report.md")) as fh:
+        md = fh.read()
+    assert md.startswith("# Embedding run `r`") and "| not an image |" in md
