@@ -48,7 +48,7 @@ class RayJobOperator(BaseOperator):
     :param deferrable: sense from the triggerer (default) instead of occupying a worker slot
     """
 
-    template_fields: Sequence[str] = ("entrypoint", "cluster", "partition", "runtime_env")
+    template_fields: Sequence[str] = ("entrypoint", "cluster", "partition", "runtime_env", "poll_interval")
     operator_extra_links = (RayJobLink(),)
     ui_color = "#e8f1fb"
 
@@ -95,6 +95,7 @@ class RayJobOperator(BaseOperator):
                 entrypoint_num_cpus=self.entrypoint_num_cpus,
             )
         self._submission_id = sid
+        self.poll_interval = float(self.poll_interval)
         url = job_url(handle.dashboard_url, sid)
         ti.xcom_push(key="submission_id", value=sid)
         ti.xcom_push(key=XCOM_JOB_URL, value=url)

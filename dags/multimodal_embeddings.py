@@ -1,0 +1,115 @@
+"""
+### Nightly multimodal embeddings
+
+Embeds every row of an (image, text) manifest with the twin-tower model split into pipeline
+stages on a Ray cluster, validates that every input row is accounted for, and registers the
+result as one snapshot of the Iceberg table `embeddings.<model_id>`.
+
+**Flow:** check inputs → plan (Parquet footers only) → cluster up → one deferrable Ray job per
+partition → validate → Iceberg catalog (+ asset event) → report → cluster down (always).
+
+**Trigger with params** to run another manifest, model, backend or stage layout. Clearing a
+failed run resumes it: partitions already committed are skipped. A second run of the same
+manifest and settings re-embeds nothing and adds no rows.
+
+Outputs: `{output_uri}/embeddings/model=…/plan=…/partition=…/`, the plan and the report under
+`{output_uri}/runs/{run_id}/`. Defaults: `include/multimodal_embeddings.defaults.yaml`
+(override with `EMB_*` environment variables).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import Asset, dag, task
+
+from ray_embeddings.dag_config import build_params, load_defaults
+from ray_embeddings.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
+from ray_embeddings.operators.ray_job import RayJobOperator
+
+CONFIG = load_defaults()
+EMBEDDINGS_TABLE = Asset(name="multimodal_embeddings_table", uri="iceberg://embeddings/multimodal")
+
+
+@dag(
+    dag_id="multimodal_embeddings",
+    schedule=CONFIG["schedule"],
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    tags=["embeddings", "ray", "iceberg", "nightly"],
+    params=build_params(CONFIG),
+    doc_md=__doc__,
+    default_args={
+        "owner": CONFIG["owner"],
+        "retries": CONFIG["retries"],
+        "retry_delay": dt.timedelta(seconds=CONFIG["retry_delay_s"]),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": dt.timedelta(minutes=30),
+    },
+)
+def multimodal_embeddings():
+    @task(retries=0)
+    def check_inputs(params=None) -> dict:
+        from ray_embeddings.embedding_run import check_inputs as run
+
+        return run(params)
+
+    @task
+    def plan(checked: dict, params=None, run_id=None) -> dict:
+        from ray_embeddings.embedding_run import plan_partitions
+
+        return plan_partitions(params, run_id, checked["model_id"])
+
+    @task
+    def jobs(planned: dict) -> list[dict]:
+        return planned["jobs"]
+
+    @task(trigger_rule="none_failed")
+    def validate(planned: dict, checked: dict, params=None) -> dict:
+        from ray_embeddings.embedding_run import validate_partitions
+
+        return validate_partitions(params, planned, checked["model_id"])
+
+    @task(outlets=[EMBEDDINGS_TABLE])
+    def catalog(planned: dict, checked: dict, validated: dict, params=None, run_id=None, outlet_events=None):
+        from ray_embeddings.embedding_run import register_catalog
+
+        result = register_catalog(params, planned, checked["model_id"], run_id)
+        outlet_events[EMBEDDINGS_TABLE].extra = {**result, **validated, "run_id": run_id}
+        return result
+
+    @task
+    def report(planned: dict, checked: dict, cataloged: dict, params=None) -> dict:
+        from ray_embeddings.embedding_run import write_run_report
+
+        return write_run_report(planned, checked["model_id"], cataloged, float(params["max_reject_rate"]))
+
+    @task
+    def cluster_config(params=None) -> dict:
+        from ray_embeddings.embedding_run import backend_config
+
+        return backend_config(params)
+
+    checked = check_inputs()
+    planned = plan(checked)
+    config = cluster_config()
+    cluster_up = RayClusterSetupOperator(task_id="cluster_up", backend="{{ params.backend }}", backend_config=config)
+    embed = RayJobOperator.partial(
+        task_id="embed",
+        cluster=cluster_up.output,
+        poll_interval="{{ params.poll_interval_s }}",
+        max_active_tis_per_dagrun=64,
+    ).expand_kwargs(jobs(planned))
+    validated = validate(planned, checked)
+    cataloged = catalog(planned, checked, validated)
+    reported = report(planned, checked, cataloged)
+    cluster_down = RayClusterTeardownOperator(
+        task_id="cluster_down", cluster=cluster_up.output, backend="{{ params.backend }}", backend_config=config
+    )
+
+    planned >> config >> cluster_up >> embed >> validated
+    reported >> cluster_down.as_teardown(setups=cluster_up)
+
+
+multimodal_embeddings()
