@@ -8,7 +8,7 @@ DEMO_ROWS ?= 2000
 DEMO_BAD ?= 12
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit lint demo bench clean lock
+.PHONY: setup test test-unit lint demo bench clean lock airflow-ui
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -28,10 +28,25 @@ test: setup lint
 test-unit: setup
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
+# The DAG run locally: Airflow on SQLite under $(DEMO_DIR)/airflow, local Ray, local storage.
+DEMO_ABS = $(abspath $(DEMO_DIR))
+AIRFLOW_ENV = AIRFLOW_HOME=$(DEMO_ABS)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	PYTHONPATH=$(CURDIR):$(CURDIR)/plugins
+DEMO_CONF = {"manifest_uri": "$(DEMO_ABS)/manifest", "output_uri": "$(DEMO_ABS)/output", \
+	"model_uri": "$(DEMO_ABS)/model", "partition_rows": $(DEMO_PARTITION_ROWS), "batch_size": 32, "poll_interval_s": 2}
+DEMO_PARTITION_ROWS ?= 1000
+
 demo: setup
 	$(PY) -m ray_jobs demo-assets --out $(DEMO_DIR) --rows $(DEMO_ROWS) --bad-images $(DEMO_BAD)
-	$(PY) -m ray_jobs embed --manifest $(DEMO_DIR)/manifest --output $(DEMO_DIR)/output \
-		--model $(DEMO_DIR)/model --num-stages 2
+	$(AIRFLOW_ENV) $(VENV)/bin/airflow db migrate > $(DEMO_DIR)/airflow-db.log 2>&1
+	@echo "running the multimodal_embeddings DAG (airflow dags test; log: $(DEMO_DIR)/dags-test.log) ..."
+	@$(AIRFLOW_ENV) EMB_RETRIES=0 $(VENV)/bin/airflow dags test multimodal_embeddings -c '$(DEMO_CONF)' \
+		> $(DEMO_DIR)/dags-test.log 2>&1 || { tail -40 $(DEMO_DIR)/dags-test.log; exit 1; }
+	@$(PY) -m ray_jobs summary --output $(DEMO_DIR)/output
+
+airflow-ui: setup  ## the same DAG in the Airflow UI: http://localhost:8080 (credentials printed by standalone)
+	$(AIRFLOW_ENV) $(VENV)/bin/airflow standalone
 
 bench: setup
 	$(PY) bench/pipeline_vs_torch.py

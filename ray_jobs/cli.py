@@ -137,6 +137,15 @@ def _add_validate(sub) -> None:
     )
 
 
+def _add_summary(sub) -> None:
+    p = sub.add_parser(
+        "summary",
+        help="print the newest run report under an output root",
+        description="Print the summary of the newest run report ({output}/runs/*/report.json) and where things are.",
+    )
+    p.add_argument("--output", required=True, help="output root given to plan/the DAG")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m ray_jobs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -144,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(sub)
     _add_validate(sub)
     _add_demo_assets(sub)
+    _add_summary(sub)
     return parser
 
 
@@ -247,7 +257,48 @@ def _cmd_validate(args) -> int:
     return 0 if report.ok else 1
 
 
-COMMANDS = {"plan": _cmd_plan, "embed": _cmd_embed, "validate": _cmd_validate, "demo-assets": _cmd_demo_assets}
+def _cmd_summary(args) -> int:
+    from ray_jobs import storage
+    from ray_jobs.contract import join_uri
+    from ray_jobs.errors import OutputError
+
+    fs, root = storage.filesystem_for(join_uri(args.output, "runs"))
+    reports = []
+    for path in fs.glob(f"{root}/*/report.json"):
+        reports.append((fs.info(path).get("mtime") or fs.info(path).get("LastModified") or 0, path))
+    if not reports:
+        raise OutputError(f"no run report under {args.output}/runs/; has a run finished?")
+    _, newest = max(reports, key=lambda r: (str(r[0]), r[1]))
+    with fs.open(newest, "rb") as fh:
+        data = json.loads(fh.read())
+    parts = data["partitions"]
+    print(f"run:        {data['run_id']}")
+    print(f"result:     {data['summary']}")
+    print(f"partitions: {len(parts)} ({sum(1 for p in parts if p['status'] == 'ok')} ok)")
+    print(
+        f"rows:       in={data['rows_in']} ok={data['rows_ok']} rejected={data['rows_rejected']}"
+        + (f" rows/s={data['rows_per_s']:.1f}" if data.get("rows_per_s") else "")
+    )
+    if data.get("rejects_by_reason"):
+        print("rejects:    " + ", ".join(f"{k}={v}" for k, v in data["rejects_by_reason"].items()))
+    if data.get("catalog"):
+        print(
+            f"iceberg:    table {data['catalog']['table']} snapshot {data['catalog']['snapshot_id']}"
+            + (f" ({data['catalog']['catalog_uri']})" if data["catalog"].get("catalog_uri") else "")
+        )
+    slot = join_uri(data["output_uri"], "embeddings", "model=" + data["model_id"], "plan=" + data["plan_id"])
+    print(f"embeddings: {slot}")
+    print(f"report:     {storage.to_uri(fs, newest).removesuffix('.json')}.md")
+    return 0
+
+
+COMMANDS = {
+    "plan": _cmd_plan,
+    "embed": _cmd_embed,
+    "validate": _cmd_validate,
+    "demo-assets": _cmd_demo_assets,
+    "summary": _cmd_summary,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
