@@ -177,9 +177,10 @@ def validate_partitions(params: dict[str, Any], planned: dict[str, Any], model_i
     report = validate_plan(plan, model_id, max_reject_rate=float(params["max_reject_rate"]))
     print(report.table())
     if not report.ok:
-        failed = ", ".join(f"{c.index:05d}" for c in report.failed) or "none"
+        failed = ", ".join(f"{c.index:05d}" for c in report.failed)
+        where = f" (partitions {failed})" if failed else ""
         raise AirflowFailException(
-            f"validation failed for plan {plan.plan_id} (partitions {failed}): " + "; ".join(report.problems()[:20])
+            f"validation failed for plan {plan.plan_id}{where}: " + "; ".join(report.problems()[:20])
         )
     return {
         "rows_in": report.rows_in,

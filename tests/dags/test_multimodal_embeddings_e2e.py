@@ -1,0 +1,153 @@
+"""The whole DAG, end to end, exactly as `make demo` runs it: `airflow dags test` on SQLite,
+the local Ray backend, local storage (and, in the last test, S3 on loopback)."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from ray_embeddings.backends.local import processes_referencing
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+AIRFLOW = os.path.join(os.path.dirname(sys.executable), "airflow")
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = _env(home)
+    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    return home
+
+
+def _env(home, extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": os.path.join(ROOT, "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": os.path.join(ROOT, "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "plugins")]),
+            "EMB_RETRIES": "0",
+            **(extra or {}),
+        }
+    )
+    return env
+
+
+def _dags_test(home, conf, extra_env=None):
+    proc = subprocess.run(
+        [AIRFLOW, "dags", "test", "multimodal_embeddings", "-c", json.dumps(conf)],
+        env=_env(home, extra_env),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    with open(os.path.join(home, "last-dags-test.log"), "w") as fh:  # kept for a failing test's reader
+        fh.write(log)
+    finished = [line for line in log.splitlines() if "DagRun Finished" in line]
+    assert finished, log[-3000:]
+    return ("state=success" in finished[-1]), log
+
+
+def _conf(assets, output, **over):
+    return {
+        "manifest_uri": assets.manifest,
+        "output_uri": str(output),
+        "model_uri": assets.model,
+        "partition_rows": 64,
+        "batch_size": 16,
+        "poll_interval_s": 1,
+        "local_num_cpus": 6,
+        "max_reject_rate": 0.2,  # the demo assets break 10% of the images on purpose
+        **over,
+    }
+
+
+def _report(output):
+    runs = sorted(
+        (os.path.getmtime(p), p)
+        for p in (os.path.join(output, "runs", d, "report.json") for d in os.listdir(os.path.join(output, "runs")))
+        if os.path.exists(p)
+    )
+    with open(runs[-1][1]) as fh:
+        return json.load(fh)
+
+
+def _no_ray_left():
+    assert processes_referencing("rayemb-") == [], "a Ray process of ours outlived the run"
+
+
+@pytest.fixture(scope="module")
+def first_run(airflow_home, demo_assets, tmp_path_factory):
+    output = tmp_path_factory.mktemp("dag-out")
+    ok, log = _dags_test(airflow_home, _conf(demo_assets, output))
+    return output, ok, log
+
+
+def test_run_accounts_for_every_row_and_registers_the_table(first_run, demo_assets, airflow_home):
+    output, ok, log = first_run
+    assert ok, log[-4000:]
+    report = _report(output)
+    assert report["rows_in"] == 120 and report["rows_rejected"] == 12 and report["rows_ok"] == 108
+    assert len(report["partitions"]) == 2 and report["valid"]
+    assert report["rejects_by_reason"]["missing object"] == 2
+    from ray_jobs.catalog import open_catalog
+
+    cat = report["catalog"]
+    table = open_catalog(cat["catalog_uri"], os.path.join(output, "warehouse")).load_table(cat["table"])
+    assert table.scan().to_arrow().num_rows == 108
+    assert table.current_snapshot().summary["embeddings.plan_id"] == report["plan_id"]
+    # the asset event carries the same metadata
+    with sqlite3.connect(os.path.join(airflow_home, "airflow.db")) as db:
+        rows = db.execute(
+            "select e.extra from asset_event e join asset a on a.id = e.asset_id "
+            "where a.uri = 'iceberg://embeddings/multimodal'"
+        ).fetchall()
+    extras = [json.loads(r[0]) for r in rows]
+    assert any(e.get("snapshot_id") == cat["snapshot_id"] and e.get("rows_ok") == 108 for e in extras), extras
+    assert os.path.exists(os.path.join(output, "runs", os.listdir(os.path.join(output, "runs"))[0], "report.md"))
+    assert "[ray job emb-" in log, "Ray job logs reach the task log"
+    _no_ray_left()
+
+
+def test_second_run_re_embeds_nothing_and_adds_no_rows(first_run, demo_assets, airflow_home):
+    output, ok, _ = first_run
+    assert ok
+    before = _report(output)["catalog"]["snapshot_id"]
+    ok, log = _dags_test(airflow_home, _conf(demo_assets, output))
+    assert ok, log[-4000:]
+    assert "'todo': []" in log, "committed partitions are skipped"
+    report = _report(output)
+    assert report["catalog"]["snapshot_id"] == before and report["rows_ok"] == 108
+    _no_ray_left()
+
+
+def test_a_failing_partition_fails_the_run_names_it_and_still_tears_down(airflow_home, demo_assets, tmp_path):
+    ok, log = _dags_test(airflow_home, _conf(demo_assets, tmp_path, embed_extra_args="--rows-per-file 0"))
+    assert not ok
+    assert "(partition 0) ended FAILED" in log or "(partition 1) ended FAILED" in log
+    assert "rows-per-file" in log, "the job's own error is in the task log"
+    down = [line for line in log.splitlines() if "cluster_down" in line and "new_state=success" in line]
+    assert down or "Ray cluster emb-" in log
+    _no_ray_left()
+
+
+def test_reject_rate_above_the_limit_fails_validation(first_run, demo_assets, airflow_home):
+    output, ok, _ = first_run
+    assert ok
+    ok, log = _dags_test(airflow_home, _conf(demo_assets, output, max_reject_rate=0.05))
+    assert not ok and "reject rate 0.1000 exceeds max_reject_rate 0.05" in log
+    _no_ray_left()
+
+
+def test_bad_input_fails_before_any_cluster(airflow_home, demo_assets, tmp_path):
+    ok, log = _dags_test(airflow_home, _conf(demo_assets, tmp_path, manifest_uri=str(tmp_path / "nope")))
+    assert not ok and "holds no .parquet files" in log
+    assert "Ray cluster emb-" not in log and "local Ray" not in log
