@@ -151,3 +151,31 @@ def test_bad_input_fails_before_any_cluster(airflow_home, demo_assets, tmp_path)
     ok, log = _dags_test(airflow_home, _conf(demo_assets, tmp_path, manifest_uri=str(tmp_path / "nope")))
     assert not ok and "holds no .parquet files" in log
     assert "Ray cluster emb-" not in log and "local Ray" not in log
+
+
+def test_everything_on_s3(airflow_home, s3_bucket, tmp_path):
+    """Manifest, images, model, outputs and the Iceberg warehouse on a real S3 endpoint (moto, loopback)."""
+    from ray_jobs import storage
+    from ray_jobs.catalog import open_catalog
+    from ray_jobs.demo_assets import write_demo_assets
+
+    assets = write_demo_assets(f"{s3_bucket}/dag-demo", rows=40, bad_images=6, files=2, row_group_rows=8)
+    output = f"{s3_bucket}/dag-out"
+    extra = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    extra["RAY_JOBS_CACHE_DIR"] = str(tmp_path / "cache")
+    conf = _conf(assets, output, partition_rows=1000, catalog_uri=f"sqlite:///{tmp_path}/catalog.db")
+    ok, log = _dags_test(airflow_home, conf, extra)
+    assert ok, log[-4000:]
+    fs, root = storage.filesystem_for(f"{output}/runs")
+    reports = fs.glob(f"{root}/*/report.json")
+    assert len(reports) == 1
+    with fs.open(reports[0], "rb") as fh:
+        report = json.loads(fh.read())
+    assert (report["rows_in"], report["rows_ok"], report["rows_rejected"]) == (40, 34, 6)
+    table = open_catalog(conf["catalog_uri"], f"{output}/warehouse").load_table(report["catalog"]["table"])
+    assert table.metadata_location.startswith("s3://embeddings-test/dag-out/warehouse/")
+    assert table.scan().to_arrow().num_rows == 34
+    _no_ray_left()
