@@ -22,36 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
-
-
-class CountingFileSystem(LocalFileSystem):
-    """Local files, counting every byte returned by read()."""
-
-    protocol = "counting"
-    bytes_read = 0
-    opens = 0
-
-    def _open(self, path, mode="rb", **kwargs):
-        f = super()._open(self._strip_protocol(path), mode, **kwargs)
-        CountingFileSystem.opens += 1
-        real = f.read
-
-        def read(*args):
-            data = real(*args)
-            CountingFileSystem.bytes_read += len(data)
-            return data
-
-        f.read = read
-        return f
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = path[len("counting://") :] if str(path).startswith("counting://") else path
-        return LocalFileSystem._strip_protocol(path)
 
 
 def generate(root: str, files: int, distinct: int, row_groups: int, rows_per_group: int) -> int:
@@ -89,10 +61,11 @@ def main() -> None:
     parser.add_argument("--keep", help="generate into this directory and keep it")
     args = parser.parse_args()
 
-    from ray_jobs import storage
+    from ray_jobs.counting_fs import CountingFileSystem
+    from ray_jobs.counting_fs import register as register_counting_fs
     from ray_jobs.planning import PlanSettings, make_plan
 
-    fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+    register_counting_fs()
     root = args.keep or tempfile.mkdtemp(prefix="plan-scale-")
     manifest = os.path.join(root, "manifest")
     try:
@@ -103,7 +76,6 @@ def main() -> None:
             f"{args.row_groups} row groups each, {stored / 1e9:.2f} GB stored, in {time.perf_counter() - t0:.1f}s"
         )
 
-        storage._remote_fs.cache_clear()
         settings = PlanSettings(partition_rows=1_000_000)
         out = os.path.join(root, "out")
         # bytes: through the counting wrapper (an fsspec protocol, so planned like a remote store)

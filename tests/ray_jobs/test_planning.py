@@ -1,13 +1,13 @@
 import json
 import os
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.local import LocalFileSystem
 
 from ray_jobs import storage
+from ray_jobs.counting_fs import CountingFileSystem
+from ray_jobs.counting_fs import register as register_counting_fs
 from ray_jobs.errors import ManifestError, PlanError, UsageError
 from ray_jobs.manifest import IMAGE_BYTES_METADATA_KEY
 from ray_jobs.planning import PlanSettings, load_plan, make_plan, run_plan
@@ -155,34 +155,9 @@ def test_settings_validate_themselves():
         PlanSettings(max_partitions=0)
 
 
-class CountingFileSystem(LocalFileSystem):
-    """A local filesystem that counts every byte handed out by read(): the footer-only witness."""
-
-    protocol = "counting"
-    bytes_read = 0
-
-    def _open(self, path, mode="rb", **kwargs):
-        f = super()._open(self._strip_protocol(path), mode, **kwargs)
-        real_read = f.read
-
-        def read(*args):
-            data = real_read(*args)
-            CountingFileSystem.bytes_read += len(data)
-            return data
-
-        f.read = read
-        return f
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = path[len("counting://") :] if str(path).startswith("counting://") else path
-        return LocalFileSystem._strip_protocol(path)
-
-
 def test_planning_reads_only_footers(tmp_path):
     """Files of realistic size (about 1 MB, 8 row groups); planning must read a tiny fraction."""
-    fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
-    storage._remote_fs.cache_clear()
+    register_counting_fs()
     root = tmp_path / "m"
     root.mkdir()
     rng_text = [os.urandom(40).hex() for _ in range(2000)]
@@ -196,7 +171,7 @@ def test_planning_reads_only_footers(tmp_path):
         )
         pq.write_table(t, root / f"p{f}.parquet", row_group_size=2000)
     stored = sum(p.stat().st_size for p in root.iterdir())
-    CountingFileSystem.bytes_read = 0
+    CountingFileSystem.reset()
     plan, groups = make_plan(f"counting://{root}", str(tmp_path / "out"), PlanSettings(partition_rows=20000))
     assert groups == 48 and plan.rows == 96000
     assert stored > 6_000_000
