@@ -14,6 +14,7 @@ from ray_embeddings.hooks.ray_jobs import ACTIVE, FAILED, TERMINAL, RayJobsClien
 from ray_embeddings.links import XCOM_JOB_URL, RayJobLink, job_url
 from ray_embeddings.naming import submission_id as make_submission_id
 from ray_embeddings.triggers.ray_job import RayJobTrigger, tail
+from ray_embeddings.version_guard import check_compatible
 
 MAX_RESUBMISSIONS = 20
 
@@ -86,6 +87,7 @@ class RayJobOperator(BaseOperator):
         ti = context["ti"]
         key = (ti.dag_id, ti.run_id, self.partition)
         with self._client(handle) as client:
+            check_compatible(client.version().get("ray_version", ""))
             sid, how, info = submit_or_adopt(
                 client,
                 key,
