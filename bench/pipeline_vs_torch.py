@@ -86,10 +86,9 @@ def bench_torch(ckpt, rows, batch: int, warmup: int, device: str, threads: int) 
 def bench_pipeline(ckpt, layout, rows, batch: int, warmup: int) -> dict:
     import pyarrow as pa
     import ray
-    from ray.data import ActorPoolStrategy
     from ray.data.extensions import ArrowTensorArray
 
-    from ray_jobs.model.staged import ModelStage
+    from ray_jobs.embed_job import add_model_stages
 
     n = len(rows["id"])
     tables = []
@@ -102,23 +101,7 @@ def bench_pipeline(ckpt, layout, rows, batch: int, warmup: int) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.from_arrow(tables)
-    spec = layout.spec()
-    for stage in layout.stages:
-        res = stage.resources
-        ds = ds.map_batches(
-            ModelStage,
-            fn_constructor_kwargs={
-                "model_uri": ckpt.uri,
-                "layout_spec": spec,
-                "stage_index": stage.index,
-                "num_threads": max(1, int(res.num_cpus)),
-            },
-            batch_size=batch,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=res.min_pool, max_size=res.max_pool),
-            num_cpus=res.num_cpus,
-            num_gpus=res.num_gpus,
-        )
+    ds = add_model_stages(ds, layout, ckpt.uri, batch)
     times, sizes = [], []
     start = time.perf_counter()
     for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2):

@@ -229,12 +229,37 @@ def _ensure_ray(job: PreparedJob) -> None:
     )
 
 
+def add_model_stages(ds, layout: StageLayout, model_uri: str, batch_size: int):
+    """Append one ``map_batches`` actor pool per stage of *layout* to *ds*."""
+    from ray.data import ActorPoolStrategy
+
+    from ray_jobs.model.staged import ModelStage
+
+    spec = layout.spec()
+    for stage in layout.stages:
+        res = stage.resources
+        ds = ds.map_batches(
+            ModelStage,
+            fn_constructor_kwargs={
+                "model_uri": model_uri,
+                "layout_spec": spec,
+                "stage_index": stage.index,
+                "num_threads": max(1, int(res.num_cpus)),
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=res.min_pool, max_size=res.max_pool),
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+        )
+    return ds
+
+
 def build_dataset(job: PreparedJob):
     """The lazy Ray Data pipeline for *job* (nothing runs until it is iterated)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from ray_jobs.model.staged import ModelStage
     from ray_jobs.preprocess import Preprocessor
 
     cfg = job.config
@@ -249,24 +274,7 @@ def build_dataset(job: PreparedJob):
         compute=ActorPoolStrategy(min_size=cfg.preprocess_pool[0], max_size=cfg.preprocess_pool[1]),
         num_cpus=cfg.preprocess_cpus,
     )
-    spec = job.layout.spec()
-    for stage in job.layout.stages:
-        res = stage.resources
-        ds = ds.map_batches(
-            ModelStage,
-            fn_constructor_kwargs={
-                "model_uri": job.model_uri,
-                "layout_spec": spec,
-                "stage_index": stage.index,
-                "num_threads": max(1, int(res.num_cpus)),
-            },
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=res.min_pool, max_size=res.max_pool),
-            num_cpus=res.num_cpus,
-            num_gpus=res.num_gpus,
-        )
-    return ds
+    return add_model_stages(ds, job.layout, job.model_uri, cfg.batch_size)
 
 
 def run_prepared(job: PreparedJob) -> EmbedResult:
