@@ -1,6 +1,5 @@
 """KubeRay backend: manifests against the real CRD, lifecycle against an HTTP stand-in API."""
 
-import asyncio
 import functools
 import os
 import time
@@ -16,19 +15,10 @@ from ray_embeddings.naming import cluster_name
 from ray_embeddings.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
 from ray_embeddings.triggers.ray_cluster import RayClusterReadyTrigger
 from tests.plugins.ray_embeddings.k8s_standin import K8sStandIn
+from tests.plugins.ray_embeddings.standins import StandInTaskInstance, run_trigger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CRDS = os.path.join(os.path.dirname(ROOT), "shared", "kuberay-crds")
-
-
-class StandInTaskInstance:
-    """Stands in for Airflow's runtime task instance: ids and an XCom dict."""
-
-    def __init__(self, dag_id="nightly", run_id="scheduled__2026-11-26"):
-        self.dag_id, self.run_id, self.xcom = dag_id, run_id, {}
-
-    def xcom_push(self, key, value):
-        self.xcom[key] = value
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,14 +144,6 @@ def _setup(config, ti):
     return op, deferred.value.trigger
 
 
-def _run(trigger):
-    async def go():
-        async for event in trigger.run():
-            return event.payload
-
-    return asyncio.run(go())
-
-
 def test_lifecycle_create_wait_ready_adopt_delete(tmp_path):
     with K8sStandIn(ready_after_gets=3) as api:
         config = {"kube_config": api.kubeconfig(tmp_path / "kc"), "namespace": "ns", "poll_interval_s": 0.05}
@@ -171,7 +153,7 @@ def test_lifecycle_create_wait_ready_adopt_delete(tmp_path):
         name = cluster_name(ti.dag_id, ti.run_id)
         assert trigger.name == name and ("ns", name) in api.clusters
         rebuilt = RayClusterReadyTrigger(**trigger.serialize()[1])  # survives a triggerer restart
-        event = _run(rebuilt)
+        event = run_trigger(rebuilt)
         assert event == {"status": "ready", "name": name, "namespace": "ns"}
         handle = op.execute_complete({"ti": ti}, event)
         assert handle["dashboard_url"] == f"http://{name}-head-svc.ns.svc.cluster.local:8265"
@@ -219,7 +201,7 @@ def test_timeout_when_the_head_never_becomes_ready(tmp_path):
         }
         op, trigger = _setup(config, StandInTaskInstance())
         start = time.monotonic()
-        event = _run(trigger)
+        event = run_trigger(trigger)
         assert event["status"] == "timeout" and time.monotonic() - start < 5
         with pytest.raises(ClusterNotReady, match="timeout"):
             op.execute_complete({}, event)

@@ -22,18 +22,9 @@ from ray_embeddings.operators.ray_cluster import RayClusterSetupOperator, RayClu
 from ray_embeddings.operators.ray_job import RayJobOperator
 from ray_embeddings.runtime_env import working_tree_runtime_env
 from ray_embeddings.triggers.ray_job import RayJobTrigger
+from tests.plugins.ray_embeddings.standins import StandInTaskInstance, first_event, run_trigger
 
 pytestmark = pytest.mark.integration
-
-
-class StandInTaskInstance:
-    """Stands in for Airflow's runtime task instance: ids and an XCom dict."""
-
-    def __init__(self, dag_id="test_dag", run_id="manual__1"):
-        self.dag_id, self.run_id, self.xcom = dag_id, run_id, {}
-
-    def xcom_push(self, key, value):
-        self.xcom[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +43,6 @@ def cluster():
 
 def _client(handle):
     return RayJobsClient(handle.dashboard_url, resolve_token(handle.token))
-
-
-def _run_trigger(trigger):
-    async def go():
-        async for event in trigger.run():
-            return event.payload
-
-    return asyncio.run(go())
 
 
 def _operator(handle, entrypoint, partition, **kw):
@@ -102,7 +85,7 @@ def test_embed_job_submitted_and_sensed_to_success(cluster, demo_assets, tmp_pat
         op.execute({"ti": ti})
     trigger = deferred.value.trigger
     assert isinstance(trigger, RayJobTrigger) and trigger.submission_id == submission_id("test_dag", "manual__1", 0)
-    event = _run_trigger(trigger)
+    event = run_trigger(trigger)
     assert event["status"] == "SUCCEEDED", event
     assert op.execute_complete({"ti": ti}, event)["status"] == "SUCCEEDED"
     out, err = capfd.readouterr()
@@ -144,22 +127,17 @@ def test_retry_while_running_adopts_and_killing_the_task_stops_the_job(cluster):
     trigger = first.value.trigger
 
     async def cancel_mid_way_then_kill():
-        task = asyncio.create_task(_first_event(trigger))
+        task = asyncio.create_task(first_event(trigger))
         await asyncio.sleep(3)
         task.cancel()  # triggerer restart: the trigger is cancelled and later rebuilt
         rebuilt = RayJobTrigger(**trigger.serialize()[1])
         await rebuilt.on_kill()  # the user marks the task failed
-        return await _first_event(rebuilt)
+        return await first_event(rebuilt)
 
     event = asyncio.run(cancel_mid_way_then_kill())
     assert event["status"] == "STOPPED"
     with pytest.raises(RayJobError, match="ended STOPPED"):
         _operator(handle, entry, "long").execute_complete(None, event)
-
-
-async def _first_event(trigger):
-    async for event in trigger.run():
-        return event.payload
 
 
 def test_a_rebuilt_trigger_ends_with_the_same_event(cluster):
@@ -171,8 +149,8 @@ def test_a_rebuilt_trigger_ends_with_the_same_event(cluster):
     trigger = deferred.value.trigger
     classpath, kwargs = trigger.serialize()
     assert classpath == "ray_embeddings.triggers.ray_job.RayJobTrigger"
-    first = _run_trigger(trigger)
-    second = _run_trigger(RayJobTrigger(**kwargs))
+    first = run_trigger(trigger)
+    second = run_trigger(RayJobTrigger(**kwargs))
     assert first == second and first["status"] == "SUCCEEDED" and "line two" in first["log_tail"]
 
 
@@ -184,7 +162,7 @@ def test_non_deferrable_on_kill_stops_the_job(cluster):
     with pytest.raises(TaskDeferred):
         op.execute({"ti": ti})
     op.on_kill()
-    event = _run_trigger(RayJobTrigger(handle.dashboard_url, ti.xcom["submission_id"], handle.token.to_dict(), 0.5))
+    event = run_trigger(RayJobTrigger(handle.dashboard_url, ti.xcom["submission_id"], handle.token.to_dict(), 0.5))
     assert event["status"] == "STOPPED"
 
 
@@ -230,7 +208,7 @@ def test_trigger_polling_never_blocks_the_event_loop(cluster):
     async def main():
         stop = asyncio.Event()
         tick = asyncio.create_task(ticker(stop))
-        event = await _first_event(trigger)
+        event = await first_event(trigger)
         stop.set()
         await tick
         return event
