@@ -229,8 +229,16 @@ def _ensure_ray(job: PreparedJob) -> None:
     )
 
 
-def add_model_stages(ds, layout: StageLayout, model_uri: str, batch_size: int):
-    """Append one ``map_batches`` actor pool per stage of *layout* to *ds*."""
+def no_remote_args(op: str) -> dict:
+    """The default per-operator Ray options: none beyond each operator's own resources."""
+    return {}
+
+
+def add_model_stages(ds, layout: StageLayout, model_uri: str, batch_size: int, remote_args=no_remote_args):
+    """Append one ``map_batches`` actor pool per stage of *layout* to *ds*.
+
+    *remote_args* maps an operator name (``stage0``, ``stage1``, ...) to extra Ray options for
+    its actors (a placement-group scheduling strategy under admission control)."""
     from ray.data import ActorPoolStrategy
 
     from ray_jobs.model.staged import ModelStage
@@ -251,12 +259,16 @@ def add_model_stages(ds, layout: StageLayout, model_uri: str, batch_size: int):
             compute=ActorPoolStrategy(min_size=res.min_pool, max_size=res.max_pool),
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus,
+            **remote_args(f"stage{stage.index}"),
         )
     return ds
 
 
-def build_dataset(job: PreparedJob):
-    """The lazy Ray Data pipeline for *job* (nothing runs until it is iterated)."""
+def build_dataset(job: PreparedJob, remote_args=no_remote_args):
+    """The lazy Ray Data pipeline for *job* (nothing runs until it is iterated).
+
+    Every operator merges ``remote_args(name)`` into its Ray options; names: ``read``,
+    ``preprocess``, ``stage0`` .. ``stage{K-1}`` (and ``write`` for the sink)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -265,7 +277,7 @@ def build_dataset(job: PreparedJob):
     cfg = job.config
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic part files
-    ds = ray.data.read_datasource(make_datasource(job.fragments))
+    ds = ray.data.read_datasource(make_datasource(job.fragments), ray_remote_args=remote_args("read") or None)
     ds = ds.map_batches(
         Preprocessor,
         fn_constructor_kwargs={"model_uri": job.model_uri, "limits": cfg.limits, "fetch_threads": cfg.fetch_threads},
@@ -273,8 +285,9 @@ def build_dataset(job: PreparedJob):
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=cfg.preprocess_pool[0], max_size=cfg.preprocess_pool[1]),
         num_cpus=cfg.preprocess_cpus,
+        **remote_args("preprocess"),
     )
-    return add_model_stages(ds, job.layout, job.model_uri, cfg.batch_size)
+    return add_model_stages(ds, job.layout, job.model_uri, cfg.batch_size, remote_args)
 
 
 def run_prepared(job: PreparedJob) -> EmbedResult:
