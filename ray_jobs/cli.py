@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from ray_jobs.errors import JobInputError, UsageError
+from ray_jobs.errors import AdmissionTimeout, JobInputError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +67,28 @@ def _add_embed(sub) -> None:
     tune.add_argument("--rows-per-file", type=_positive_int, default=100_000)
     tune.add_argument("--max-image-pixels", type=_positive_int, default=None)
     tune.add_argument("--max-object-bytes", type=_positive_int, default=None)
+    adm = p.add_argument_group("admission (README: Concurrency)")
+    adm.add_argument(
+        "--admission",
+        choices=("placement-group", "none"),
+        default="placement-group",
+        help="placement-group: reserve the whole minimum footprint (every pool's minimum actors + read/write "
+        "tasks) atomically before the pipeline starts, so concurrent jobs queue instead of deadlocking; "
+        "none: Ray Data's autoscaling pools, for a cluster that runs one job at a time",
+    )
+    adm.add_argument(
+        "--admission-timeout-s",
+        type=float,
+        default=1800.0,
+        help="fail (exit 3, naming the missing resources) if the footprint is not granted in time",
+    )
+    adm.add_argument("--task-cpus", type=float, default=0.75, help="CPUs reserved for read/write tasks")
+    adm.add_argument(
+        "--driver-cpus",
+        type=float,
+        default=0.25,
+        help="CPUs the submitter gives the driver (entrypoint_num_cpus); counted in the footprint",
+    )
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--force", action="store_true", help="re-embed even if the partition is committed")
     p.add_argument("--summary-json", help="also write the result as JSON to this local path")
@@ -181,6 +203,10 @@ def _cmd_embed(args) -> int:
         ),
         ray_address=args.ray_address,
         force=args.force,
+        admission=args.admission,
+        admission_timeout_s=args.admission_timeout_s,
+        task_cpus=args.task_cpus,
+        driver_cpus=args.driver_cpus,
     )
     result = run_embed(cfg)
     print(result.summary(), flush=True)
@@ -315,3 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     except JobInputError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except AdmissionTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3

@@ -6,21 +6,27 @@ slot) is checked first, so a bad input fails in seconds with one clear line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ray_jobs import storage
 from ray_jobs.contract import make_plan_id, partition_dir
 from ray_jobs.errors import ManifestError, PlanError, UsageError
+from ray_jobs.footprint import DEFAULT_DRIVER_CPUS, DEFAULT_TASK_CPUS, Footprint, job_footprint
 from ray_jobs.fragments import FragmentRef, make_datasource
 from ray_jobs.manifest import fingerprint, read_manifest
 from ray_jobs.model.stage_spec import StageLayout, StageResources
 from ray_jobs.preprocess import ImageLimits
 
 log = logging.getLogger(__name__)
+
+#: ``placement-group``: reserve the whole minimum footprint before the pipeline starts
+#: (README, "Concurrency"); ``none``: Ray Data's own autoscaling pools, for a dedicated cluster.
+ADMISSION_MODES = ("placement-group", "none")
 
 #: Environment every Ray worker of the job gets (no hub access, quiet transformers).
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
@@ -56,6 +62,10 @@ class EmbedConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     ray_address: str | None = None
     force: bool = False
+    admission: str = "placement-group"
+    admission_timeout_s: float = 1800.0
+    task_cpus: float = DEFAULT_TASK_CPUS
+    driver_cpus: float = DEFAULT_DRIVER_CPUS
 
     def __post_init__(self) -> None:
         if (self.manifest_uri is None) == (self.plan_uri is None):
@@ -80,6 +90,12 @@ class EmbedConfig:
             raise UsageError(f"--preprocess-cpus must be > 0, got {self.preprocess_cpus}")
         if self.limits.max_pixels <= 0 or self.limits.max_object_bytes <= 0:
             raise UsageError("--max-image-pixels and --max-object-bytes must be > 0")
+        if self.admission not in ADMISSION_MODES:
+            raise UsageError(f"--admission must be one of {', '.join(ADMISSION_MODES)}, got {self.admission!r}")
+        if self.admission_timeout_s <= 0:
+            raise UsageError(f"--admission-timeout-s must be > 0, got {self.admission_timeout_s}")
+        if self.task_cpus <= 0 or self.driver_cpus <= 0:
+            raise UsageError("--task-cpus and --driver-cpus must be > 0")
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,28 @@ class PreparedJob:
     @property
     def rows_in(self) -> int:
         return sum(f.rows for f in self.fragments)
+
+    @property
+    def footprint(self) -> Footprint:
+        return footprint_of(self.layout, self.config)
+
+
+def footprint_of(layout: StageLayout, cfg: EmbedConfig) -> Footprint:
+    """The job's minimum footprint: every pool at its minimum, the read/write task bundle, the driver."""
+    return job_footprint(
+        ((s.resources.num_cpus, s.resources.num_gpus, s.resources.min_pool) for s in layout.stages),
+        preprocess_cpus=cfg.preprocess_cpus,
+        preprocess_min=cfg.preprocess_pool[0],
+        task_cpus=cfg.task_cpus,
+        driver_cpus=cfg.driver_cpus,
+    )
+
+
+def with_fixed_pools(job: PreparedJob) -> PreparedJob:
+    """*job* with every pool pinned to its minimum size (what a reservation holds)."""
+    stages = tuple(replace(s, resources=replace(s.resources, max_pool=s.resources.min_pool)) for s in job.layout.stages)
+    lo = job.config.preprocess_pool[0]
+    return replace(job, config=replace(job.config, preprocess_pool=(lo, lo)), layout=replace(job.layout, stages=stages))
 
 
 @dataclass(frozen=True)
@@ -211,13 +249,11 @@ def _ensure_ray(job: PreparedJob) -> None:
         # inside a Ray job: the submitter's runtime_env (working_dir, env_vars) already applies
         ray.init(log_to_driver=True)
         return
-    cfg = job.config
-    needed = cfg.preprocess_cpus * cfg.preprocess_pool[0] + sum(
-        s.resources.num_cpus * s.resources.min_pool for s in job.layout.stages
-    )
-    # Logical CPUs: enough for every pool's minimum plus read tasks, so a small machine
-    # oversubscribes instead of deadlocking.
-    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 2)
+    footprint = job.footprint
+    needed = footprint.total()["CPU"] - footprint.driver_cpus  # this process is the driver
+    # Logical CPUs: enough for the whole minimum footprint, so a small machine oversubscribes
+    # instead of queueing forever; GPUs as the machine has them.
+    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 1)
     for k, v in env.items():
         os.environ.setdefault(k, v)
     ray.init(
@@ -290,6 +326,32 @@ def build_dataset(job: PreparedJob, remote_args=no_remote_args):
     return add_model_stages(ds, job.layout, job.model_uri, cfg.batch_size, remote_args)
 
 
+def reservation_name(job: PreparedJob) -> str:
+    """The placement group's name: the partition slot it works for (shows in `ray list placement-groups`)."""
+    from ray_jobs.contract import short_hash
+
+    return f"emb-{job.model_id[:24]}-{job.plan_id}-{job.partition:05d}-{short_hash(job.partition_uri, length=6)}"
+
+
+@contextlib.contextmanager
+def admitted(job: PreparedJob):
+    """Yield ``(job, remote_args)`` once the job may start: under ``placement-group`` admission
+    its whole minimum footprint is reserved and every operator runs inside it."""
+    import ray
+
+    cfg = job.config
+    # Never wait forever for actors (Ray Data's default is -1): the reservation already holds
+    # their resources, so this only fires if an actor cannot start at all.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = int(cfg.admission_timeout_s)
+    if cfg.admission == "none":
+        yield job, no_remote_args
+        return
+    from ray_jobs.admission import reserve
+
+    with reserve(job.footprint, name=reservation_name(job), timeout_s=cfg.admission_timeout_s) as reservation:
+        yield with_fixed_pools(job), reservation.remote_args
+
+
 def run_prepared(job: PreparedJob) -> EmbedResult:
     from ray_jobs.sink import PartitionSink, committed_marker
 
@@ -303,12 +365,13 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
     first = None
     if job.rows_in:  # an empty manifest commits an empty partition without starting Ray
         _ensure_ray(job)
-        ds = build_dataset(job)
-        pipeline_start = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            if first is None:
-                first = time.perf_counter() - pipeline_start
-            sink.add(batch)
+        with admitted(job) as (admitted_job, remote_args):
+            ds = build_dataset(admitted_job, remote_args)
+            pipeline_start = time.perf_counter()
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                if first is None:
+                    first = time.perf_counter() - pipeline_start
+                sink.add(batch)
     wall = time.perf_counter() - start
     marker = sink.commit(
         rows_in=job.rows_in,

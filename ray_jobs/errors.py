@@ -32,3 +32,8 @@ class OutputError(JobInputError):
 
 class PlanError(JobInputError):
     """A plan file is missing, unreadable, or does not match the manifest it names."""
+
+
+class AdmissionTimeout(Exception):
+    """The cluster did not grant a job its whole minimum footprint in time (not an input error:
+    the same job can succeed on a larger or less busy cluster). The message names what is missing."""
