@@ -91,7 +91,10 @@ class RayJobsClient:
         runtime_env: dict[str, Any] | None = None,
         metadata: dict[str, str] | None = None,
         entrypoint_num_cpus: float | None = None,
+        entrypoint_memory: int | None = None,
     ) -> str:
+        """Submit; ``entrypoint_num_cpus``/``entrypoint_memory`` are the driver's own resources, so
+        Ray places it on a node that has them (never a KubeRay head with ``num-cpus: 0``)."""
         body: dict[str, Any] = {"entrypoint": entrypoint, "submission_id": submission_id}
         if runtime_env:
             body["runtime_env"] = self.upload_working_dir(runtime_env)
@@ -99,6 +102,8 @@ class RayJobsClient:
             body["metadata"] = metadata
         if entrypoint_num_cpus is not None:
             body["entrypoint_num_cpus"] = entrypoint_num_cpus
+        if entrypoint_memory is not None:
+            body["entrypoint_memory"] = int(entrypoint_memory)
         resp = self._client.post("/api/jobs/", json=body)
         _check(resp, f"submit job {submission_id}")
         return resp.json().get("submission_id", submission_id)
@@ -121,6 +126,7 @@ class AsyncRayJobsClient:
 
     def __init__(self, address: str, token: str | None = None, timeout: float = 30.0):
         self.address = address.rstrip("/")
+        self.token = token  # kept for the log stream's connection; never logged
         self._client = httpx.AsyncClient(base_url=self.address, headers=_headers(token), timeout=timeout)
 
     async def aclose(self) -> None:

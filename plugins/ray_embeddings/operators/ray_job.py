@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -10,34 +11,39 @@ from airflow.sdk import BaseOperator
 
 from ray_embeddings.cluster import ClusterHandle, resolve_token
 from ray_embeddings.errors import RayJobError
-from ray_embeddings.hooks.ray_jobs import ACTIVE, FAILED, TERMINAL, RayJobsClient
+from ray_embeddings.hooks.ray_jobs import ACTIVE, FAILED, RayJobsClient
 from ray_embeddings.links import XCOM_JOB_URL, RayJobLink, job_url
 from ray_embeddings.naming import submission_id as make_submission_id
-from ray_embeddings.triggers.ray_job import RayJobTrigger, tail
+from ray_embeddings.triggers.in_flight_gate import InFlightGateTrigger, fetch_states, unfinished_ahead
+from ray_embeddings.triggers.ray_job import RayJobTrigger
 from ray_embeddings.version_guard import check_compatible
 
 MAX_RESUBMISSIONS = 20
 
 
-def submit_or_adopt(
-    client: RayJobsClient, base_key: tuple[str, str, int | str], entrypoint: str, **submit_kwargs
-) -> tuple[str, str, dict[str, Any] | None]:
-    """Find this task's job or submit it.
-
-    Tries the deterministic ids of attempts 0, 1, 2, ... in order: a PENDING, RUNNING or
-    SUCCEEDED job is adopted; a FAILED or STOPPED one moves on to the next id; the first id
-    with no job is submitted. Returns ``(submission_id, "adopted" | "submitted", info)``.
-    """
+def find_job(client: RayJobsClient, base_key: tuple[str, str, int | str]) -> tuple[str, dict[str, Any] | None]:
+    """This task's job: the first deterministic id (attempt 0, 1, 2, ...) whose job is PENDING,
+    RUNNING or SUCCEEDED (returned with its info), or else the first id with no job (info None).
+    FAILED and STOPPED jobs are stepped over."""
     dag_id, run_id, partition = base_key
     for attempt in range(MAX_RESUBMISSIONS):
         sid = make_submission_id(dag_id, run_id, partition, attempt)
         info = client.get(sid)
-        if info is None:
-            client.submit(sid, entrypoint, **submit_kwargs)
-            return sid, "submitted", None
-        if info.get("status") in ACTIVE or info.get("status") == "SUCCEEDED":
-            return sid, "adopted", info
+        if info is None or info.get("status") in ACTIVE or info.get("status") == "SUCCEEDED":
+            return sid, info
     raise RayJobError(f"{MAX_RESUBMISSIONS} earlier jobs for partition {partition} failed; not resubmitting again")
+
+
+def submit_or_adopt(
+    client: RayJobsClient, base_key: tuple[str, str, int | str], entrypoint: str, **submit_kwargs
+) -> tuple[str, str, dict[str, Any] | None]:
+    """Find this task's job (:func:`find_job`) or submit it under the first free id.
+    Returns ``(submission_id, "adopted" | "submitted", info)``."""
+    sid, info = find_job(client, base_key)
+    if info is None:
+        client.submit(sid, entrypoint, **submit_kwargs)
+        return sid, "submitted", None
+    return sid, "adopted", info
 
 
 class RayJobOperator(BaseOperator):
@@ -46,10 +52,26 @@ class RayJobOperator(BaseOperator):
     :param partition: the key of this job within the DAG run (the submission id derives from
         ``(dag_id, run_id, partition)``, so a retried task adopts its job instead of duplicating it)
     :param runtime_env: Ray runtime environment for the job (``working_dir``, ``env_vars``, ...)
+    :param entrypoint_num_cpus: CPUs of the job's driver; > 0 keeps drivers off a head that has
+        ``num-cpus: 0`` (KubeRay's), since Ray places the driver where these resources are
+    :param entrypoint_memory: memory of the job's driver, bytes
+    :param max_in_flight: at most this many map indices of this task run their jobs at once
+        (a sliding window over map indices, see :mod:`ray_embeddings.triggers.in_flight_gate`);
+        ``None`` or 0: no bound
+    :param timeout_s: absolute deadline of one try, from its start: waiting for a slot plus
+        the job; past it the job is stopped and the task fails naming the partition
     :param deferrable: sense from the triggerer (default) instead of occupying a worker slot
     """
 
-    template_fields: Sequence[str] = ("entrypoint", "cluster", "partition", "runtime_env", "poll_interval")
+    template_fields: Sequence[str] = (
+        "entrypoint",
+        "cluster",
+        "partition",
+        "runtime_env",
+        "poll_interval",
+        "max_in_flight",
+        "timeout_s",
+    )
     operator_extra_links = (RayJobLink(),)
     ui_color = "#e8f1fb"
 
@@ -61,9 +83,13 @@ class RayJobOperator(BaseOperator):
         partition: int | str = 0,
         runtime_env: dict[str, Any] | None = None,
         entrypoint_num_cpus: float | None = None,
+        entrypoint_memory: int | None = None,
+        max_in_flight: int | str | None = None,
+        timeout_s: float | str | None = None,
         deferrable: bool = True,
         poll_interval: float = 5.0,
         tail_lines: int = 40,
+        max_log_lines: int = 500,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -72,22 +98,90 @@ class RayJobOperator(BaseOperator):
         self.partition = partition
         self.runtime_env = runtime_env
         self.entrypoint_num_cpus = entrypoint_num_cpus
+        self.entrypoint_memory = entrypoint_memory
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.tail_lines = tail_lines
+        self.max_log_lines = max_log_lines
         self._submission_id: str | None = None
         self._handle: ClusterHandle | None = None
 
     def _client(self, handle: ClusterHandle) -> RayJobsClient:
         return RayJobsClient(handle.dashboard_url, resolve_token(handle.token))
 
+    # ------------------------------------------------------------------ gate
+    def _limit(self) -> int:
+        return int(self.max_in_flight or 0)
+
+    def _deadline(self, context) -> float | None:
+        if not self.timeout_s:
+            return None
+        start = context["ti"].start_date
+        base = start.timestamp() if start is not None else time.time()
+        return base + float(self.timeout_s)
+
+    def _may_start(self, ti) -> bool:
+        """The in-flight gate, checked from the worker before deferring to wait for it."""
+        limit = self._limit()
+        if limit <= 0 or getattr(ti, "map_index", -1) < 0:
+            return True
+        try:
+            states = fetch_states(ti.dag_id, ti.run_id, ti.task_id)
+        except Exception as exc:  # no supervisor channel (e.g. a unit-test harness): nothing to bound
+            self.log.warning("in-flight bound not enforced: task states unavailable (%s)", exc)
+            return True
+        ahead = unfinished_ahead(states, ti.map_index)
+        if ahead < limit:
+            return True
+        self.log.info(
+            "partition %s waits for a slot: %d earlier partitions unfinished, at most %d in flight",
+            self.partition,
+            ahead,
+            limit,
+        )
+        return False
+
     def execute(self, context) -> dict[str, Any]:
+        self.poll_interval = float(self.poll_interval)
         handle = ClusterHandle.from_dict(self.cluster)
-        self._handle = handle
         ti = context["ti"]
         key = (ti.dag_id, ti.run_id, self.partition)
         with self._client(handle) as client:
             check_compatible(client.version().get("ray_version", ""))
+            _, info = find_job(client, key)
+        if info is None and self.deferrable and not self._may_start(ti):
+            self.defer(
+                trigger=InFlightGateTrigger(
+                    dag_id=ti.dag_id,
+                    run_id=ti.run_id,
+                    task_id=ti.task_id,
+                    map_index=ti.map_index,
+                    limit=self._limit(),
+                    poll_interval=self.poll_interval,
+                    deadline=self._deadline(context),
+                ),
+                method_name="execute_after_gate",
+            )
+        return self._submit_and_sense(context, handle)
+
+    def execute_after_gate(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("status") != "open":
+            raise RayJobError(
+                f"partition {self.partition} waited {event.get('waited_s')}s for a slot ({event.get('ahead')} earlier "
+                f"partitions still unfinished, at most {self._limit()} in flight) and reached its deadline "
+                f"(timeout_s={self.timeout_s}); nothing was submitted"
+            )
+        self.log.info("partition %s got a slot after %ss", self.partition, event.get("waited_s"))
+        return self._submit_and_sense(context, ClusterHandle.from_dict(self.cluster))
+
+    # ------------------------------------------------------------------ job
+    def _submit_and_sense(self, context, handle: ClusterHandle) -> dict[str, Any]:
+        self._handle = handle
+        ti = context["ti"]
+        key = (ti.dag_id, ti.run_id, self.partition)
+        with self._client(handle) as client:
             sid, how, info = submit_or_adopt(
                 client,
                 key,
@@ -95,9 +189,9 @@ class RayJobOperator(BaseOperator):
                 runtime_env=self.runtime_env,
                 metadata={"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id, "partition": str(self.partition)},
                 entrypoint_num_cpus=self.entrypoint_num_cpus,
+                entrypoint_memory=self.entrypoint_memory,
             )
         self._submission_id = sid
-        self.poll_interval = float(self.poll_interval)
         url = job_url(handle.dashboard_url, sid)
         ti.xcom_push(key="submission_id", value=sid)
         ti.xcom_push(key=XCOM_JOB_URL, value=url)
@@ -105,39 +199,19 @@ class RayJobOperator(BaseOperator):
         self.log.info("%s Ray job %s on cluster %s (%s)", how, sid, handle.name, url)
         if info is not None and info.get("status") == "SUCCEEDED":
             return {"submission_id": sid, "status": "SUCCEEDED", "adopted": True}
+        trigger = RayJobTrigger(
+            dashboard_url=handle.dashboard_url,
+            submission_id=sid,
+            token=handle.token.to_dict(),
+            poll_interval=self.poll_interval,
+            tail_lines=self.tail_lines,
+            max_log_lines=self.max_log_lines,
+            deadline=self._deadline(context),
+            partition=self.partition,
+        )
         if self.deferrable:
-            self.defer(
-                trigger=RayJobTrigger(
-                    dashboard_url=handle.dashboard_url,
-                    submission_id=sid,
-                    token=handle.token.to_dict(),
-                    poll_interval=self.poll_interval,
-                    tail_lines=self.tail_lines,
-                ),
-                method_name="execute_complete",
-            )
-        return self._wait_blocking(handle, sid)
-
-    def _wait_blocking(self, handle: ClusterHandle, sid: str) -> dict[str, Any]:
-        offset = 0
-        with self._client(handle) as client:
-            while True:
-                info = client.get(sid) or {"status": "MISSING", "message": f"job {sid} disappeared"}
-                logs = client.logs(sid) if info["status"] != "MISSING" else ""
-                for line in logs[offset:].splitlines():
-                    self.log.info("[ray job %s] %s", sid, line)
-                offset = max(offset, len(logs))
-                if info["status"] in TERMINAL or info["status"] == "MISSING":
-                    return self.execute_complete(
-                        None,
-                        {
-                            "status": info["status"],
-                            "submission_id": sid,
-                            "message": info.get("message") or "",
-                            "log_tail": tail(logs, self.tail_lines),
-                        },
-                    )
-                time.sleep(self.poll_interval)
+            self.defer(trigger=trigger, method_name="execute_complete")
+        return self.execute_complete(context, _run_trigger(trigger))
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
         status, sid = event.get("status"), event.get("submission_id")
@@ -154,4 +228,15 @@ class RayJobOperator(BaseOperator):
         if self._submission_id and self._handle is not None:
             with self._client(self._handle) as client:
                 client.stop(self._submission_id)
-            self.log.info("stopped Ray job %s", self._submission_id)
+            self.log.info("stopped Ray job %s (partition %s)", self._submission_id, self.partition)
+
+
+def _run_trigger(trigger: RayJobTrigger) -> dict[str, Any]:
+    """Non-deferrable mode: run the same trigger in this process until its event."""
+
+    async def first_event() -> dict[str, Any]:
+        async for event in trigger.run():
+            return event.payload
+        raise RayJobError(f"the trigger for {trigger.submission_id} ended without an event")
+
+    return asyncio.run(first_event())
