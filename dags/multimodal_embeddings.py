@@ -65,7 +65,7 @@ def multimodal_embeddings():
     def jobs(planned: dict) -> list[dict]:
         return planned["jobs"]
 
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="all_done")  # runs after failed partitions too, and names them
     def validate(planned: dict, checked: dict, params=None) -> dict:
         from ray_embeddings.embedding_run import validate_partitions
 
@@ -79,11 +79,17 @@ def multimodal_embeddings():
         outlet_events[EMBEDDINGS_TABLE].extra = {**result, **validated, "run_id": run_id}
         return result
 
-    @task
-    def report(planned: dict, checked: dict, cataloged: dict, params=None) -> dict:
+    @task  # its verdict raises AirflowFailException (no retry); storage errors are retried
+    def report(planned: dict, checked: dict, params=None, ti=None) -> dict:
         from ray_embeddings.embedding_run import write_run_report
 
-        return write_run_report(planned, checked["model_id"], cataloged, float(params["max_reject_rate"]))
+        return write_run_report(params, planned, checked["model_id"], ti)
+
+    @task(multiple_outputs=True)
+    def capacity(cluster: dict, checked: dict, params=None) -> dict:
+        from ray_embeddings.embedding_run import partition_capacity
+
+        return partition_capacity(params, cluster, checked["footprint"])
 
     @task
     def cluster_config(params=None) -> dict:
@@ -95,21 +101,29 @@ def multimodal_embeddings():
     planned = plan(checked)
     config = cluster_config()
     cluster_up = RayClusterSetupOperator(task_id="cluster_up", backend="{{ params.backend }}", backend_config=config)
+    slots = capacity(cluster_up.output, checked)
     embed = RayJobOperator.partial(
         task_id="embed",
         cluster=cluster_up.output,
         poll_interval="{{ params.poll_interval_s }}",
-        max_active_tis_per_dagrun=64,
+        max_in_flight=slots["max_in_flight"],
+        timeout_s="{{ params.embed_timeout_s }}",
+        # a backstop behind the trigger's own deadline (which stops the job and names the partition)
+        execution_timeout=dt.timedelta(seconds=int(CONFIG["params"]["embed_timeout_s"]) + 900),
+        max_active_tis_per_dagrun=1024,
     ).expand_kwargs(jobs(planned))
     validated = validate(planned, checked)
     cataloged = catalog(planned, checked, validated)
-    reported = report(planned, checked, cataloged)
+    # The report is a teardown that fails the run when anything is missing: it runs after
+    # failures and after a run is marked failed by hand, and a night that did not embed every
+    # partition never ends green.
+    reported = report(planned, checked).as_teardown(setups=cluster_up, on_failure_fail_dagrun=True)
     cluster_down = RayClusterTeardownOperator(
         task_id="cluster_down", cluster=cluster_up.output, backend="{{ params.backend }}", backend_config=config
     )
 
-    planned >> config >> cluster_up >> embed >> validated
-    reported >> cluster_down.as_teardown(setups=cluster_up)
+    planned >> config >> cluster_up >> slots >> embed >> validated
+    cataloged >> reported >> cluster_down.as_teardown(setups=cluster_up)
 
 
 multimodal_embeddings()

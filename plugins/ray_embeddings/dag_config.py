@@ -112,6 +112,25 @@ def build_params(defaults: dict[str, Any]):
             p["embed_extra_args"], type="string", description="Extra flags for `python -m ray_jobs embed`"
         ),
         "poll_interval_s": Param(p["poll_interval_s"], type="number", exclusiveMinimum=0),
+        "max_partitions_in_flight": Param(
+            p["max_partitions_in_flight"],
+            **nullable_int,
+            description="Partitions running at once; empty: what the cluster holds (its nodes ÷ one job's "
+            "footprint, computed when the cluster is up)",
+        ),
+        "embed_timeout_s": Param(
+            p["embed_timeout_s"],
+            type="integer",
+            minimum=60,
+            description="Deadline of one partition try (waiting for a slot + the Ray job); past it the job is "
+            "stopped and the task fails",
+        ),
+        "admission_timeout_s": Param(
+            p["admission_timeout_s"],
+            type="integer",
+            minimum=10,
+            description="How long a started job may wait for its whole minimum footprint before failing",
+        ),
         "local_num_cpus": Param(p["local_num_cpus"], type="integer", minimum=1),
         "existing_conn_id": Param(p["existing_conn_id"], type="string", minLength=1),
         "kuberay": Param(p["kuberay"], type="object", description="RayCluster settings (image, namespace, workers)"),

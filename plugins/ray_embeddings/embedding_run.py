@@ -53,6 +53,7 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """Manifest readable and schema-valid, model present, stage layout fits, output writable.
     Any problem fails the task at once (no retry, no cluster)."""
     from ray_jobs import storage
+    from ray_jobs.embed_job import default_footprint
     from ray_jobs.errors import JobInputError
     from ray_jobs.manifest import read_manifest
     from ray_jobs.model.checkpoint import TwinTowerCheckpoint
@@ -88,7 +89,34 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
         "model_id": ckpt.model_id,
         "embed_dim": ckpt.config.embed_dim,
         "stages": layout.spec(),
+        "footprint": default_footprint(layout).to_dict(),
     }
+
+
+def partition_capacity(params: dict[str, Any], cluster: dict[str, Any], footprint: dict[str, Any]) -> dict[str, Any]:
+    """How many partitions run at once: ``max_partitions_in_flight``, or what the cluster holds."""
+    from ray_embeddings.capacity import live_nodes, max_in_flight, nodes_from_raycluster
+    from ray_embeddings.cluster import ClusterHandle
+    from ray_embeddings.errors import ClusterError
+
+    handle = ClusterHandle.from_dict(cluster)
+    try:
+        if handle.backend == "kuberay":
+            from ray_embeddings.backends import get_backend
+
+            nodes = nodes_from_raycluster(get_backend("kuberay", backend_config(params)).render(handle.name))
+        else:
+            nodes = live_nodes(handle)
+        result = max_in_flight(footprint, nodes, params.get("max_partitions_in_flight"))
+    except ClusterError as exc:
+        raise _fail(exc) from None
+    print(
+        f"capacity: one job holds {result['job_footprint']}; the cluster ({result['nodes']} nodes, "
+        f"{result['cluster_total']}) fits {result['cluster_fits']} at once; "
+        f"max partitions in flight = {result['max_in_flight']}"
+        + (" (requested)" if result["requested"] else " (computed)")
+    )
+    return result
 
 
 def embed_command(params: dict[str, Any], plan_uri: str, partition: int, python: str) -> str:
@@ -111,6 +139,8 @@ def embed_command(params: dict[str, Any], plan_uri: str, partition: int, python:
         str(params["stage_num_gpus"]),
         "--stage-pool",
         str(params["stage_pool"]),
+        "--admission-timeout-s",
+        str(params["admission_timeout_s"]),
     ]
     args += ["--stages", params["stages"]] if params["stages"] else ["--num-stages", str(params["num_stages"])]
     command = shlex.join(args)
@@ -154,8 +184,15 @@ def plan_partitions(params: dict[str, Any], airflow_run_id: str, model_id: str) 
         from ray_embeddings.runtime_env import working_tree_runtime_env
 
         runtime_env = working_tree_runtime_env()
+    from ray_jobs.footprint import DEFAULT_DRIVER_CPUS
+
     jobs = [
-        {"partition": k, "entrypoint": embed_command(params, result.uri, k, python), "runtime_env": runtime_env}
+        {
+            "partition": k,
+            "entrypoint": embed_command(params, result.uri, k, python),
+            "runtime_env": runtime_env,
+            "entrypoint_num_cpus": DEFAULT_DRIVER_CPUS,  # counted in the footprint; keeps drivers off a 0-CPU head
+        }
         for k in todo
     ]
     return {
@@ -209,14 +246,28 @@ def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: 
     }
 
 
-def write_run_report(planned: dict[str, Any], model_id: str, catalog: dict[str, Any] | None, max_reject_rate: float):
+def write_run_report(params: dict[str, Any], planned: dict[str, Any], model_id: str, ti) -> dict[str, Any]:
+    """Write report.json/report.md for the run, whatever happened; fail if any partition is not committed.
+
+    Runs as a teardown (so also after failures and after the run is marked failed by hand) with
+    ``on_failure_fail_dagrun``: a night that did not embed everything never ends green."""
     from ray_jobs.planning import load_plan
     from ray_jobs.report import build_report, write_report
     from ray_jobs.validate import validate_plan
 
+    max_reject_rate = float(params["max_reject_rate"])
+    catalog = ti.xcom_pull(task_ids="catalog", key="return_value", default=None)
     plan = load_plan(planned["plan_uri"])
     validation = validate_plan(plan, model_id, max_reject_rate=max_reject_rate)
     report = build_report(plan, validation, wall_s=time.time() - planned["started_at"], catalog=catalog)
     json_uri, md_uri = write_report(report)
     print(report.to_markdown())
+    if not validation.ok:
+        failed = ", ".join(f"{c.index:05d}" for c in validation.failed)
+        raise AirflowFailException(
+            f"run incomplete: {len(validation.failed)} of {len(plan.partitions)} partitions not committed or "
+            f"not valid ({failed}); report: {md_uri}. Clear the failed tasks or trigger again to resume."
+        )
+    if catalog is None:
+        raise AirflowFailException(f"the catalog was not updated for this run; report: {md_uri}")
     return {"summary": report.summary(), "report_json": json_uri, "report_md": md_uri}

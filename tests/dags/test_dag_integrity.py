@@ -85,10 +85,25 @@ def test_structure_teardown_and_order(dagbag):
     dag = dagbag.dags["multimodal_embeddings"]
     down = dag.get_task("cluster_down")
     assert down.is_teardown and dag.get_task("cluster_up").is_setup
-    order = ["check_inputs", "plan", "cluster_up", "embed", "validate", "catalog", "report", "cluster_down"]
+    order = ["check_inputs", "plan", "cluster_up", "capacity", "embed", "validate", "catalog", "report", "cluster_down"]
     for a, b in itertools.pairwise(order):
         assert b in dag.get_task(a).get_flat_relative_ids(upstream=False), f"{a} must come before {b}"
-    assert dag.get_task("validate").trigger_rule == "none_failed"
+    # validate runs after failed partitions too and names them; the report is a teardown that
+    # fails the run when anything is missing, also after the run was marked failed by hand
+    assert dag.get_task("validate").trigger_rule == "all_done"
+    report = dag.get_task("report")
+    assert report.is_teardown and report.on_failure_fail_dagrun
+    assert dag.get_task("embed").execution_timeout is not None
+
+
+def test_the_run_fails_when_a_partition_is_missing_even_if_marked_failed_by_hand(dagbag):
+    """The run state Airflow computes: teardown leaves don't count unless on_failure_fail_dagrun."""
+    dag = dagbag.dags["multimodal_embeddings"]
+    fails_run = {t.task_id for t in dag.tasks if t.is_teardown and t.on_failure_fail_dagrun}
+    assert fails_run == {"report"}
+    leaves = {t.task_id for t in dag.tasks if not t.is_teardown and all(
+        dag.get_task(d).is_teardown for d in t.downstream_task_ids)}  # fmt: skip
+    assert leaves == {"catalog"}
 
 
 def test_unscheduled_until_inputs_are_configured(monkeypatch):

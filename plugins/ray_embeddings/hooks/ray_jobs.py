@@ -50,6 +50,12 @@ class RayJobsClient:
         _check(resp, "version")
         return resp.json()
 
+    def nodes(self) -> dict[str, Any]:
+        """The cluster's nodes with their total resources (Ray state API)."""
+        resp = self._client.get("/api/v0/nodes", params={"detail": "1", "limit": "10000"})
+        _check(resp, "list nodes")
+        return resp.json()
+
     def get(self, submission_id: str) -> dict[str, Any] | None:
         """The job's info, or None if no job has this submission id."""
         resp = self._client.get(f"/api/jobs/{submission_id}")

@@ -15,7 +15,6 @@ from ray_embeddings.triggers import ray_job as trigger_module
 from ray_embeddings.triggers.ray_job import RayJobTrigger
 from tests.plugins.ray_embeddings.jobs_api_standin import JobsApiStandIn, StandInJob, log_line
 
-
 _LOG = logging.getLogger("test.ray_job_trigger")
 
 

@@ -1,0 +1,92 @@
+"""How many partitions a cluster runs at once: its nodes ÷ one job's footprint, at run time.
+
+The footprint (``ray_jobs.footprint``, the data plane's contract) comes from ``check_inputs``;
+the nodes come from where the cluster's size is known:
+
+* ``local`` / ``existing``: the live cluster's alive nodes and their total resources, from the
+  Ray state API on the dashboard (``/api/v0/nodes``);
+* ``kuberay``: the rendered ``RayCluster``'s worker groups at their *maximum* replicas (the
+  autoscaler adds nodes as placement groups queue, so that is what the cluster can grow to;
+  the head runs nothing with ``num-cpus: 0``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ray_embeddings.errors import ClusterError
+
+_QTY = re.compile(r"^([0-9.]+)(m?)$")
+
+
+def _cpu(quantity: Any) -> float:
+    """A Kubernetes CPU quantity (``"8"``, ``"500m"``, ``2``) as cores."""
+    m = _QTY.match(str(quantity).strip())
+    if not m:
+        raise ClusterError(f"unreadable CPU quantity {quantity!r} in the RayCluster")
+    value = float(m.group(1))
+    return value / 1000 if m.group(2) else value
+
+
+def nodes_from_raycluster(manifest: dict[str, Any]) -> list[dict[str, float]]:
+    """One entry per worker pod the RayCluster can grow to: CPUs and GPUs Ray sees on it."""
+    nodes: list[dict[str, float]] = []
+    for group in manifest.get("spec", {}).get("workerGroupSpecs", []):
+        params = group.get("rayStartParams") or {}
+        container = group["template"]["spec"]["containers"][0]
+        limits = (container.get("resources") or {}).get("limits") or {}
+        cpus = float(params["num-cpus"]) if "num-cpus" in params else _cpu(limits.get("cpu", 0))
+        gpus = float(params["num-gpus"]) if "num-gpus" in params else float(limits.get("nvidia.com/gpu", 0))
+        replicas = int(group.get("maxReplicas", group.get("replicas", 0)))
+        nodes += [{"CPU": cpus, "GPU": gpus} for _ in range(replicas)]
+    return nodes
+
+
+def nodes_from_state_api(payload: dict[str, Any]) -> list[dict[str, float]]:
+    """Alive nodes' total resources from ``GET /api/v0/nodes?detail=1``'s JSON."""
+    try:
+        rows = payload["data"]["result"]["result"]
+    except (KeyError, TypeError) as exc:
+        raise ClusterError(f"unexpected answer from the Ray state API: {str(payload)[:300]}") from exc
+    return [
+        {k: float(v) for k, v in (row.get("resources_total") or {}).items() if k in ("CPU", "GPU")}
+        for row in rows
+        if row.get("state") == "ALIVE"
+    ]
+
+
+def live_nodes(handle) -> list[dict[str, float]]:
+    from ray_embeddings.cluster import resolve_token
+    from ray_embeddings.hooks.ray_jobs import RayJobsClient
+
+    with RayJobsClient(handle.dashboard_url, resolve_token(handle.token)) as client:
+        return nodes_from_state_api(client.nodes())
+
+
+def max_in_flight(footprint: dict[str, Any], nodes: list[dict[str, float]], requested: int | None) -> dict[str, Any]:
+    """The bound on partitions in flight, with what it was derived from (for the task log and XCom).
+
+    Raises :class:`ClusterError` when not even one job fits, naming both sides."""
+    from ray_jobs.footprint import Footprint
+
+    fp = Footprint.from_dict(footprint)
+    fits = fp.jobs_that_fit(nodes)
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    if fits == 0:
+        raise ClusterError(
+            f"one partition job needs {fp.describe()}, but the cluster holds at most "
+            f"CPU:{total['CPU']:g},GPU:{total['GPU']:g} over {len(nodes)} nodes (each bundle on one node): "
+            "shrink the stage layout or pool minimums, or give the cluster more resources"
+        )
+    # A request above what fits is honoured: the extra jobs queue at admission (holding only their
+    # drivers), which is what a user who knows the autoscaler will add nodes asks for.
+    limit = int(requested) if requested else fits
+    return {
+        "max_in_flight": limit,
+        "cluster_fits": fits,
+        "requested": requested,
+        "nodes": len(nodes),
+        "cluster_total": total,
+        "job_footprint": fp.total(),
+    }
