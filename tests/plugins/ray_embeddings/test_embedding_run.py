@@ -158,3 +158,16 @@ def test_every_embed_flag_is_a_typed_param_and_a_flag_of_the_embed_parser():
     for name, flag in EMBED_FLAGS:
         assert name in schemas and flag in options, (name, flag)
         assert "string" not in str(schemas[name]["type"]) or "pattern" in schemas[name] or name == "model_uri"
+
+
+def test_existing_backend_refuses_a_connection_that_is_not_a_ray_dashboard(monkeypatch):
+    """Its password would go to its host as a bearer token: refused before any request."""
+    from ray_embeddings.backends.existing import ExistingClusterBackend
+    from ray_embeddings.errors import ClusterError
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_NOT_RAY",
+        json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": 9, "password": "db-password"}),
+    )
+    with pytest.raises(ClusterError, match="of type 'postgres', not 'ray_dashboard'"):
+        ExistingClusterBackend(conn_id="not_ray").up("emb-x")
