@@ -89,6 +89,8 @@ def load_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
         if name in env:
             out["deployment"][key] = _merge(value, _coerce(env[name], value, name))
     out["deployment"] = check_deployment(out["deployment"], out["params"])
+    template = out["deployment"].get("task_pod_template_file")
+    out["executor_config"] = {"pod_template_file": template} if template else {}
     if str(out["schedule"]).lower() in ("none", "null", ""):
         out["schedule"] = None
     # A scheduled run needs valid defaults (Airflow refuses the DAG otherwise): until the
@@ -120,6 +122,9 @@ def check_deployment(deployment: dict[str, Any], params: dict[str, Any]) -> dict
         raise ConfigError(f"deployment.backends {dep['backends']}: choose among {list(BACKENDS)}")
     dep["existing_conn_ids"] = _names(dep, "existing_conn_ids", params.get("existing_conn_id"))
     dep["catalog_conn_ids"] = _names(dep, "catalog_conn_ids", params.get("catalog_conn_id"))
+    template = dep.get("task_pod_template_file")
+    if template is not None and not (isinstance(template, str) and os.path.isabs(template)):
+        raise ConfigError(f"deployment.task_pod_template_file must be an absolute path, got {template!r}")
     limit = dep.get("local_max_num_cpus")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ConfigError(f"deployment.local_max_num_cpus must be a positive integer, got {limit!r}")
