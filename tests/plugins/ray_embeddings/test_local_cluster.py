@@ -362,14 +362,22 @@ def test_every_listening_socket_is_loopback(cluster):
 
 # ---------------------------------------------------------------------------------------------- private dir
 def test_the_temp_dir_is_private_and_ours(cluster):
+    """mkdtemp's dir (0700, this user's, a random suffix) proves ownership; Ray's own temp dir,
+    which Ray makes world-writable, sits inside it and proves nothing."""
     import stat
 
-    _, handle = cluster
-    st = os.lstat(handle.details["temp_dir"])
+    from ray_embeddings.backends.local import RAY_SUBDIR, STATE_FILE
+
+    backend, handle = cluster
+    tdir = handle.details["temp_dir"]
+    st = os.lstat(tdir)
     assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
-    assert os.path.basename(handle.details["temp_dir"]) != os.path.basename(
-        LocalRayBackend()._prefix(handle.name).rstrip("-")
-    ), "the name has a random part"
+    prefix = backend._prefix(handle.name)
+    assert os.path.basename(tdir).startswith(prefix) and len(os.path.basename(tdir)) == len(prefix) + 8
+    assert stat.S_IMODE(os.lstat(os.path.join(tdir, RAY_SUBDIR)).st_mode) & 0o077, "Ray shares its own dir"
+    state = os.lstat(os.path.join(tdir, STATE_FILE))
+    assert stat.S_IMODE(state.st_mode) == 0o600 and state.st_uid == os.getuid()
+    assert backend.handle_for(handle.name) == handle
 
 
 def test_a_handle_naming_a_dir_that_is_not_ours_is_not_acted_on(cluster, tmp_path):
