@@ -46,6 +46,7 @@ EMBEDDINGS_TABLE = Asset(name="multimodal_embeddings_table", uri="iceberg://embe
         "retry_delay": dt.timedelta(seconds=CONFIG["retry_delay_s"]),
         "retry_exponential_backoff": True,
         "max_retry_delay": dt.timedelta(minutes=30),
+        "executor_config": CONFIG["executor_config"],  # KubernetesExecutor: the dedicated service account
     },
 )
 def multimodal_embeddings():

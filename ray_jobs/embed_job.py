@@ -132,18 +132,6 @@ def footprint_of(layout: StageLayout, cfg: EmbedConfig) -> Footprint:
     )
 
 
-def default_footprint(layout: StageLayout) -> Footprint:
-    """The footprint of an ``embed`` run with *layout* and every other flag at its default (the DAG's)."""
-    fields = EmbedConfig.__dataclass_fields__
-    return job_footprint(
-        ((s.resources.num_cpus, s.resources.num_gpus, s.resources.min_pool) for s in layout.stages),
-        preprocess_cpus=fields["preprocess_cpus"].default,
-        preprocess_min=fields["preprocess_pool"].default[0],
-        task_cpus=fields["task_cpus"].default,
-        driver_cpus=fields["driver_cpus"].default,
-    )
-
-
 def with_fixed_pools(job: PreparedJob) -> PreparedJob:
     """*job* with every pool pinned to its minimum size (what a reservation holds)."""
     stages = tuple(replace(s, resources=replace(s.resources, max_pool=s.resources.min_pool)) for s in job.layout.stages)

@@ -60,16 +60,20 @@ def test_static_every_built_image_has_its_dockerfile(compose):
             assert os.path.isfile(dockerfile), f"{name}: {dockerfile} missing"
 
 
-def test_static_every_env_var_the_dag_reads_is_set_and_known(compose):
-    from ray_embeddings.dag_config import load_defaults
+def _substituted(env):
+    """Compose's ${VAR:?…} / ${VAR:-…} / ${VAR} references replaced by a sample value."""
+    return {k: re.sub(r"\$\{(\w+)[^}]*\}", lambda m: f"sample-{m.group(1).lower()}", str(v)) for k, v in env.items()}
 
-    keys = {f"EMB_{k.upper()}" for k in load_defaults({})["params"]} | {
-        "EMB_DEFAULTS_FILE",
-        "EMB_SCHEDULE",
-        "EMB_OWNER",
-        "EMB_RETRIES",
-        "EMB_RETRY_DELAY_S",
-    }
+
+def test_static_every_env_var_the_dag_reads_is_set_and_known(compose):
+    from ray_embeddings.dag_config import build_params, load_defaults
+
+    defaults = load_defaults({})
+    keys = (
+        {f"EMB_{k.upper()}" for k in defaults["params"]}
+        | {f"EMB_DEPLOYMENT_{k.upper()}" for k in defaults["deployment"]}
+        | {"EMB_DEFAULTS_FILE", "EMB_SCHEDULE", "EMB_OWNER", "EMB_RETRIES", "EMB_RETRY_DELAY_S"}
+    )
     for name in ("airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-apiserver"):
         env = _env(compose["services"][name])
         for required in (
@@ -77,7 +81,7 @@ def test_static_every_env_var_the_dag_reads_is_set_and_known(compose):
             "EMB_OUTPUT_URI",
             "EMB_MODEL_URI",
             "EMB_BACKEND",
-            "EMB_CATALOG_URI",
+            "EMB_CATALOG_CONN_ID",
             "EMB_EXISTING_CONN_ID",
             "AWS_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID",
@@ -86,9 +90,16 @@ def test_static_every_env_var_the_dag_reads_is_set_and_known(compose):
             assert env.get(required), f"{name}: {required} is not set"
         unknown = sorted(k for k in env if k.startswith("EMB_") and k not in keys)
         assert unknown == [], f"{name}: EMB_ variables the DAG does not read (typos?): {unknown}"
-        conn_var = "AIRFLOW_CONN_" + env["EMB_EXISTING_CONN_ID"].upper()
-        conn = json.loads(env[conn_var].replace("${RAY_AUTH_TOKEN:?set in .env}", "x"))
-        assert conn["host"] == "http://ray-head:8265"
+        values = _substituted(env)
+        conn = json.loads(values["AIRFLOW_CONN_" + env["EMB_EXISTING_CONN_ID"].upper()])
+        assert conn["host"] == "http://ray-head:8265" and conn["conn_type"] == "ray_dashboard"
+        catalog = json.loads(values["AIRFLOW_CONN_" + env["EMB_CATALOG_CONN_ID"].upper()])
+        assert catalog["conn_type"] == "postgres" and catalog["login"] == "iceberg" and catalog["schema"] == "iceberg"
+        assert "${ICEBERG_DB_PASSWORD" in env["AIRFLOW_CONN_" + env["EMB_CATALOG_CONN_ID"].upper()]
+        # the stack's settings are a valid deployment and give a valid form
+        cfg = load_defaults({k: v for k, v in values.items() if k.startswith("EMB_") and k != "EMB_DEFAULTS_FILE"})
+        build_params(cfg)
+        assert cfg["params"]["catalog_conn_id"] == "iceberg_catalog"
 
 
 def test_static_no_plaintext_secret_in_compose(compose):
@@ -97,6 +108,8 @@ def test_static_no_plaintext_secret_in_compose(compose):
         for key, value in _env(svc).items():
             value = str(value)
             referenced |= set(re.findall(r"\$\{(\w+)", value))
+            if key.endswith("_FILE") and value.startswith("/") and " " not in value:
+                continue  # a path to a secret file, not a secret
             if SECRETISH.search(key) or "password" in value.lower():
                 assert "${" in value, f"{name}: {key} holds a literal secret"
     with open(os.path.join(ROOT, ".env.example")) as fh:
@@ -168,3 +181,132 @@ def test_version_skew_guard():
         check_compatible("2.59.1", "2.60.0")
     with pytest.raises(RayJobError, match="cannot read Ray version"):
         check_compatible("", "2.60.0")
+
+
+# ---------------------------------------------------------------------------------------------- secrets, login
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "ICEBERG_DB_PASSWORD",
+    "MINIO_ROOT_PASSWORD",
+    "RAY_AUTH_TOKEN",
+    "AIRFLOW_ADMIN_PASSWORD",
+    "AIRFLOW_JWT_SECRET",
+)
+
+
+def _env_example():
+    with open(os.path.join(ROOT, ".env.example")) as fh:
+        return dict(line.strip().split("=", 1) for line in fh if "=" in line and not line.startswith("#"))
+
+
+def _preflight(env):
+    import subprocess
+
+    return subprocess.run(
+        ["sh", os.path.join(ROOT, "docker", "preflight.sh")],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_static_env_example_has_no_usable_secret_and_compose_requires_each(compose):
+    example = _env_example()
+    assert {name: example[name] for name in SECRETS} == dict.fromkeys(SECRETS, "")
+    with open(os.path.join(ROOT, "docker-compose.yaml")) as fh:
+        text = fh.read()
+    for name in SECRETS:  # ${VAR:?…} refuses an empty value as well as a missing one
+        refs = re.findall(r"\$\{" + name + r"(:\?|:-|-|\?|\})", text)
+        assert refs and all(r == ":?" for r in refs), f"{name}: {refs}"
+
+
+def test_preflight_refuses_placeholder_weak_or_unquotable_secrets_and_accepts_strong_ones():
+    strong = {name: f"{i}f3a9c0d2b7e14a5c6d8e9f0a1b2c3d4" for i, name in enumerate(SECRETS)}
+    ok = _preflight(strong)
+    assert ok.returncode == 0, ok.stderr
+    for bad in ("", "change-me-postgres", "short-but-ok", 'has"quote0123456789', "has space 0123456789"):
+        result = _preflight({**strong, "POSTGRES_PASSWORD": bad})
+        assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr, (bad, result.stderr)
+    old_placeholders = {
+        "POSTGRES_PASSWORD": "change-me-postgres",
+        "MINIO_ROOT_PASSWORD": "change-me-minio-secret",
+        "RAY_AUTH_TOKEN": "change-me-long-random-ray-token",
+        "AIRFLOW_ADMIN_PASSWORD": "change-me-airflow-admin",
+        "AIRFLOW_JWT_SECRET": "change-me-shared-jwt-secret",
+    }
+    result = _preflight({**strong, **old_placeholders})
+    assert result.returncode != 0 and all(name in result.stderr for name in old_placeholders)
+
+
+def _depends(svc):
+    deps = svc.get("depends_on") or {}
+    return set(deps) if isinstance(deps, (dict, list)) else set()
+
+
+def test_static_every_service_waits_for_preflight(compose):
+    services = compose["services"]
+    assert services["preflight"]["entrypoint"] == ["sh", "/preflight.sh"]
+    assert set(_env(services["preflight"])) == set(SECRETS)
+
+    def waits(name, seen=()):
+        deps = _depends(services[name])
+        return "preflight" in deps or any(waits(d, (*seen, name)) for d in deps if d not in seen)
+
+    assert sorted(n for n in services if n != "preflight" and not waits(n)) == []
+    for name, svc in services.items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            if dep == "preflight":
+                assert cond == {"condition": "service_completed_successfully"}, name
+
+
+def test_static_the_ui_has_a_real_login_not_all_admins(compose):
+    services = compose["services"]
+    for name, svc in services.items():
+        env = _env(svc)
+        if any(k.startswith("AIRFLOW__") for k in env):
+            assert env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS") == "False", name
+            assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin", name
+    path = _env(services["airflow-apiserver"])["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+    init = services["airflow-init"]
+    assert "${AIRFLOW_ADMIN_PASSWORD" in _env(init)["AIRFLOW_ADMIN_PASSWORD"]
+    script = " ".join(init["command"])
+    assert path in script and "umask 077" in script and "airflow db migrate" in script
+    volume = os.path.dirname(path)
+    for name in ("airflow-init", "airflow-apiserver"):
+        mounts = [m.split(":") for m in services[name]["volumes"]]
+        assert any(m[1] == volume for m in mounts if len(m) > 1), f"{name} lacks the password volume"
+    assert "AIRFLOW_ADMIN_PASSWORD" not in _env(services["airflow-scheduler"])
+
+
+@pytest.mark.integration
+def test_postgres_init_gives_the_catalog_its_own_role_and_database(tmp_path):
+    """docker/postgres-init.sh against a real PostgreSQL, as the postgres image runs it."""
+    import subprocess
+
+    from tests import postgres_server
+
+    if not postgres_server.available():
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl, psql) not installed")
+    import psycopg2
+
+    with postgres_server.PostgresServer("admin-0123456789abcdef") as pg:
+        env = {
+            "PATH": os.path.dirname(postgres_server._bin("psql")) + os.pathsep + os.environ["PATH"],
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(pg.port),
+            "PGPASSWORD": pg.password,
+            "POSTGRES_USER": pg.user,
+            "ICEBERG_DB_PASSWORD": "iceberg-0123456789abcdef",
+        }
+        subprocess.run(["sh", os.path.join(ROOT, "docker", "postgres-init.sh")], env=env, check=True, timeout=60)
+        with (
+            psycopg2.connect(
+                host="127.0.0.1", port=pg.port, user="iceberg", password="iceberg-0123456789abcdef", dbname="iceberg"
+            ) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute("select current_user, current_database()")
+            assert cur.fetchone() == ("iceberg", "iceberg")
+            cur.execute("select rolsuper from pg_roles where rolname = 'iceberg'")
+            assert cur.fetchone() == (False,)

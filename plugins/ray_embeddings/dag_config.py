@@ -1,4 +1,15 @@
-"""The nightly DAG's defaults (``include/multimodal_embeddings.defaults.yaml`` + ``EMB_*`` env) and params.
+"""The nightly DAG's configuration: the form's defaults and the deployment's infrastructure.
+
+Two kinds of settings, from ``include/multimodal_embeddings.defaults.yaml`` and ``EMB_*`` env:
+
+* ``params`` — what the trigger form starts from (``EMB_<PARAM>`` overrides a default).
+  Form values are data: each is typed and bounded by the JSON schema in :func:`param_schemas`.
+* ``deployment`` — infrastructure and the lists the form may choose from: the backends, the
+  Airflow connections (Ray dashboards, the Iceberg catalog), the KubeRay image(s), namespace,
+  service account, Kubernetes connection, kubeconfig and worker-group limits
+  (``EMB_DEPLOYMENT_<KEY>``, JSON or a comma list, overrides a key; dicts are merged).
+  Only whoever deploys sets these: no form value can name an image, a connection or a path
+  that is not listed here.
 
 Read at DAG parse time: a small local file and the environment, nothing else.
 """
@@ -18,20 +29,46 @@ DEFAULTS_FILE = os.environ.get(
 )
 REQUIRED = ("manifest_uri", "output_uri", "model_uri")
 APPROVED_TAGS = frozenset({"embeddings", "ray", "kuberay", "iceberg", "nightly", "ml-platform"})
+BACKENDS = ("local", "kuberay", "existing")
+_NULL_WORDS = ("", "null", "none")
 
 
-def _coerce(raw: str, like: Any) -> Any:
+class ConfigError(ValueError):
+    """The defaults file or an ``EMB_*`` variable is invalid (raised at parse time, naming the key)."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _coerce(raw: str, like: Any, key: str) -> Any:
+    text = raw.strip()
+    if not isinstance(like, str) and text.lower() in _NULL_WORDS:  # null; the param's schema says if it may be
+        return type(like)() if isinstance(like, (dict, list)) else None
+    if like is None or isinstance(like, (dict, list)):
+        if text.startswith(("{", "[")):
+            return json.loads(text)
+        if isinstance(like, list):
+            return [item.strip() for item in text.split(",") if item.strip()]
+        if isinstance(like, dict):
+            raise ConfigError(f"{key} must be a JSON object, got {raw!r}")
+        try:
+            return json.loads(text)  # a number or a boolean for a nullable key
+        except ValueError:
+            return raw
     if isinstance(like, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(like, int) and not isinstance(like, bool):
-        return int(raw)
-    if isinstance(like, float):
-        return float(raw)
-    if isinstance(like, dict) or (like is None and raw.strip().startswith(("{", "["))):
-        return json.loads(raw)
-    if like is None and raw.strip().lstrip("-").isdigit():
-        return int(raw)
+        return text.lower() in ("1", "true", "yes", "on")
+    try:
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {raw!r}") from None
     return raw
+
+
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+    return over
 
 
 def load_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -40,12 +77,20 @@ def load_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
         cfg = yaml.safe_load(fh)
     out = copy.deepcopy(cfg)
     for key in ("schedule", "owner", "retries", "retry_delay_s"):
-        if f"EMB_{key.upper()}" in env:
-            out[key] = _coerce(env[f"EMB_{key.upper()}"], cfg[key])
+        name = f"EMB_{key.upper()}"
+        if name in env:
+            out[key] = _coerce(env[name], cfg[key], name)
     for key, value in cfg["params"].items():
         name = f"EMB_{key.upper()}"
         if name in env:
-            out["params"][key] = _coerce(env[name], value)
+            out["params"][key] = _coerce(env[name], value, name)
+    for key, value in cfg["deployment"].items():
+        name = f"EMB_DEPLOYMENT_{key.upper()}"
+        if name in env:
+            out["deployment"][key] = _merge(value, _coerce(env[name], value, name))
+    out["deployment"] = check_deployment(out["deployment"], out["params"])
+    template = out["deployment"].get("task_pod_template_file")
+    out["executor_config"] = {"pod_template_file": template} if template else {}
     if str(out["schedule"]).lower() in ("none", "null", ""):
         out["schedule"] = None
     # A scheduled run needs valid defaults (Airflow refuses the DAG otherwise): until the
@@ -56,82 +101,252 @@ def load_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
-def build_params(defaults: dict[str, Any]):
-    """Params with JSON schemas: the trigger form, and validation before a run is created."""
-    from airflow.sdk import Param
+def _names(deployment: dict[str, Any], key: str, default: Any) -> list[str]:
+    """A deployment list of names; without one, the single param default (if any) is allowed."""
+    values = deployment.get(key)
+    if values is None or values == []:
+        values = [default] if default else []
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"deployment.{key} must be a list of non-empty names, got {values!r}")
+    if default and default not in values:
+        raise ConfigError(f"the default {default!r} is not in deployment.{key} {values}")
+    return values
 
-    p = defaults["params"]
-    nullable_int = {"type": ["null", "integer"], "minimum": 1}
+
+def check_deployment(deployment: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Normalise and check the deployment section: every list non-empty, every limit a count."""
+    dep = copy.deepcopy(deployment)
+    dep["backends"] = _names(dep, "backends", params.get("backend"))
+    unknown = sorted(set(dep["backends"]) - set(BACKENDS))
+    if unknown or not dep["backends"]:
+        raise ConfigError(f"deployment.backends {dep['backends']}: choose among {list(BACKENDS)}")
+    dep["existing_conn_ids"] = _names(dep, "existing_conn_ids", params.get("existing_conn_id"))
+    dep["catalog_conn_ids"] = _names(dep, "catalog_conn_ids", params.get("catalog_conn_id"))
+    template = dep.get("task_pod_template_file")
+    if template is not None and not (isinstance(template, str) and os.path.isabs(template)):
+        raise ConfigError(f"deployment.task_pod_template_file must be an absolute path, got {template!r}")
+    limit = dep.get("local_max_num_cpus")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"deployment.local_max_num_cpus must be a positive integer, got {limit!r}")
+    kuberay = dict(dep.get("kuberay") or {})
+    kuberay["images"] = _names(kuberay, "images", params.get("kuberay_image"))
+    if not kuberay["images"]:
+        raise ConfigError("deployment.kuberay.images must list at least one Ray image")
+    for group in ("cpu_workers", "gpu_workers"):
+        g = kuberay.get(group) or {}
+        lo, hi = g.get("min_replicas", 0), g.get("max_replicas")
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
+            raise ConfigError(f"deployment.kuberay.{group} needs 0 <= min_replicas <= max_replicas, got {g!r}")
+    dep["kuberay"] = kuberay
+    return dep
+
+
+# ---------------------------------------------------------------------------------------------- the form
+def _nullable(kind: str, **schema: Any) -> dict[str, Any]:
+    """Optional in the form: JSON null (the default) or a value of *kind*."""
+    return {"type": ["null", kind], **schema}
+
+
+def param_schemas(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every form param's JSON schema, in form order: the one place to add a param.
+
+    A param added here needs a default under ``params:`` in the defaults file. Choices come
+    from *deployment* (enums), numbers are bounded by its maxima.
+    """
+    k8s = deployment["kuberay"]
+    cpu_w, gpu_w = k8s["cpu_workers"], k8s["gpu_workers"]
+    io, part, stages, job, cluster = "Input and output", "Partitioning", "Model stages", "Embed job", "Cluster"
+    pool = {"type": "string", "pattern": r"^[1-9][0-9]{0,3}(-[1-9][0-9]{0,3})?$"}
     return {
-        "manifest_uri": Param(
-            p["manifest_uri"],
-            type="string",
-            minLength=1,
-            description="Parquet manifest: file, directory or s3:// prefix (id, text, image_uri)",
+        # -- what to embed, where to: required
+        "manifest_uri": {
+            "type": "string",
+            "minLength": 1,
+            "section": io,
+            "description": "Parquet manifest: file, directory or s3:// prefix (id, text, image_uri)",
+        },
+        "output_uri": {
+            "type": "string",
+            "minLength": 1,
+            "section": io,
+            "description": "Output root: plans, embeddings, reports (local path or s3://)",
+        },
+        "model_uri": {
+            "type": "string",
+            "minLength": 1,
+            "section": io,
+            "description": "Twin-tower checkpoint directory or s3:// prefix",
+        },
+        "dataset": _nullable(
+            "string",
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+            section=io,
+            description="Dataset name in the catalog (empty: derived from the manifest)",
         ),
-        "output_uri": Param(
-            p["output_uri"],
-            type="string",
-            minLength=1,
-            description="Output root: plans, embeddings, reports (local path or s3://)",
+        "catalog_conn_id": {
+            "type": ["null", "string"],
+            "enum": [None, *deployment["catalog_conn_ids"]],
+            "section": io,
+            "description": "Airflow connection of the Iceberg catalog (empty: SQLite next to the output)",
+        },
+        # -- partitioning
+        "partition_rows": _nullable("integer", minimum=1, section=part, description="Target rows per partition"),
+        "partition_bytes": _nullable(
+            "integer", minimum=1, section=part, description="Target image bytes per partition (instead of rows)"
         ),
-        "model_uri": Param(
-            p["model_uri"], type="string", minLength=1, description="Twin-tower checkpoint directory or s3:// prefix"
+        "max_partitions": {"type": "integer", "minimum": 1, "maximum": 1024, "section": part},
+        # -- stage layout
+        "num_stages": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 64,
+            "section": stages,
+            "description": "Balanced pipeline stages",
+        },
+        "stages": _nullable(
+            "string",
+            maxLength=512,
+            pattern=r"^[A-Za-z0-9_:@=.,|-]+$",
+            section=stages,
+            description="Stage spec, overrides num_stages: text@gpus=1|image:0-5@gpus=1|image:6-11@gpus=1",
         ),
-        "backend": Param(
-            p["backend"],
-            type="string",
-            enum=["local", "kuberay", "existing"],
-            description="Where the Ray cluster comes from",
+        "stage_num_cpus": {"type": "number", "exclusiveMinimum": 0, "maximum": 1024, "section": stages},
+        "stage_num_gpus": {"type": "number", "minimum": 0, "maximum": 64, "section": stages},
+        "stage_pool": {**pool, "section": stages, "description": "Actor pool size per stage, MIN-MAX"},
+        # -- the embed job's own flags (each one argv element of `python -m ray_jobs embed`)
+        "batch_size": {"type": "integer", "minimum": 1, "maximum": 65536, "section": job},
+        "preprocess_cpus": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 1024,
+            "section": job,
+            "description": "CPUs per preprocessing actor",
+        },
+        "preprocess_pool": {**pool, "section": job, "description": "Preprocessing actor pool, MIN-MAX"},
+        "fetch_threads": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 256,
+            "section": job,
+            "description": "Concurrent image fetches per preprocessing actor",
+        },
+        "rows_per_file": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 10_000_000,
+            "section": job,
+            "description": "Rows per output Parquet file",
+        },
+        "max_image_pixels": _nullable(
+            "integer", minimum=1, section=job, description="Reject images above this many pixels (empty: decoder's)"
         ),
-        "catalog_uri": Param(
-            p["catalog_uri"], type="string", description="Iceberg SQL catalog URL (empty: SQLite next to the output)"
+        "max_object_bytes": _nullable(
+            "integer", minimum=1, section=job, description="Reject image objects above this size (empty: no limit)"
         ),
-        "partition_rows": Param(p["partition_rows"], **nullable_int, description="Target rows per partition"),
-        "partition_bytes": Param(
-            p["partition_bytes"], **nullable_int, description="Target image bytes per partition (instead of rows)"
-        ),
-        "max_partitions": Param(p["max_partitions"], type="integer", minimum=1, maximum=1024),
-        "num_stages": Param(p["num_stages"], type="integer", minimum=1, description="Balanced pipeline stages"),
-        "stages": Param(
-            p["stages"],
-            type="string",
-            description="Explicit stage spec, e.g. text@gpus=1|image:0-5@gpus=1|image:6-11@gpus=1",
-        ),
-        "stage_num_cpus": Param(p["stage_num_cpus"], type="number", exclusiveMinimum=0),
-        "stage_num_gpus": Param(p["stage_num_gpus"], type="number", minimum=0),
-        "stage_pool": Param(
-            p["stage_pool"],
-            type="string",
-            pattern=r"^[1-9][0-9]*(-[1-9][0-9]*)?$",
-            description="Actor pool size per stage, MIN-MAX",
-        ),
-        "batch_size": Param(p["batch_size"], type="integer", minimum=1),
-        "max_reject_rate": Param(p["max_reject_rate"], type="number", minimum=0, maximum=1),
-        "embed_extra_args": Param(
-            p["embed_extra_args"], type="string", description="Extra flags for `python -m ray_jobs embed`"
-        ),
-        "poll_interval_s": Param(p["poll_interval_s"], type="number", exclusiveMinimum=0),
-        "max_partitions_in_flight": Param(
-            p["max_partitions_in_flight"],
-            **nullable_int,
-            description="Partitions running at once; empty: what the cluster holds (its nodes ÷ one job's "
+        "max_reject_rate": {"type": "number", "minimum": 0, "maximum": 1, "section": job},
+        "poll_interval_s": {"type": "number", "minimum": 0.1, "maximum": 600, "section": job},
+        # -- concurrency and deadlines (README, "Concurrency")
+        "max_partitions_in_flight": _nullable(
+            "integer",
+            minimum=1,
+            maximum=1024,
+            section=job,
+            description="Partitions running at once (empty: what the cluster holds, its nodes ÷ one job's "
             "footprint, computed when the cluster is up)",
         ),
-        "embed_timeout_s": Param(
-            p["embed_timeout_s"],
-            type="integer",
-            minimum=60,
-            description="Deadline of one partition try (waiting for a slot + the Ray job); past it the job is "
+        "embed_timeout_s": {
+            "type": "integer",
+            "minimum": 60,
+            "maximum": 7 * 86400,
+            "section": job,
+            "description": "Deadline of one partition try (waiting for a slot + the Ray job); past it the job is "
             "stopped and the task fails",
+        },
+        "admission_timeout_s": {
+            "type": "integer",
+            "minimum": 10,
+            "maximum": 86400,
+            "section": job,
+            "description": "How long a started job may wait for its whole minimum footprint before failing",
+        },
+        # -- where the Ray cluster comes from: only what the deployment lists
+        "backend": {
+            "type": "string",
+            "enum": list(deployment["backends"]),
+            "section": cluster,
+            "description": "Where the Ray cluster comes from",
+        },
+        "local_num_cpus": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": deployment["local_max_num_cpus"],
+            "section": cluster,
+            "description": "local backend: logical CPUs of the Ray head",
+        },
+        "existing_conn_id": {
+            "type": "string",
+            "enum": list(deployment["existing_conn_ids"]),
+            "section": cluster,
+            "description": "existing backend: the Airflow connection of the Ray dashboard",
+        },
+        "kuberay_image": {
+            "type": ["null", "string"],
+            "enum": [None, *k8s["images"]],
+            "section": cluster,
+            "description": f"kuberay backend: Ray image (empty: {k8s['images'][0]})",
+        },
+        "kuberay_cpu_workers_max": _nullable(
+            "integer",
+            minimum=max(1, cpu_w.get("min_replicas", 0)),
+            maximum=cpu_w["max_replicas"],
+            section=cluster,
+            description=f"kuberay backend: most CPU workers (empty: {cpu_w['max_replicas']})",
         ),
-        "admission_timeout_s": Param(
-            p["admission_timeout_s"],
-            type="integer",
-            minimum=10,
-            description="How long a started job may wait for its whole minimum footprint before failing",
+        "kuberay_gpu_workers_max": _nullable(
+            "integer",
+            minimum=max(0, gpu_w.get("min_replicas", 0)),
+            maximum=gpu_w["max_replicas"],
+            section=cluster,
+            description=f"kuberay backend: most GPU workers (empty: {gpu_w['max_replicas']})",
         ),
-        "local_num_cpus": Param(p["local_num_cpus"], type="integer", minimum=1),
-        "existing_conn_id": Param(p["existing_conn_id"], type="string", minLength=1),
-        "kuberay": Param(p["kuberay"], type="object", description="RayCluster settings (image, namespace, workers)"),
     }
+
+
+def build_params(defaults: dict[str, Any]):
+    """Params with JSON schemas: the trigger form, and validation before a run is created.
+
+    Every default except the three required URIs must satisfy its own schema (an invalid
+    ``EMB_*`` value fails the parse, naming it)."""
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    schemas = param_schemas(defaults["deployment"])
+    values = defaults["params"]
+    missing, extra = sorted(set(schemas) - set(values)), sorted(set(values) - set(schemas))
+    if missing or extra:
+        raise ConfigError(f"defaults file params and the param schemas differ: missing {missing}, unknown {extra}")
+    params = {}
+    for name, schema in schemas.items():
+        params[name] = Param(values[name], **copy.deepcopy(schema))
+        if name not in REQUIRED:
+            try:
+                params[name].resolve()
+            except ParamValidationError as exc:
+                raise ConfigError(f"default of param {name} (EMB_{name.upper()}): {exc}") from None
+    return params
+
+
+def validated_params(params: dict[str, Any], deployment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """*params* checked again at task run time against the deployment as it is now.
+
+    Raises :class:`airflow.sdk.exceptions.ParamValidationError` naming the field."""
+    from airflow.sdk.definitions.param import ParamsDict
+
+    if deployment is None:
+        deployment = load_defaults()["deployment"]
+    from airflow.sdk import Param
+
+    schemas = param_schemas(deployment)
+    form = ParamsDict({name: Param(params.get(name), **copy.deepcopy(s)) for name, s in schemas.items()})
+    resolved = form.validate()
+    return {**dict(params), **resolved}

@@ -7,7 +7,6 @@ functions, at task run time.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import sys
@@ -23,26 +22,56 @@ def plan_run_id(airflow_run_id: str) -> str:
     return _RUN_ID_SAFE.sub("_", airflow_run_id).strip("_")
 
 
-def backend_config(params: dict[str, Any]) -> dict[str, Any]:
+def _checked(params: dict[str, Any], deployment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's params checked again against the deployment as it is now (a run created
+    before the deployment narrowed its lists is refused, naming the field)."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from ray_embeddings.dag_config import validated_params
+
+    try:
+        return validated_params(params, deployment)
+    except ParamValidationError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def kuberay_config(kuberay: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The KubeRay backend's settings: the deployment's, narrowed by the form's choices."""
+    cfg = {k: v for k, v in kuberay.items() if k != "images" and v is not None}
+    cfg["image"] = params.get("kuberay_image") or kuberay["images"][0]
+    for group in ("cpu_workers", "gpu_workers"):
+        g = dict(kuberay[group])
+        chosen = params.get(f"kuberay_{group}_max")
+        if chosen is not None:
+            g["max_replicas"] = min(int(chosen), int(g["max_replicas"]))
+            g["min_replicas"] = min(int(g.get("min_replicas", 0)), g["max_replicas"])
+        cfg[group] = g
+    return cfg
+
+
+def backend_config(params: dict[str, Any], deployment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The chosen backend's settings: infrastructure from the deployment, choices from the form."""
+    from ray_embeddings.dag_config import load_defaults
+
+    if deployment is None:
+        deployment = load_defaults()["deployment"]
+    params = _checked(params, deployment)
     backend = params["backend"]
     if backend == "local":
         return {"num_cpus": int(params["local_num_cpus"])}
     if backend == "existing":
         return {"conn_id": params["existing_conn_id"]}
-    cfg = {k: v for k, v in dict(params.get("kuberay") or {}).items() if v not in ("", None)}
-    return cfg
+    return kuberay_config(deployment["kuberay"], params)
 
 
-def catalog_uri(params: dict[str, Any]) -> str:
-    if params.get("catalog_uri"):
-        return params["catalog_uri"]
-    from ray_jobs import storage
+def catalog_target(params: dict[str, Any]):
+    """The run's Iceberg catalog (:class:`~ray_embeddings.catalog_connection.CatalogTarget`)."""
+    from ray_embeddings.catalog_connection import CatalogConnectionError, resolve_catalog
 
-    out = params["output_uri"]
-    if not storage.is_remote(out):
-        return f"sqlite:///{storage.filesystem_for(out)[1]}/iceberg_catalog.db"
-    home = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
-    return f"sqlite:///{home}/embeddings_iceberg_catalog.db"
+    try:
+        return resolve_catalog(params.get("catalog_conn_id"), params["output_uri"])
+    except CatalogConnectionError as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 def _fail(exc: Exception) -> AirflowFailException:
@@ -53,13 +82,15 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """Manifest readable and schema-valid, model present, stage layout fits, output writable.
     Any problem fails the task at once (no retry, no cluster)."""
     from ray_jobs import storage
-    from ray_jobs.embed_job import default_footprint
     from ray_jobs.errors import JobInputError
+    from ray_jobs.footprint import job_footprint
     from ray_jobs.manifest import read_manifest
     from ray_jobs.model.checkpoint import TwinTowerCheckpoint
     from ray_jobs.model.stage_spec import StageResources
     from ray_jobs.model.staged import build_layout
 
+    params = _checked(params)
+    catalog = catalog_target(params)  # the connection exists and is usable, before any cluster starts
     try:
         if params.get("partition_rows") and params.get("partition_bytes"):
             raise JobInputError("params: give partition_rows or partition_bytes, not both")
@@ -89,7 +120,12 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
         "model_id": ckpt.model_id,
         "embed_dim": ckpt.config.embed_dim,
         "stages": layout.spec(),
-        "footprint": default_footprint(layout).to_dict(),
+        "footprint": job_footprint(
+            ((s.resources.num_cpus, s.resources.num_gpus, s.resources.min_pool) for s in layout.stages),
+            preprocess_cpus=float(params["preprocess_cpus"]),
+            preprocess_min=int(str(params["preprocess_pool"]).partition("-")[0]),
+        ).to_dict(),
+        "catalog_uri": catalog.redacted_uri,
     }
 
 
@@ -119,38 +155,46 @@ def partition_capacity(params: dict[str, Any], cluster: dict[str, Any], footprin
     return result
 
 
+#: form param -> `python -m ray_jobs embed` flag; None values are left out (the job's default)
+EMBED_FLAGS = (
+    ("model_uri", "--model"),
+    ("batch_size", "--batch-size"),
+    ("stage_num_cpus", "--stage-num-cpus"),
+    ("stage_num_gpus", "--stage-num-gpus"),
+    ("stage_pool", "--stage-pool"),
+    ("preprocess_cpus", "--preprocess-cpus"),
+    ("preprocess_pool", "--preprocess-pool"),
+    ("fetch_threads", "--fetch-threads"),
+    ("rows_per_file", "--rows-per-file"),
+    ("max_image_pixels", "--max-image-pixels"),
+    ("max_object_bytes", "--max-object-bytes"),
+    ("admission_timeout_s", "--admission-timeout-s"),
+)
+
+
+def embed_argv(params: dict[str, Any], plan_uri: str, partition: int, python: str) -> list[str]:
+    """The job's argv from validated values only: each value one ``--flag=value`` element, so
+    no value is ever read as a flag of its own or split by a shell."""
+    argv = [python, "-m", "ray_jobs", "embed", f"--plan={plan_uri}", f"--partition={int(partition)}"]
+    for name, flag in EMBED_FLAGS:
+        value = params.get(name)
+        if value is not None:
+            argv.append(f"{flag}={value}")
+    if params.get("stages"):
+        argv.append(f"--stages={params['stages']}")
+    else:
+        argv.append(f"--num-stages={int(params['num_stages'])}")
+    return argv
+
+
 def embed_command(params: dict[str, Any], plan_uri: str, partition: int, python: str) -> str:
-    args = [
-        python,
-        "-m",
-        "ray_jobs",
-        "embed",
-        "--plan",
-        plan_uri,
-        "--partition",
-        str(partition),
-        "--model",
-        params["model_uri"],
-        "--batch-size",
-        str(params["batch_size"]),
-        "--stage-num-cpus",
-        str(params["stage_num_cpus"]),
-        "--stage-num-gpus",
-        str(params["stage_num_gpus"]),
-        "--stage-pool",
-        str(params["stage_pool"]),
-        "--admission-timeout-s",
-        str(params["admission_timeout_s"]),
-    ]
-    args += ["--stages", params["stages"]] if params["stages"] else ["--num-stages", str(params["num_stages"])]
-    command = shlex.join(args)
-    if params.get("embed_extra_args"):
-        command += " " + params["embed_extra_args"]
-    return command
+    """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex."""
+    return shlex.join(embed_argv(params, plan_uri, partition, python))
 
 
 def plan_partitions(params: dict[str, Any], airflow_run_id: str, model_id: str) -> dict[str, Any]:
     """Write the plan; return one job per partition that is not committed yet (resume)."""
+    params = _checked(params)
     from ray_jobs.contract import partition_dir
     from ray_jobs.errors import JobInputError
     from ray_jobs.planning import PlanSettings, run_plan
@@ -228,11 +272,14 @@ def validate_partitions(params: dict[str, Any], planned: dict[str, Any], model_i
 
 
 def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: str, airflow_run_id: str):
+    """Register the run's files; the result (XCom, Asset event, report) names the catalog
+    only by its redacted URI and connection id, never its credentials."""
     from ray_jobs.catalog import register_plan
     from ray_jobs.planning import load_plan
 
     plan = load_plan(planned["plan_uri"])
-    result = register_plan(plan, model_id, catalog_uri(params), run_id=airflow_run_id)
+    target = catalog_target(params)
+    result = register_plan(plan, model_id, target.uri, run_id=airflow_run_id)
     print(result.summary())
     return {
         "table": result.table,
@@ -242,7 +289,7 @@ def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: 
         "new_snapshot": result.new_snapshot,
         "plan_id": plan.plan_id,
         "model_id": model_id,
-        "catalog_uri": catalog_uri(params),
+        **target.public(),
     }
 
 

@@ -129,11 +129,30 @@ def test_second_run_re_embeds_nothing_and_adds_no_rows(first_run, demo_assets, a
     _no_ray_left()
 
 
+def _corrupt_first_row_group(manifest_dir, out_dir):
+    """A copy of the manifest whose first file's first row group has unreadable data pages
+    (the footer stays intact, so checks and planning pass and the partition's job fails)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    shutil.copytree(manifest_dir, out_dir)
+    first = sorted(f for f in os.listdir(out_dir) if f.endswith(".parquet"))[0]
+    path = os.path.join(out_dir, first)
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    with open(path, "r+b") as fh:
+        fh.seek(start)
+        fh.write(b"\xff" * column.total_compressed_size)
+    return str(out_dir)
+
+
 def test_a_failing_partition_fails_the_run_names_it_and_still_tears_down(airflow_home, demo_assets, tmp_path):
-    ok, log = _dags_test(airflow_home, _conf(demo_assets, tmp_path, embed_extra_args="--rows-per-file 0"))
+    manifest = _corrupt_first_row_group(demo_assets.manifest, tmp_path / "manifest")
+    ok, log = _dags_test(airflow_home, _conf(demo_assets, tmp_path / "out", manifest_uri=manifest))
     assert not ok
-    assert "(partition 0) ended FAILED" in log or "(partition 1) ended FAILED" in log
-    assert "rows-per-file" in log, "the job's own error is in the task log"
+    assert "(partition 0) ended FAILED" in log
+    assert "thrift" in log.lower() or "page header" in log.lower(), "the job's own error is in the task log"
     down = [line for line in log.splitlines() if "cluster_down" in line and "new_state=success" in line]
     assert down or "Ray cluster emb-" in log
     _no_ray_left()
@@ -166,7 +185,10 @@ def test_everything_on_s3(airflow_home, s3_bucket, tmp_path):
         for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
     }
     extra["RAY_JOBS_CACHE_DIR"] = str(tmp_path / "cache")
-    conf = _conf(assets, output, partition_rows=1000, catalog_uri=f"sqlite:///{tmp_path}/catalog.db")
+    # the catalog through an Airflow connection the deployment lists (a SQLite file here)
+    extra["AIRFLOW_CONN_ICEBERG_S3_TEST"] = json.dumps({"conn_type": "sqlite", "host": f"{tmp_path}/catalog.db"})
+    extra["EMB_DEPLOYMENT_CATALOG_CONN_IDS"] = "iceberg_s3_test"
+    conf = _conf(assets, output, partition_rows=1000, catalog_conn_id="iceberg_s3_test")
     ok, log = _dags_test(airflow_home, conf, extra)
     assert ok, log[-4000:]
     fs, root = storage.filesystem_for(f"{output}/runs")
@@ -175,7 +197,10 @@ def test_everything_on_s3(airflow_home, s3_bucket, tmp_path):
     with fs.open(reports[0], "rb") as fh:
         report = json.loads(fh.read())
     assert (report["rows_in"], report["rows_ok"], report["rows_rejected"]) == (40, 34, 6)
-    table = open_catalog(conf["catalog_uri"], f"{output}/warehouse").load_table(report["catalog"]["table"])
+    assert report["catalog"]["catalog_uri"] == f"sqlite:///{tmp_path}/catalog.db"
+    table = open_catalog(f"sqlite:///{tmp_path}/catalog.db", f"{output}/warehouse").load_table(
+        report["catalog"]["table"]
+    )
     assert table.metadata_location.startswith("s3://embeddings-test/dag-out/warehouse/")
     assert table.scan().to_arrow().num_rows == 34
     _no_ray_left()

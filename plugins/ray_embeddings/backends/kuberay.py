@@ -2,7 +2,12 @@
 
 The manifest is rendered from ``include/kuberay/raycluster.yaml`` with the settings below:
 a head (ClusterIP service, token auth), a CPU worker group for decoding and a GPU worker
-group for model stages, both autoscaled in-tree between min and max replicas.
+group for model stages, both autoscaled in-tree between min and max replicas. The settings
+are the deployment's (``deployment.kuberay`` in the defaults file); the trigger form only
+picks an image the deployment lists and lowers the worker maxima.
+
+``service_account`` is the *workers'* account (no API access, no token mounted): the head
+keeps the account KubeRay creates for the in-tree autoscaler, which needs the API.
 """
 
 from __future__ import annotations
@@ -99,8 +104,6 @@ class KubeRayBackend:
             "requests": {"cpu": self.head_cpu, "memory": self.head_memory},
             "limits": {"cpu": self.head_cpu, "memory": self.head_memory},
         }
-        if self.service_account:
-            head["serviceAccountName"] = self.service_account
         body["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] = self.idle_timeout_s
         groups = {g["groupName"]: g for g in body["spec"]["workerGroupSpecs"]}
         for group_name, cfg in (("cpu-decode", self.cpu_workers), ("gpu-stages", self.gpu_workers)):

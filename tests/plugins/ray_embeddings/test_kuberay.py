@@ -104,6 +104,7 @@ def test_rendered_raycluster_validates_against_the_crd_with_no_unknown_fields(co
         assert gpu["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
         assert groups["cpu-decode"]["maxReplicas"] == 32 and groups["gpu-stages"]["maxReplicas"] == 16
         assert gpu["serviceAccountName"] == "ray-embeddings"
+        assert "serviceAccountName" not in spec["headGroupSpec"]["template"]["spec"]  # KubeRay's, for the autoscaler
 
 
 def test_a_misspelt_field_is_caught():
@@ -205,3 +206,94 @@ def test_timeout_when_the_head_never_becomes_ready(tmp_path):
         assert event["status"] == "timeout" and time.monotonic() - start < 5
         with pytest.raises(ClusterNotReady, match="timeout"):
             op.execute_complete({}, event)
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+def _pods(manifest):
+    spec = manifest["spec"]
+    yield "head", spec["headGroupSpec"]["template"]
+    for g in spec["workerGroupSpecs"]:
+        yield g["groupName"], g["template"]
+
+
+def _deployment_manifest():
+    from ray_embeddings.dag_config import load_defaults
+    from ray_embeddings.embedding_run import kuberay_config
+
+    deployment = load_defaults({})["deployment"]
+    return deployment, KubeRayBackend.from_config(kuberay_config(deployment["kuberay"], {})).render("emb-x-0123456789")
+
+
+def test_ray_pods_are_hardened_and_still_validate():
+    deployment, manifest = _deployment_manifest()
+    _validate(manifest)
+    for name, template in _pods(manifest):
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, name
+        if name == "head":  # KubeRay's per-cluster account: the autoscaler sidecar needs the API
+            assert "serviceAccountName" not in pod and "automountServiceAccountToken" not in pod
+        else:  # workers never call the API: the deployment's account, no token mounted
+            assert pod["automountServiceAccountToken"] is False, name
+            assert pod["serviceAccountName"] == deployment["kuberay"]["service_account"], name
+    autoscaler = manifest["spec"]["autoscalerOptions"]["securityContext"]
+    assert autoscaler["allowPrivilegeEscalation"] is False and autoscaler["capabilities"] == {"drop": ["ALL"]}
+
+
+def _docs(path):
+    with open(os.path.join(ROOT, path)) as fh:
+        return list(yaml.safe_load_all(fh))
+
+
+def _matches(selector, labels):
+    ok = all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+    for expr in selector.get("matchExpressions") or []:
+        assert expr["operator"] == "In"
+        ok = ok and labels.get(expr["key"]) in expr["values"]
+    return ok
+
+
+def test_network_policy_admits_ray_ports_only_from_airflow_and_ray_pods():
+    _, manifest = _deployment_manifest()
+    (policy,) = _docs("include/kuberay/networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["metadata"]["namespace"] == manifest["metadata"]["namespace"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for name, template in _pods(manifest):  # every Ray pod is selected
+        assert _matches(policy["spec"]["podSelector"], template["metadata"]["labels"]), name
+    ray_rule, airflow_rule = policy["spec"]["ingress"]
+    (ray_peer,) = ray_rule["from"]
+    assert set(ray_peer) == {"podSelector"} and "ports" not in ray_rule  # Ray pods of this namespace, any port
+    (airflow_peer,) = airflow_rule["from"]
+    assert airflow_peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "airflow"}}
+    assert airflow_rule["ports"] == [{"protocol": "TCP", "port": 8265}]  # the Jobs API only
+    (task_pod,) = _docs("include/helm/ray-embeddings-task-pod.yaml")
+    assert _matches(airflow_peer["podSelector"], task_pod["metadata"]["labels"]), "the embedding tasks get in"
+    assert _matches(airflow_peer["podSelector"], {"component": "triggerer"})
+    assert not _matches(airflow_peer["podSelector"], {"component": "api-server"})
+
+
+def test_embedding_tasks_have_their_own_service_account_and_secret_access_is_namespaced():
+    docs = _docs("include/kuberay/rbac.yaml")
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    binding = kinds[("RoleBinding", "airflow-ray-embeddings")]
+    subjects = {s["name"] for s in binding["subjects"]}
+    assert "airflow-worker" not in subjects, "the shared worker account gets no RayCluster or Secret rights"
+    assert subjects == {"airflow-ray-embeddings", "airflow-triggerer"}
+    (task_pod,) = _docs("include/helm/ray-embeddings-task-pod.yaml")
+    assert task_pod["spec"]["serviceAccountName"] == "airflow-ray-embeddings"
+    role = kinds[("Role", "airflow-ray-embeddings")]
+    secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]  # no list/watch
+    assert role["metadata"]["namespace"] == kinds[("Namespace", "ray-embeddings")]["metadata"]["name"]
+    ray_sa = kinds[("ServiceAccount", "ray-embeddings-ray")]
+    assert ray_sa["automountServiceAccountToken"] is False
+    assert not any(s["name"] == "ray-embeddings-ray" for d in docs if d["kind"] == "RoleBinding" for s in d["subjects"])
+    from ray_embeddings.dag_config import load_defaults
+
+    kuberay = load_defaults({})["deployment"]["kuberay"]
+    assert kuberay["namespace"] == "ray-embeddings" and kuberay["service_account"] == "ray-embeddings-ray"
+    cfg = load_defaults({"EMB_DEPLOYMENT_TASK_POD_TEMPLATE_FILE": "/opt/airflow/include/helm/x.yaml"})
+    assert cfg["executor_config"] == {"pod_template_file": "/opt/airflow/include/helm/x.yaml"}

@@ -6,8 +6,11 @@ API, the embed job and the trigger are all real.
 """
 
 import asyncio
+import json
 import logging
 import os
+import re
+import shutil
 import sys
 
 import pytest
@@ -222,3 +225,192 @@ def test_handle_round_trips_without_the_token(cluster):
     data = handle.to_dict()
     assert ClusterHandle.from_dict(data) == handle
     assert resolve_token(handle.token) not in repr(data)
+
+
+# ---------------------------------------------------------------------------------------------- loopback
+def _listening_sockets():
+    """{socket inode: (ip, port)} of every listening TCP socket on the machine."""
+    import ipaddress
+
+    out = {}
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], int(fields[9])
+                if state != "0A":  # LISTEN
+                    continue
+                hex_ip, hex_port = local.split(":")
+                raw = bytes.fromhex(hex_ip)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
+                ip = ipaddress.ip_address(raw)
+                ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+                out[inode] = (str(ip), int(hex_port, 16))
+    return out
+
+
+def _socket_inodes(pid):
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    except OSError:
+        pass
+    return inodes
+
+
+def _cluster_pids(handle):
+    """The head's descendants and session (ray start and all it spawned, setproctitle'd
+    workers included) plus anything naming its temp dir."""
+    head = handle.details["pid"]
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat_line = fh.read()
+                parents[int(entry)] = (int(stat_line.rsplit(")", 1)[1].split()[1]), os.getsid(int(entry)))
+            except (OSError, ValueError, IndexError):
+                continue
+    pids = set(processes_referencing(handle.details["temp_dir"])) | {head}
+    pids |= {pid for pid, (_, sid) in parents.items() if sid == head}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in parents.items() if ppid in pids} - pids
+        pids |= more
+        grew = bool(more)
+    return pids
+
+
+def _kind(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        name = os.path.basename(fh.read().split(b"\0")[0].decode(errors="replace"))
+    if name in ("gcs_server", "raylet"):
+        return name
+    with open(f"/proc/{pid}/comm") as fh:
+        return fh.read().strip()
+
+
+PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
+
+
+def _configured_ports(handle):
+    with open(f"/proc/{handle.details['pid']}/cmdline", "rb") as fh:
+        argv = [a.decode() for a in fh.read().split(b"\0")]
+    return {flag: int(argv[argv.index(flag) + 1]) for flag in PORT_FLAGS}
+
+
+def test_every_listening_socket_is_loopback(cluster):
+    """Integration: with a job's driver and an actor running, and every port the backend
+    gives ``ray start`` listening, each TCP socket any of the cluster's processes (GCS,
+    raylet, object manager, dashboard and its agents, client server, metrics, drivers,
+    workers) listens on is on 127.0.0.1."""
+    import time
+
+    _, handle = cluster
+    wanted = _configured_ports(handle)
+    actor = (
+        f'{sys.executable} -c "import ray, time; ray.init(); '
+        "A = ray.remote(type('A', (), {'ping': lambda self: 1})); a = A.remote(); ray.get(a.ping.remote()); "
+        "print('actor up', flush=True); time.sleep(300)\""
+    )
+    with _client(handle) as c:
+        sid = c.submit(f"loopback-{os.getpid()}", actor)
+        deadline = time.monotonic() + 120
+        while "actor up" not in c.logs(sid) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "actor up" in c.logs(sid), c.logs(sid)[-2000:]
+    deadline = time.monotonic() + 120
+    while True:
+        listening = _listening_sockets()
+        seen = {}
+        for pid in sorted(_cluster_pids(handle)):
+            for inode in _socket_inodes(pid) & set(listening):
+                seen[listening[inode]] = _kind(pid)
+        missing = {flag: port for flag, port in wanted.items() if port not in {p for _, p in seen}}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert missing == {}, f"ports not listening after 120 s: {missing}; listening: {seen}"
+    with _client(handle) as c:
+        c.stop(sid)
+    kinds = set(seen.values())
+    assert {"gcs_server", "raylet"} <= kinds and any(k.startswith("ray::") for k in kinds), seen  # workers too
+    exposed = sorted((kind, ip, port) for (ip, port), kind in seen.items() if ip not in ("127.0.0.1", "::1"))
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    with open(os.path.join(handle.details["temp_dir"], "ray-start.log"), errors="replace") as fh:
+        started = re.sub(r"\x1b\[[0-9;]*m", "", fh.read())
+    assert "Local node IP: 127.0.0.1" in started, started[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- private dir
+def test_the_temp_dir_is_private_and_ours(cluster):
+    """mkdtemp's dir (0700, this user's, a random suffix) proves ownership; Ray's own temp dir,
+    which Ray makes world-writable, sits inside it and proves nothing."""
+    import stat
+
+    from ray_embeddings.backends.local import RAY_SUBDIR, STATE_FILE
+
+    backend, handle = cluster
+    tdir = handle.details["temp_dir"]
+    st = os.lstat(tdir)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+    prefix = backend._prefix(handle.name)
+    assert os.path.basename(tdir).startswith(prefix) and len(os.path.basename(tdir)) == len(prefix) + 8
+    assert stat.S_IMODE(os.lstat(os.path.join(tdir, RAY_SUBDIR)).st_mode) & 0o077, "Ray shares its own dir"
+    state = os.lstat(os.path.join(tdir, STATE_FILE))
+    assert stat.S_IMODE(state.st_mode) == 0o600 and state.st_uid == os.getuid()
+    assert backend.handle_for(handle.name) == handle
+
+
+def test_a_handle_naming_a_dir_that_is_not_ours_is_not_acted_on(cluster, tmp_path):
+    """A forged handle (XCom is not proof) or a planted cluster.json: teardown touches nothing."""
+    import subprocess
+
+    backend, handle = cluster
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    planted = tmp_path / "victim"
+    planted.mkdir()
+    (planted / "keep").write_text("x")
+    try:
+        for details in (
+            {"temp_dir": str(planted), "pid": victim.pid},  # a dir outside the temp root
+            {"temp_dir": "/", "pid": victim.pid},
+            {"temp_dir": handle.details["temp_dir"], "pid": victim.pid},  # our dir, someone else's pid
+        ):
+            forged = ClusterHandle(backend="local", name=handle.name, dashboard_url="", details=details)
+            backend.down(forged)
+            assert victim.poll() is None and (planted / "keep").exists()
+        with _client(handle) as c:
+            c.version()  # the real cluster is untouched too
+        # a world-writable dir with our prefix (as another user could plant in /tmp) is never adopted
+        fake = os.path.join(backend._root(), backend._prefix("emb-planted-0123456789") + "zzzzzzzz")
+        os.makedirs(fake, mode=0o777)
+        os.chmod(fake, 0o777)
+        try:
+            with open(os.path.join(fake, "cluster.json"), "w") as fh:
+                json.dump({**handle.to_dict(), "name": "emb-planted-0123456789"}, fh)
+            assert backend._ours("emb-planted-0123456789") == []
+            assert backend.handle_for("emb-planted-0123456789").details == {}
+        finally:
+            shutil.rmtree(fake)
+    finally:
+        victim.kill()
+        victim.wait()
