@@ -8,7 +8,7 @@ DEMO_ROWS ?= 2000
 DEMO_BAD ?= 12
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit lint demo bench clean lock airflow-ui
+.PHONY: setup system-deps test test-unit lint demo bench clean lock airflow-ui
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -16,13 +16,28 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	@touch $@
 
+# PostgreSQL (Debian's package) for the tests that run Airflow as deployed; each test starts
+# and stops its own server in a temp dir, so the package's own cluster is stopped after install.
+PG_INITDB = $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) $(shell command -v initdb))
+system-deps:
+	@if [ -z "$(PG_INITDB)" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing PostgreSQL (Debian package postgresql) for the real-topology tests ..."; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql > /dev/null; \
+			service postgresql stop > /dev/null 2>&1 || true; \
+		else \
+			echo "PostgreSQL is missing: run 'sudo apt-get install postgresql' (the real-topology tests need it)" >&2; \
+			exit 1; \
+		fi; \
+	fi
+
 setup: $(VENV)/.installed
 
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: setup lint
+test: setup system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup

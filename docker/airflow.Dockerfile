@@ -12,7 +12,8 @@ RUN pip install --no-cache-dir -c /opt/embeddings/constraints.txt \
         "apache-airflow==${AIRFLOW_VERSION}" \
         "apache-airflow-providers-cncf-kubernetes==${PROVIDER_CNCF_KUBERNETES_VERSION}" \
         "ray[default]==${RAY_VERSION}" \
-        transformers tokenizers pyarrow fsspec s3fs pyiceberg[sql-sqlite,sql-postgres] httpx pyyaml
+        transformers tokenizers pyarrow fsspec s3fs pyiceberg[sql-sqlite,sql-postgres] httpx pyyaml \
+        psycopg2-binary asyncpg  # the metadata DB on PostgreSQL: Airflow 3 opens sync and async connections
 
 COPY --chown=airflow:0 ray_jobs /opt/embeddings/ray_jobs
 COPY --chown=airflow:0 plugins /opt/airflow/plugins

@@ -153,6 +153,9 @@ def test_static_dockerfiles_pin_the_versions_of_requirements_txt():
         assert re.search(r"^USER (?!root)\w+", text, re.M), "images run as a non-root user"
         assert not re.search(r"build-essential|\bgcc\b|apt-get install", text), "no build tools left in"
         assert "--no-cache-dir" in text and "constraints.txt" in text
+    # Airflow 3 on PostgreSQL needs both drivers (sync and async); both are pinned in requirements.txt
+    assert "psycopg2-binary" in airflow_text and "asyncpg" in airflow_text
+    assert {"psycopg2-binary", "asyncpg"} <= set(pins)
 
 
 def test_static_kubernetes_manifests_parse_and_validate():

@@ -13,6 +13,7 @@ the nodes come from where the cluster's size is known:
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from ray_embeddings.errors import ClusterError
@@ -56,12 +57,19 @@ def nodes_from_state_api(payload: dict[str, Any]) -> list[dict[str, float]]:
     ]
 
 
-def live_nodes(handle) -> list[dict[str, float]]:
+def live_nodes(handle, wait_s: float = 60.0, poll_s: float = 2.0) -> list[dict[str, float]]:
+    """The live cluster's alive nodes. A head that just came up answers on its dashboard a few
+    seconds before its node is listed: wait (bounded) for at least one node with resources."""
     from ray_embeddings.cluster import resolve_token
     from ray_embeddings.hooks.ray_jobs import RayJobsClient
 
+    deadline = time.monotonic() + wait_s
     with RayJobsClient(handle.dashboard_url, resolve_token(handle.token)) as client:
-        return nodes_from_state_api(client.nodes())
+        while True:
+            nodes = nodes_from_state_api(client.nodes())
+            if any(n.get("CPU", 0) or n.get("GPU", 0) for n in nodes) or time.monotonic() >= deadline:
+                return nodes
+            time.sleep(poll_s)
 
 
 def max_in_flight(footprint: dict[str, Any], nodes: list[dict[str, float]], requested: int | None) -> dict[str, Any]:

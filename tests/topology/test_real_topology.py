@@ -1,0 +1,162 @@
+"""The nightly DAG in the topology users deploy: PostgreSQL, api-server, scheduler,
+dag-processor and triggerer as separate processes, LocalExecutor, runs triggered through the
+REST API; partitions run concurrently on one local Ray cluster that fits fewer jobs than
+there are partitions. Faults: the triggerer and the scheduler SIGKILLed mid-run; a running
+partition marked failed by hand; bad conf."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+
+from tests.topology.airflow_stack import DAG_ID, AirflowStack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from tests import postgres_server
+
+    if not postgres_server.available():
+        pytest.fail("PostgreSQL binaries are missing: `make setup` installs them (Debian package postgresql)")
+    with AirflowStack(str(tmp_path_factory.mktemp("airflow-topology"))) as s:
+        s.wait_for_dag()
+        yield s
+
+
+def _conf(assets, output, **over):
+    return {
+        "manifest_uri": assets.manifest,
+        "output_uri": str(output),
+        "model_uri": assets.model,
+        "batch_size": 16,
+        "poll_interval_s": 2,
+        "local_num_cpus": 8,  # one job's footprint is 4 CPUs: the cluster fits 2 jobs at once
+        "max_reject_rate": 0.2,
+        **over,
+    }
+
+
+def _report(output, run_id):
+    from ray_embeddings.embedding_run import plan_run_id
+
+    with open(os.path.join(output, "runs", plan_run_id(run_id), "report.json")) as fh:
+        return json.load(fh)
+
+
+def _no_ray_left():
+    from ray_embeddings.backends.local import processes_referencing
+
+    assert processes_referencing("rayemb-") == [], "a Ray process of the run's cluster outlived the run"
+
+
+def test_bad_conf_is_refused_through_the_rest_api_naming_the_field(stack, demo_assets, tmp_path):
+    r = stack.trigger({"output_uri": str(tmp_path), "model_uri": demo_assets.model})
+    assert r.status_code == 400 and "manifest_uri" in r.text, r.text
+    r = stack.trigger(_conf(demo_assets, tmp_path, batch_size=-5))
+    assert r.status_code == 400 and "batch_size" in r.text, r.text
+    r = stack.trigger(_conf(demo_assets, tmp_path, backend="kubernetes-of-my-choice"))
+    assert r.status_code == 400 and "backend" in r.text, r.text
+    runs = stack.api("GET", f"/dags/{DAG_ID}/dagRuns").json()
+    assert runs["total_entries"] == 0, "no run was created"
+
+
+def test_concurrent_partitions_survive_a_triggerer_and_a_scheduler_crash(stack, demo_assets, tmp_path):
+    """8 partitions, room for 2 at a time; the triggerer is SIGKILLed while embed tasks are
+    deferred and restarted 20 s later, the scheduler SIGKILLed mid-run and restarted."""
+    r = stack.trigger(_conf(demo_assets, tmp_path, partition_rows=16))
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    seen = {"peak_deferred": 0, "triggerer_killed": None, "triggerer_back": None, "scheduler_cycled": False}
+    start = time.monotonic()
+
+    def watch():
+        states = stack.embed_states(run_id)
+        deferred = sum(1 for s in states.values() if s == "deferred")
+        seen["peak_deferred"] = max(seen["peak_deferred"], deferred)
+        now = time.monotonic()
+        if seen["triggerer_killed"] is None and deferred >= 2:
+            stack.kill("triggerer")
+            seen["triggerer_killed"] = now
+        elif seen["triggerer_back"] is None and seen["triggerer_killed"] and now - seen["triggerer_killed"] >= 20:
+            stack.start("triggerer")
+            seen["triggerer_back"] = now
+        elif (
+            seen["triggerer_back"]
+            and not seen["scheduler_cycled"]
+            and sum(1 for s in states.values() if s == "success") >= 3
+        ):
+            stack.kill("scheduler")
+            time.sleep(5)
+            stack.start("scheduler")
+            seen["scheduler_cycled"] = True
+
+    state = stack.wait_run(run_id, timeout=1500, on_poll=watch)
+    wall = time.monotonic() - start
+    tis = stack.task_instances(run_id)
+    assert state == "success", (tis, stack.log_tail("scheduler"))
+    assert seen["peak_deferred"] >= 2 and seen["triggerer_back"] and seen["scheduler_cycled"], seen
+
+    embeds = sorted((t for t in tis if t["task_id"] == "embed"), key=lambda t: t["map_index"])
+    assert len(embeds) == 8
+    capacity = stack.xcom(run_id, "capacity", "max_in_flight")
+    assert capacity == 2, capacity
+    report = _report(str(tmp_path), run_id)
+    assert report["valid"] and report["rows_in"] == 120 and report["rows_ok"] + report["rows_rejected"] == 120
+    assert len(report["partitions"]) == 8 and all(p["status"] == "ok" for p in report["partitions"])
+
+    job_wall = 0.0
+    for ti in embeds:
+        k = ti["map_index"]
+        sid = stack.xcom(run_id, "embed", "submission_id", k)
+        assert sid and re.search(r"-p\d+$", sid), f"partition {k} was submitted more than once: {sid}"
+        log = "".join(stack.task_log(run_id, "embed", k, n) for n in range(1, ti["try_number"] + 1))
+        ray_lines = re.findall(r"\[ray job emb-[^\]]+\] (.*)", log)
+        assert sum("embed: committed:" in line for line in ray_lines) == 1, log[-3000:]
+        dupes = [line for line in set(ray_lines) if ray_lines.count(line) > 1 and line.strip()]
+        assert not dupes, f"partition {k}: log lines replayed after the triggerer restart: {dupes[:5]}"
+        job_wall += ti["duration"] or 0.0
+    _no_ray_left()
+    print(
+        f"\ntopology run: wall={wall:.0f}s for 8 partitions, sum of embed task durations={job_wall:.0f}s, "
+        f"peak deferred={seen['peak_deferred']}, max in flight={capacity}"
+    )
+
+
+def test_a_partition_marked_failed_stops_its_job_and_fails_the_run_with_a_report(stack, demo_assets, tmp_path):
+    r = stack.trigger(_conf(demo_assets, tmp_path, partition_rows=64))
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    marked = {}
+
+    def mark_when_running():
+        if marked:
+            return
+        states = stack.embed_states(run_id)
+        if states.get(0) == "deferred" and stack.xcom(run_id, "embed", "submission_id", 0):
+            resp = stack.api(
+                "PATCH",
+                f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/embed/0",
+                json={"new_state": "failed"},
+            )
+            assert resp.status_code == 200, resp.text
+            marked["sid"] = stack.xcom(run_id, "embed", "submission_id", 0)
+
+    state = stack.wait_run(run_id, timeout=900, on_poll=mark_when_running)
+    assert marked, "partition 0 was never seen running"
+    assert state == "failed"
+    tis = {(t["task_id"], t["map_index"]): t["state"] for t in stack.task_instances(run_id)}
+    assert tis[("embed", 0)] == "failed" and tis[("embed", 1)] == "success"
+    assert tis[("report", -1)] == "failed" and tis[("cluster_down", -1)] == "success"
+    report = _report(str(tmp_path), run_id)
+    statuses = {p["index"]: p["status"] for p in report["partitions"]}
+    assert statuses[1] == "ok" and statuses[0] != "ok", statuses
+    log = stack.task_log(run_id, "embed", 0)
+    assert f"stop requested for Ray job {marked['sid']} (partition 0)" in log, log[-3000:]
+    assert "on_kill() raised" not in log
+    _no_ray_left()
