@@ -76,6 +76,10 @@ class AirflowStack:
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "30",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+                # a crashed scheduler's running tasks are adopted by the next one after this check
+                # (default 300 s), then failed and retried once their heartbeat is older than the timeout
+                "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "30",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "20",
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
                 "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "plugins")]),
                 "EMB_RETRIES": "1",
@@ -169,8 +173,8 @@ class AirflowStack:
             self._token = r.json()["access_token"]
         return self._token
 
-    def api(self, method: str, path: str, **kwargs) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.token()}"}
+    def api(self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs) -> httpx.Response:
+        headers = {**(headers or {}), "Authorization": f"Bearer {self.token()}"}
         return httpx.request(method, f"{self.url}/api/v2{path}", headers=headers, timeout=60, **kwargs)
 
     def wait_for_dag(self, timeout: float = 180) -> None:

@@ -15,7 +15,7 @@ from ray_embeddings.hooks.ray_jobs import ACTIVE, FAILED, RayJobsClient
 from ray_embeddings.links import XCOM_JOB_URL, RayJobLink, job_url
 from ray_embeddings.naming import submission_id as make_submission_id
 from ray_embeddings.triggers.in_flight_gate import InFlightGateTrigger, fetch_states, unfinished_ahead
-from ray_embeddings.triggers.ray_job import RayJobTrigger
+from ray_embeddings.triggers.ray_job import LOG_OFFSET_XCOM_KEY, RayJobTrigger
 from ray_embeddings.version_guard import check_compatible
 
 MAX_RESUBMISSIONS = 20
@@ -199,6 +199,8 @@ class RayJobOperator(BaseOperator):
         self.log.info("%s Ray job %s on cluster %s (%s)", how, sid, handle.name, url)
         if info is not None and info.get("status") == "SUCCEEDED":
             return {"submission_id": sid, "status": "SUCCEEDED", "adopted": True}
+        # the log is followed from its start in each try's own log; the trigger checkpoints from here
+        ti.xcom_push(key=LOG_OFFSET_XCOM_KEY, value=0)
         trigger = RayJobTrigger(
             dashboard_url=handle.dashboard_url,
             submission_id=sid,

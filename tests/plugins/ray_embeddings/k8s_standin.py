@@ -18,6 +18,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 CLUSTERS = re.compile(r"^/apis/ray\.io/v1/namespaces/([^/]+)/rayclusters(?:/([^/?]+))?$")
 SECRET = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/?]+)$")
 SERVICE = re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/?]+)$")
+# Any namespaced Kubernetes API path: core (/api/v1) or a group (/apis/GROUP/VERSION).
+ANY = re.compile(r"^/apis?/(?:[^/]+/)?v[0-9][^/]*/namespaces/[^/]+/([^/]+)(?:/([^/]+))?")
+VERBS = {"POST": "create", "DELETE": "delete", "PATCH": "patch", "PUT": "update"}
+
+
+def call_of(method: str, path: str) -> tuple[str, str, str]:
+    """(RBAC verb, resource, name) of any request, served by the stand-in or not."""
+    m = ANY.match(path.split("?")[0])
+    resource, name = (m.group(1), m.group(2) or "") if m else (path.split("?")[0], "")
+    verb = ("get" if name else "list") if method == "GET" else VERBS.get(method, method.lower())
+    return verb, resource, name
 
 
 class K8sStandIn:
@@ -26,13 +37,26 @@ class K8sStandIn:
         self.token = token
         self.clusters: dict[tuple[str, str], dict] = {}
         self.gets: dict[tuple[str, str], int] = {}
-        self.calls: list[tuple[str, str, str]] = []  # (verb, resource, name)
+        self.calls: list[tuple[str, str, str]] = []  # (RBAC verb, resource, name) of every request
         self.lock = threading.Lock()
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def parse_request(self):  # every request is recorded before routing, served or not
+                ok = super().parse_request()
+                if ok:
+                    with standin.lock:
+                        standin.calls.append(call_of(self.command, self.path))
+                return ok
+
+            def do_PATCH(self):
+                self._status(404, "NotFound")
+
+            def do_PUT(self):
+                self._status(404, "NotFound")
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
@@ -62,7 +86,6 @@ class K8sStandIn:
                     return self._status(404, "NotFound")
                 ns, name = m.group(1), body["metadata"]["name"]
                 with standin.lock:
-                    standin.calls.append(("create", "rayclusters", name))
                     if (ns, name) in standin.clusters:
                         return self._status(409, "AlreadyExists")
                     body["metadata"]["uid"] = f"uid-{name}"
@@ -76,7 +99,6 @@ class K8sStandIn:
                 if m := CLUSTERS.match(path):
                     ns, name = m.groups()
                     with standin.lock:
-                        standin.calls.append(("get", "rayclusters", name))
                         obj = standin.clusters.get((ns, name))
                         if obj is None:
                             return self._status(404, "NotFound")
@@ -92,7 +114,6 @@ class K8sStandIn:
                     return self._send(200, obj)
                 if m := SECRET.match(path):
                     ns, name = m.groups()
-                    standin.calls.append(("get", "secrets", name))
                     if (ns, name) not in standin.clusters:
                         return self._status(404, "NotFound")
                     return self._send(
@@ -106,7 +127,6 @@ class K8sStandIn:
                     )
                 if m := SERVICE.match(path):
                     ns, name = m.groups()
-                    standin.calls.append(("get", "services", name))
                     if (ns, name.removesuffix("-head-svc")) not in standin.clusters:
                         return self._status(404, "NotFound")
                     return self._send(
@@ -129,7 +149,6 @@ class K8sStandIn:
                     return self._status(404, "NotFound")
                 ns, name = m.groups()
                 with standin.lock:
-                    standin.calls.append(("delete", "rayclusters", name))
                     if standin.clusters.pop((ns, name), None) is None:
                         return self._status(404, "NotFound")
                 self._send(200, {"kind": "Status", "status": "Success"})

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import time
 
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
@@ -158,15 +159,31 @@ def test_a_rebuilt_trigger_ends_with_the_same_event(cluster):
 
 
 def test_non_deferrable_on_kill_stops_the_job(cluster):
+    """The blocking path: execute() senses the job in the worker; killing the task stops the job."""
+    import threading
+
     _, handle = cluster
     entry = f'{sys.executable} -c "import time; time.sleep(600)"'
-    op = _operator(handle, entry, "kill")
+    op = _operator(handle, entry, "kill", deferrable=False)
     ti = StandInTaskInstance()
-    with pytest.raises(TaskDeferred):
-        op.execute({"ti": ti})
-    op.on_kill()
-    event = run_trigger(RayJobTrigger(handle.dashboard_url, ti.xcom["submission_id"], handle.token.to_dict(), 0.5))
-    assert event["status"] == "STOPPED"
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = op.execute({"ti": ti})
+        except Exception as exc:  # the task fails: the job ended STOPPED
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while "submission_id" not in ti.xcom and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "submission_id" in ti.xcom, "the job was never submitted"
+    op.on_kill()  # Airflow calls this from another thread when the task is killed
+    worker.join(60)
+    assert not worker.is_alive(), "on_kill did not stop the job: execute() is still waiting on it"
+    assert isinstance(outcome.get("error"), RayJobError) and "ended STOPPED" in str(outcome["error"])
 
 
 def test_existing_backend_from_an_airflow_connection(cluster, monkeypatch):
