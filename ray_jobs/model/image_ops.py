@@ -1,38 +1,169 @@
-"""Pixel normalisation shared by the staged pipeline and the unsplit reference."""
+"""The checkpoint's own image preprocessing, split between the CPU actors and the model stage.
+
+:class:`ImageProcessing` is read from the checkpoint's image-processor config through the
+Hugging Face processor class itself (so legacy spellings of ``size`` etc. mean what they mean
+there). The CPU side (:meth:`ImageProcessing.transform`) does RGB conversion, resize and centre
+crop on uint8 pixels exactly as the processor's PIL backend does; the model stage
+(:func:`pixels_to_tensor`) rescales and normalises, so only uint8 pixels cross the object store.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from math import ceil
 
-def pixels_to_tensor(pixels, processing: dict, device=None):
-    """uint8 ``(B, H, W, 3)`` -> normalised float32 ``(B, 3, H, W)`` as the image processor defines."""
+import numpy as np
+
+from ray_jobs.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """What the checkpoint's image processor does to an image, as plain values."""
+
+    resize: tuple[str, int, int] | None  # ("shortest_edge", N, 0) | ("fixed", H, W) | None
+    crop: tuple[int, int] | None  # centre crop (height, width)
+    resample: int = 3  # PIL filter id
+    rescale_factor: float | None = 1 / 255
+    image_mean: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.resize is not None and self.resize[0] not in ("shortest_edge", "fixed"):
+            raise ModelError(f"image processor: unsupported resize mode {self.resize[0]!r}")
+        if self.crop is None and (self.resize is None or self.resize[0] != "fixed"):
+            raise ModelError(
+                "image processor: images of different sizes cannot be batched; the config needs a fixed "
+                "size ({'height', 'width'}) or a centre crop (do_center_crop with crop_size)"
+            )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the pixels the model sees."""
+        if self.crop is not None:
+            return self.crop
+        return self.resize[1], self.resize[2]
+
+    # -- CPU side
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The processor's resize target for an image of *height* x *width*."""
+        if self.resize is None:
+            return height, width
+        mode, a, b = self.resize
+        if mode == "fixed":
+            return a, b
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = a, int(a * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+    def transform(self, image) -> np.ndarray:
+        """A decoded PIL image -> uint8 ``(H, W, 3)`` at :attr:`size`, as the processor would."""
+        from PIL import Image
+
+        image = to_rgb(image)
+        h, w = self.resized_size(image.height, image.width)
+        if (h, w) != (image.height, image.width):
+            image = image.resize((w, h), resample=Image.Resampling(self.resample))
+        pixels = np.asarray(image, dtype=np.uint8)
+        if self.crop is not None:
+            pixels = center_crop(pixels, self.crop)
+        return pixels
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+def to_rgb(image):
+    """RGB as ``transformers.image_transforms.convert_to_rgb``: transparency composited onto white."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W, C)`` centre crop with the processor's offsets, zero-padding an image that is too small."""
+    crop_h, crop_w = size
+    h, w = pixels.shape[:2]
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return np.ascontiguousarray(pixels[top : top + crop_h, left : left + crop_w])
+    new_h, new_w = max(crop_h, h), max(crop_w, w)
+    canvas = np.zeros((new_h, new_w, pixels.shape[2]), dtype=pixels.dtype)
+    top_pad, left_pad = ceil((new_h - h) / 2), ceil((new_w - w) / 2)
+    canvas[top_pad : top_pad + h, left_pad : left_pad + w] = pixels
+    top, left = top + top_pad, left + left_pad
+    return np.ascontiguousarray(canvas[max(top, 0) : max(top, 0) + crop_h, max(left, 0) : max(left, 0) + crop_w])
+
+
+def _size_dict(size) -> dict:
+    if size is None:
+        return {}
+    if hasattr(size, "items"):
+        return {k: v for k, v in size.items() if v is not None}
+    return {k: getattr(size, k) for k in ("height", "width", "shortest_edge", "longest_edge") if getattr(size, k, None)}
+
+
+def load_image_processing(directory: str) -> ImageProcessing:
+    """Read ``preprocessor_config.json`` in *directory* through the Hugging Face processor class."""
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.exists(path):
+        raise ModelError(f"{directory}: preprocessor_config.json is missing (the image processor's config)")
+    from transformers import AutoImageProcessor
+
+    try:
+        proc = AutoImageProcessor.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: cannot build the image processor: {exc}") from exc
+    size = _size_dict(getattr(proc, "size", None))
+    resize = None
+    if getattr(proc, "do_resize", True):
+        if "longest_edge" in size or "max_height" in size:
+            raise ModelError(f"{path}: resize mode {size} is not supported (use shortest_edge or height/width)")
+        if "shortest_edge" in size:
+            resize = ("shortest_edge", int(size["shortest_edge"]), 0)
+        elif "height" in size and "width" in size:
+            resize = ("fixed", int(size["height"]), int(size["width"]))
+        else:
+            raise ModelError(f"{path}: cannot read the resize size from {size}")
+    crop = None
+    if getattr(proc, "do_center_crop", False):
+        c = _size_dict(getattr(proc, "crop_size", None))
+        crop = (int(c["height"]), int(c["width"]))
+    mean = std = None
+    if getattr(proc, "do_normalize", True):
+        mean = tuple(float(x) for x in np.broadcast_to(np.asarray(proc.image_mean, dtype=float), (3,)))
+        std = tuple(float(x) for x in np.broadcast_to(np.asarray(proc.image_std, dtype=float), (3,)))
+    resample = getattr(proc, "resample", None)
+    return ImageProcessing(
+        resize=resize,
+        crop=crop,
+        resample=int(resample if resample is not None else 2),
+        rescale_factor=float(proc.rescale_factor) if getattr(proc, "do_rescale", True) else None,
+        image_mean=mean,
+        image_std=std,
+    )
+
+
+def pixels_to_tensor(pixels, processing: ImageProcessing, device=None, dtype=None):
+    """uint8 ``(B, H, W, 3)`` -> ``(B, 3, H, W)`` rescaled and normalised as the processor does
+    (rescale in float64, normalise in float32, as its numpy code), then cast to *dtype*."""
     import torch
 
-    x = torch.as_tensor(pixels, device=device).permute(0, 3, 1, 2).to(torch.float32)
-    if processing.get("do_rescale", True):
-        x = x * float(processing.get("rescale_factor", 1 / 255))
-    if processing.get("do_normalize", True):
-        mean = torch.tensor(processing.get("image_mean", [0.5, 0.5, 0.5]), device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(processing.get("image_std", [0.5, 0.5, 0.5]), device=x.device).view(1, 3, 1, 1)
+    x = torch.as_tensor(pixels, device=device).permute(0, 3, 1, 2)
+    if processing.rescale_factor is not None:
+        x = (x.to(torch.float64) * processing.rescale_factor).to(torch.float32)
+    else:
+        x = x.to(torch.float32)
+    if processing.image_mean is not None:
+        mean = torch.tensor(processing.image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(processing.image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
-    return x
-
-
-def target_size(processing: dict) -> tuple[int, int]:
-    """``(height, width)`` the processor resizes to."""
-    size = processing.get("size", 224)
-    if isinstance(size, int):
-        return size, size
-    if "height" in size:
-        return int(size["height"]), int(size["width"])
-    edge = int(size.get("shortest_edge", 224))
-    return edge, edge
-
-
-def pool(hidden, attention_mask, how: str):
-    """``mean`` over unmasked tokens, or the first (``cls``) token."""
-    if how == "cls":
-        return hidden[:, 0]
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    return x if dtype is None else x.to(dtype)

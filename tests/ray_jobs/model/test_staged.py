@@ -19,8 +19,8 @@ def _inputs(ckpt, n=5, seed=0):
     tok = AutoTokenizer.from_pretrained(ckpt.tower_local_dir("text"))
     texts = ["a red cat on the river", "", "dog", "two small boats near a bridge at night", "snow"][:n]
     enc = tok(texts, padding="max_length", truncation=True, max_length=ckpt.config.text_max_length, return_tensors="np")
-    size = ckpt.image_processing["size"]
-    px = np.random.default_rng(seed).integers(0, 256, (n, size["height"], size["width"], 3), dtype=np.uint8)
+    h, w = ckpt.image_processing.size
+    px = np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64), px
 
 
