@@ -157,6 +157,8 @@ def pixels_to_tensor(pixels, processing: ImageProcessing, device=None, dtype=Non
     (rescale in float64, normalise in float32, as its numpy code), then cast to *dtype*."""
     import torch
 
+    if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:  # Arrow-backed batches are read-only
+        pixels = np.array(pixels)
     x = torch.as_tensor(pixels, device=device).permute(0, 3, 1, 2)
     if processing.rescale_factor is not None:
         x = (x.to(torch.float64) * processing.rescale_factor).to(torch.float32)
