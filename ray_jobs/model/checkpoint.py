@@ -31,6 +31,7 @@ from ray_jobs import storage
 from ray_jobs.contract import join_uri
 from ray_jobs.errors import ModelError
 from ray_jobs.model.image_ops import ImageProcessing, load_image_processing
+from ray_jobs.model.keys import safe_relpath
 from ray_jobs.model.model_id import WEIGHT_SUFFIXES, compute_model_id, list_checkpoint
 from ray_jobs.model.text_ops import TextProcessing
 
@@ -60,7 +61,7 @@ class TwinTowerConfig:
         if self.text_max_length <= 1:
             raise ModelError(f"{MANIFEST_FILE}: text_max_length must be > 1, got {self.text_max_length}")
         for key in ("text_dir", "image_dir"):
-            _safe_relpath(getattr(self, key), f"{MANIFEST_FILE}: {key}")
+            safe_relpath(getattr(self, key), MANIFEST_FILE, key)
 
     @classmethod
     def from_json(cls, text: str, source: str) -> TwinTowerConfig:
@@ -76,21 +77,6 @@ class TwinTowerConfig:
 
 def _cache_root() -> str:
     return os.environ.get("RAY_JOBS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ray_jobs")
-
-
-def _safe_relpath(rel: str, what: str) -> str:
-    """*rel* if it names a place inside its root: no ``..``, no absolute path, no backslash, no empty part."""
-    parts = rel.split("/")
-    if (
-        not rel
-        or "\\" in rel
-        or "\0" in rel
-        or rel.startswith("/")
-        or (len(rel) > 1 and rel[1] == ":")
-        or any(p in ("", ".", "..") for p in parts)
-    ):
-        raise ModelError(f"{what}: refusing {rel!r}: it would resolve outside the checkpoint")
-    return rel
 
 
 def _sync_small_files(uri: str) -> str:
@@ -113,7 +99,7 @@ def _sync_small_files(uri: str) -> str:
             continue
         if not path.startswith(root + "/"):
             raise ModelError(f"model {uri}: refusing object key {path!r}: it is not under the checkpoint prefix")
-        rel = _safe_relpath(path[len(root) + 1 :], f"model {uri}: object key")
+        rel = safe_relpath(path[len(root) + 1 :], f"model {uri}", "object key")
         dest = os.path.normpath(os.path.join(local, *rel.split("/")))
         if os.path.commonpath([dest, os.path.normpath(local)]) != os.path.normpath(local):
             raise ModelError(f"model {uri}: refusing object key {rel!r}: it would resolve outside the checkpoint")
@@ -274,3 +260,16 @@ def open_checkpoint(uri: str) -> Checkpoint:
         f"model {uri}: neither {MANIFEST_FILE} (twin tower) nor config.json (Hugging Face dual encoder: "
         f"{', '.join(sorted(FAMILIES))}) found"
     )
+
+
+def describe_checkpoint(uri: str) -> dict:
+    """What ``check_inputs`` needs once per run: the model id (metadata only), format, embedding
+    size and layer counts, after checking the checkpoint opens and its towers are supported."""
+    ckpt = open_checkpoint(uri)
+    return {
+        "model_uri": ckpt.uri,
+        "model_id": ckpt.model_id,
+        "format": ckpt.format,
+        "embed_dim": ckpt.embed_dim,
+        "layers": ckpt.layer_counts(),
+    }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ray_jobs import storage
 from ray_jobs.contract import join_uri
 from ray_jobs.errors import ModelError
+from ray_jobs.model.keys import safe_relpath
 
 _DTYPES = {
     "F64": "float64",
@@ -78,6 +79,8 @@ class SafetensorsIndex:
             self.entries = _read_header(single)
         elif storage.exists(index):
             shards = sorted(set(json.loads(storage.read_text(index))["weight_map"].values()))
+            for shard in shards:
+                safe_relpath(shard, index, "shard file name")
             self.entries = {}
             for shard in shards:
                 self.entries.update(_read_header(join_uri(model_dir, shard)))
