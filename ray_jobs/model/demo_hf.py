@@ -119,7 +119,7 @@ CLIP_PRESETS = {
 def build_clip(out_dir: str, *, seed: int = 0, preset: str = "tiny") -> str:
     """A ``CLIPModel`` checkpoint with a ``CLIPTokenizer`` and a CLIP image processor."""
     import torch
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     spec = CLIP_PRESETS[preset]
     tokenizer = _clip_tokenizer(spec["text"]["max_position_embeddings"])
@@ -131,7 +131,12 @@ def build_clip(out_dir: str, *, seed: int = 0, preset: str = "tiny") -> str:
         projection_dim=spec["projection_dim"],
     )
     torch.manual_seed(seed)
-    return _save(out_dir, CLIPModel(config), tokenizer, _clip_processor(*spec["image"]))
+    model = CLIPModel(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    # saved the way a user saves CLIP: the whole processor (transformers 5 writes processor_config.json)
+    CLIPProcessor(image_processor=_clip_processor(*spec["image"]), tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
 
 
 def build_siglip(out_dir: str, *, seed: int = 0) -> str:

@@ -28,7 +28,7 @@ from functools import cached_property
 
 from ray_jobs.errors import ModelError
 from ray_jobs.model.checkpoint import Checkpoint
-from ray_jobs.model.image_ops import ImageProcessing, load_image_processing
+from ray_jobs.model.image_ops import ImageProcessing, has_image_processor, load_image_processing
 from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.text_ops import TextProcessing, tokenizer_max_length
 from ray_jobs.model.tower_def import TowerDef
@@ -99,8 +99,11 @@ class HFDualCheckpoint(Checkpoint):
         if self.model_type not in FAMILIES:
             raise ModelError(f"model {uri}: model_type {self.model_type!r} is not one of {sorted(FAMILIES)}")
         self.family = FAMILIES[self.model_type]
-        if not os.path.exists(os.path.join(self.local_dir, "preprocessor_config.json")):
-            raise ModelError(f"model {uri}: preprocessor_config.json (the image processor's config) is missing")
+        if not has_image_processor(self.local_dir):
+            raise ModelError(
+                f"model {uri}: no image processor config (preprocessor_config.json, or processor_config.json with "
+                "an image_processor entry): save the model's processor beside it"
+            )
         has_tokenizer = any(
             os.path.exists(os.path.join(self.local_dir, f))
             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")

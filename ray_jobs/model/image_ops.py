@@ -111,11 +111,32 @@ def _size_dict(size) -> dict:
     return {k: getattr(size, k) for k in ("height", "width", "shortest_edge", "longest_edge") if getattr(size, k, None)}
 
 
-def load_image_processing(directory: str) -> ImageProcessing:
-    """Read ``preprocessor_config.json`` in *directory* through the Hugging Face processor class."""
-    path = os.path.join(directory, "preprocessor_config.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def has_image_processor(directory: str) -> bool:
+    """``preprocessor_config.json`` (an image processor saved alone) or ``processor_config.json`` with an
+    ``image_processor`` entry (a whole processor saved by transformers 5)."""
+    if os.path.exists(os.path.join(directory, PROCESSOR_FILES[0])):
+        return True
+    path = os.path.join(directory, PROCESSOR_FILES[1])
     if not os.path.exists(path):
-        raise ModelError(f"{directory}: preprocessor_config.json is missing (the image processor's config)")
+        return False
+    try:
+        with open(path) as fh:
+            return isinstance(json.load(fh).get("image_processor"), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def load_image_processing(directory: str) -> ImageProcessing:
+    """Read the image processor's config in *directory* through the Hugging Face processor class."""
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not has_image_processor(directory):
+        raise ModelError(
+            f"{directory}: no image processor config (preprocessor_config.json, or processor_config.json with an "
+            "image_processor entry): save the model's processor beside it"
+        )
     from transformers import AutoImageProcessor
 
     try:

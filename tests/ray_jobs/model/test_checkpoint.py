@@ -47,8 +47,8 @@ def test_unsupported_or_empty_directories_say_what_is_supported(tmp_path, clip_d
         open_checkpoint(str(bert))
     no_proc = tmp_path / "no-processor"
     shutil.copytree(clip_dir, no_proc)
-    os.remove(no_proc / "preprocessor_config.json")
-    with pytest.raises(ModelError, match=r"preprocessor_config\.json"):
+    os.remove(no_proc / "processor_config.json")
+    with pytest.raises(ModelError, match=r"no image processor config \(preprocessor_config\.json"):
         open_checkpoint(str(no_proc))
 
 
@@ -58,9 +58,9 @@ def test_model_id_is_stable_and_follows_configs_tokenizer_and_tensor_layout(clip
     copy = tmp_path / "clip-tiny"
     shutil.copytree(clip_dir, copy)
     assert open_checkpoint(str(copy)).model_id == first, "a copy under the same name is the same model"
-    cfg = json.loads((copy / "preprocessor_config.json").read_text())
-    cfg["crop_size"] = {"height": 30, "width": 30}
-    (copy / "preprocessor_config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((copy / "processor_config.json").read_text())
+    cfg["image_processor"]["crop_size"] = {"height": 30, "width": 30}
+    (copy / "processor_config.json").write_text(json.dumps(cfg))
     assert open_checkpoint(str(copy)).model_id != first, "other preprocessing, other embeddings"
     shutil.copytree(clip_dir, copy, dirs_exist_ok=True)
     with open(copy / "model.safetensors", "ab") as fh:  # same header, bigger file
