@@ -83,7 +83,7 @@ class TowerSegment:
             if path in self.names:
                 return self.names[path]
             name = f"m{len(self.names)}"
-            module, keys = spec.build(path)
+            module, keys = spec.build(path, self.dtype)
             self.modules[name] = module
             self.names[path] = name
             for local, (index, ckpt_key) in keys.items():

@@ -62,26 +62,32 @@ class TowerDef:
         return float(seq * (4 * hid * hid + 2 * hid * inter) + 2 * seq * seq * hid)
 
     # -- building pieces
-    def _fresh(self, path: str):
-        """A real (CPU) module with the same class and shape as the meta module at *path*."""
+    def _fresh(self, path: str, dtype=None):
+        """A real (CPU) module with the same class and shape as the meta module at *path*.
+
+        Without non-persistent buffers (every layer, norm, projection, pooling head) the meta copy
+        is materialised uninitialised, directly in *dtype*, and every tensor is then loaded: no
+        random init, no float32 copy of a bf16 stage. A module with non-persistent buffers
+        (embeddings' position ids) is built from the tower's config, so they hold their real values."""
         import torch
 
         template = get_module(self.meta, path)
+        if not any(m._non_persistent_buffers_set for m in template.modules()):
+            module = copy.deepcopy(template)
+            if dtype is not None:
+                module = module.to(dtype)
+            return module.to_empty(device=torch.device("cpu"))
         init = type(template).__init__
         varnames = getattr(getattr(init, "__code__", None), "co_varnames", ())
-        if "config" in varnames:
-            kwargs = {"layer_idx": 0} if "layer_idx" in varnames else {}
-            return type(template)(self.config, **kwargs)
-        # plain torch modules (LayerNorm, Linear, Tanh) take shapes, not a config; without
-        # non-persistent buffers, materialising the meta copy and loading every tensor is exact.
-        module = copy.deepcopy(template).to_empty(device=torch.device("cpu"))
-        if any(m._non_persistent_buffers_set for m in module.modules()):
+        if "config" not in varnames:
             raise ModelError(f"cannot rebuild {path} of {self.config.model_type}")
-        return module
+        kwargs = {"layer_idx": 0} if "layer_idx" in varnames else {}
+        module = type(template)(self.config, **kwargs)
+        return module if dtype is None else module.to(dtype)
 
-    def build(self, path: str):
-        """The module at *path* and the tensors it needs: ``{local key: (index, tensor name)}``."""
-        module = self._fresh(path)
+    def build(self, path: str, dtype=None):
+        """The module at *path* (in *dtype*) and the tensors it needs: ``{local key: (index, tensor name)}``."""
+        module = self._fresh(path, dtype)
         needed = {}
         for local_key in module.state_dict():
             full = f"{path}.{local_key}"
