@@ -64,9 +64,10 @@ def fetch_bytes(uri: str, max_bytes: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, processing: ImageProcessing, max_pixels: int) -> np.ndarray:
-    """Decode *data* and apply the checkpoint's own resize / crop: uint8 ``(height, width, 3)``
-    at ``processing.size``; never more than *max_pixels* decoded."""
+def decode_image(data: bytes, processing: ImageProcessing, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode *data* and apply the checkpoint's own resize / crop: uint8 pixels of
+    ``processing.pixel_shape`` and the patch grid (SigLIP 2; ``(0, 0)`` otherwise); never more
+    than *max_pixels* decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -101,11 +102,10 @@ class Preprocessor:
         self.text = ckpt.text_processing
         self.tokenizer = self.text.load_tokenizer()
         self.processing = ckpt.image_processing
-        self.size = self.processing.size
         self.limits = limits or ImageLimits()
         self.pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
 
-    def _image(self, uri: str) -> np.ndarray:
+    def _image(self, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
         data = fetch_bytes(uri, self.limits.max_object_bytes)
         return decode_image(data, self.processing, self.limits.max_pixels)
 
@@ -122,13 +122,14 @@ class Preprocessor:
             if ids[r] is None or out_ids[r] == "":
                 ok[r], stage[r], reason[r] = False, "read", "missing id: null or empty id"
         input_ids, attention_mask = self.text.encode(self.tokenizer, texts)
-        pixels = np.zeros((n, *self.size, 3), dtype=np.uint8)
+        pixels = np.zeros((n, *self.processing.pixel_shape), dtype=np.uint8)
+        grids = np.zeros((n, 2), dtype=np.int64)
         futures = [self.pool.submit(self._image, u) if ok[r] else None for r, u in enumerate(uris)]
         for r, fut in enumerate(futures):
             if fut is None:
                 continue
             try:
-                pixels[r] = fut.result()
+                pixels[r], grids[r] = fut.result()
             except RowRejected as exc:
                 ok[r], stage[r], reason[r] = False, exc.stage, exc.reason
             except Exception as exc:  # never let one row fail the partition
@@ -141,4 +142,5 @@ class Preprocessor:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixels": pixels,
+            **({"spatial_shapes": grids} if self.processing.patches else {}),
         }

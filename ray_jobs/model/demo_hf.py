@@ -163,6 +163,31 @@ def build_siglip(out_dir: str, *, seed: int = 0) -> str:
     return _save(out_dir, SiglipModel(config), tokenizer, processor)
 
 
+def build_siglip2(out_dir: str, *, seed: int = 0) -> str:
+    """A ``Siglip2Model`` checkpoint with its NaFlex image processor (aspect ratio kept, at most 24 patches,
+    on a 4 x 4 grid of position embeddings). Stand-in tokenizer: a WordPiece one (the real one is Gemma's)."""
+    import torch
+    from transformers import Siglip2Config, Siglip2Model
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    tokenizer = _wordpiece_tokenizer(_SIGLIP_SPECIALS, 16)
+    vision = {k: v for k, v in _TINY_VISION.items() if k != "image_size"}
+    config = Siglip2Config(
+        text_config=dict(
+            _TINY_TEXT,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=16,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        ),
+        vision_config=dict(vision, patch_size=8, num_patches=16),
+    )
+    torch.manual_seed(seed)
+    processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=24, do_convert_rgb=True)
+    return _save(out_dir, Siglip2Model(config), tokenizer, processor)
+
+
 def build_chinese_clip(out_dir: str, *, seed: int = 0) -> str:
     """A ``ChineseCLIPModel`` checkpoint with a BERT WordPiece tokenizer and its image processor."""
     import torch
@@ -218,6 +243,7 @@ def build_dual_encoder(out_dir: str, *, variant: str = "bert-vit", seed: int = 0
 BUILDERS = {
     "clip": build_clip,
     "siglip": build_siglip,
+    "siglip2": build_siglip2,
     "chinese_clip": build_chinese_clip,
     **{f"dual-{v}": (lambda out, v=v, **kw: build_dual_encoder(out, variant=v, **kw)) for v in DUAL_VARIANTS},
 }

@@ -9,6 +9,8 @@ family                      text tower -> feature                     image towe
                             ``text_projection``                        ``visual_projection``
 ``siglip``                  SigLIP text, final norm, last token,       SigLIP ViT, post norm,
                             ``head``                                   attention-pooling ``head``
+``siglip2``                 as SigLIP (with its attention mask)        NaFlex patches (variable grid,
+                                                                       masked), post norm, masked head
 ``chinese_clip``            BERT, [CLS], ``text_projection``           CLIP-style ViT, ``visual_projection``
 ``vision-text-dual-encoder`` BERT / ALBERT / RoBERTa / XLM-R pooler,    ViT / CLIP / SigLIP vision pooler,
                             ``text_projection``                        ``visual_projection``
@@ -32,7 +34,7 @@ from ray_jobs.model.image_ops import ImageProcessing, has_image_processor, load_
 from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.text_ops import TextProcessing, tokenizer_max_length
 from ray_jobs.model.tower_def import TowerDef
-from ray_jobs.model.towers import apply, checkpoint_key_map, layer_paths, meta_model, parts_for
+from ray_jobs.model.towers import Step, apply, checkpoint_key_map, layer_paths, meta_model, parts_for
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "siglip": Family(
         "text_model.", "vision_model.", ("siglip_text_model",), ("siglip_vision_model",), None, None, True
+    ),
+    "siglip2": Family(
+        "text_model.", "vision_model.", ("siglip2_text_model",), ("siglip2_vision_model",), None, None, True
     ),
     "chinese_clip": Family(
         "text_model.",
@@ -163,16 +168,21 @@ class HFDualCheckpoint(Checkpoint):
         else:
             sub, prefix, archs, projection = cfg.vision_config, fam.image_prefix, fam.image_archs, fam.image_projection
         parts = parts_for(sub, tower, archs)
-        if sub.model_type == "siglip_vision_model" and not getattr(sub, "vision_use_head", True):
+        if sub.model_type.startswith("siglip") and tower == "image" and not getattr(sub, "vision_use_head", True):
             raise ModelError(f"model {self.uri}: a SigLIP vision tower without its pooling head has no image features")
-        head = tuple(apply(prefix + s.arg) if s.op == "apply" else s for s in parts.pooled) + (
+        head = tuple(s if s.op == "pool" else Step(s.op, prefix + s.arg) for s in parts.pooled) + (
             (apply(projection),) if projection else ()
         )
         if tower == "text":
             seq = self.text_processing.max_length
             layer_kwargs = {"is_causal": True} if parts.attention == "causal" else {}
         else:
-            seq = (int(sub.image_size) // int(sub.patch_size)) ** 2 + (0 if sub.model_type.startswith("siglip") else 1)
+            if sub.model_type == "siglip2_vision_model":
+                seq = self.image_processing.pixel_shape[0]
+            else:
+                seq = (int(sub.image_size) // int(sub.patch_size)) ** 2 + (
+                    0 if sub.model_type.startswith("siglip") else 1
+                )
             layer_kwargs = {}
         return TowerDef(
             tower=tower,

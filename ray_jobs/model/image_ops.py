@@ -21,9 +21,12 @@ from ray_jobs.errors import ModelError
 
 @dataclass(frozen=True)
 class ImageProcessing:
-    """What the checkpoint's image processor does to an image, as plain values."""
+    """What the checkpoint's image processor does to an image, as plain values.
 
-    resize: tuple[str, int, int] | None  # ("shortest_edge", N, 0) | ("fixed", H, W) | None
+    ``resize`` is ``("shortest_edge", N, 0)``, ``("fixed", H, W)``, or ``("max_patches", P, M)``
+    (SigLIP 2's NaFlex: keep the aspect ratio, at most M patches of P x P, patches padded to M)."""
+
+    resize: tuple[str, int, int] | None
     crop: tuple[int, int] | None  # centre crop (height, width)
     resample: int = 3  # PIL filter id
     rescale_factor: float | None = 1 / 255
@@ -31,20 +34,36 @@ class ImageProcessing:
     image_std: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        if self.resize is not None and self.resize[0] not in ("shortest_edge", "fixed"):
+        if self.resize is not None and self.resize[0] not in ("shortest_edge", "fixed", "max_patches"):
             raise ModelError(f"image processor: unsupported resize mode {self.resize[0]!r}")
-        if self.crop is None and (self.resize is None or self.resize[0] != "fixed"):
+        if self.crop is None and (self.resize is None or self.resize[0] == "shortest_edge"):
             raise ModelError(
                 "image processor: images of different sizes cannot be batched; the config needs a fixed "
                 "size ({'height', 'width'}) or a centre crop (do_center_crop with crop_size)"
             )
+        if self.patches and self.crop is not None:
+            raise ModelError("image processor: a patch-count resize (max_num_patches) takes no centre crop")
+
+    @property
+    def patches(self) -> bool:
+        return self.resize is not None and self.resize[0] == "max_patches"
 
     @property
     def size(self) -> tuple[int, int]:
-        """``(height, width)`` of the pixels the model sees."""
+        """``(height, width)`` of the pixels the model sees (fixed-size modes)."""
+        if self.patches:
+            raise ModelError("a patch-count (NaFlex) processor has no fixed image size; see pixel_shape")
         if self.crop is not None:
             return self.crop
         return self.resize[1], self.resize[2]
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """Shape of one row's ``pixels``: ``(H, W, 3)``, or ``(M, P * P * 3)`` patches."""
+        if self.patches:
+            _, p, m = self.resize
+            return (m, p * p * 3)
+        return (*self.size, 3)
 
     # -- CPU side
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
@@ -54,12 +73,16 @@ class ImageProcessing:
         mode, a, b = self.resize
         if mode == "fixed":
             return a, b
+        if mode == "max_patches":
+            return size_for_max_patches(height, width, a, b)
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = a, int(a * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
-    def transform(self, image) -> np.ndarray:
-        """A decoded PIL image -> uint8 ``(H, W, 3)`` at :attr:`size`, as the processor would."""
+    def transform(self, image) -> tuple[np.ndarray, tuple[int, int]]:
+        """A decoded PIL image -> (uint8 ``pixels`` of :attr:`pixel_shape`, patch grid), as the processor would.
+
+        The grid ``(rows, cols)`` of patches is SigLIP 2's ``spatial_shapes``; ``(0, 0)`` for fixed-size modes."""
         from PIL import Image
 
         image = to_rgb(image)
@@ -67,12 +90,43 @@ class ImageProcessing:
         if (h, w) != (image.height, image.width):
             image = image.resize((w, h), resample=Image.Resampling(self.resample))
         pixels = np.asarray(image, dtype=np.uint8)
+        if self.patches:
+            return to_patches(pixels, self.resize[1], self.resize[2])
         if self.crop is not None:
             pixels = center_crop(pixels, self.crop)
-        return pixels
+        return pixels, (0, 0)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
+
+
+def size_for_max_patches(height: int, width: int, patch: int, max_patches: int, eps: float = 1e-5):
+    """SigLIP 2's target size: the largest scale whose patch-multiple size has at most *max_patches* patches
+    (the same binary search as ``get_image_size_for_max_num_patches``)."""
+    import math
+
+    def scaled(scale: float, size: int) -> int:
+        return int(max(patch, math.ceil(size * scale / patch) * patch))
+
+    lo, hi = eps / 10, 100.0
+    while (hi - lo) >= eps:
+        scale = (lo + hi) / 2
+        if (scaled(scale, height) / patch) * (scaled(scale, width) / patch) <= max_patches:
+            lo = scale
+        else:
+            hi = scale
+    return scaled(lo, height), scaled(lo, width)
+
+
+def to_patches(pixels: np.ndarray, patch: int, max_patches: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(H, W, C)`` -> ``(max_patches, P * P * C)`` row-major patches (each patch row-major, channels
+    last, as ``convert_image_to_patches``), zero-padded; and the patch grid ``(H / P, W / P)``."""
+    h, w, c = pixels.shape
+    rows, cols = h // patch, w // patch
+    out = np.zeros((max_patches, patch * patch * c), dtype=pixels.dtype)
+    grid = pixels[: rows * patch, : cols * patch].reshape(rows, patch, cols, patch, c).transpose(0, 2, 1, 3, 4)
+    out[: rows * cols] = grid.reshape(rows * cols, -1)
+    return out, (rows, cols)
 
 
 def to_rgb(image):
@@ -145,7 +199,9 @@ def load_image_processing(directory: str) -> ImageProcessing:
         raise ModelError(f"{path}: cannot build the image processor: {exc}") from exc
     size = _size_dict(getattr(proc, "size", None))
     resize = None
-    if getattr(proc, "do_resize", True):
+    if getattr(proc, "max_num_patches", None) and getattr(proc, "patch_size", None):  # SigLIP 2 (NaFlex)
+        resize = ("max_patches", int(proc.patch_size), int(proc.max_num_patches))
+    elif getattr(proc, "do_resize", True):
         if "longest_edge" in size or "max_height" in size:
             raise ModelError(f"{path}: resize mode {size} is not supported (use shortest_edge or height/width)")
         if "shortest_edge" in size:
@@ -174,13 +230,26 @@ def load_image_processing(directory: str) -> ImageProcessing:
 
 
 def pixels_to_tensor(pixels, processing: ImageProcessing, device=None, dtype=None):
-    """uint8 ``(B, H, W, 3)`` -> ``(B, 3, H, W)`` rescaled and normalised as the processor does
-    (rescale in float64, normalise in float32, as its numpy code), then cast to *dtype*."""
+    """uint8 ``(B, H, W, 3)`` -> ``(B, 3, H, W)`` (or patches ``(B, M, P*P*3)`` as they are) rescaled and
+    normalised as the processor does (rescale in float64, normalise in float32, as its numpy code),
+    then cast to *dtype*."""
     import torch
 
     if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:  # Arrow-backed batches are read-only
         pixels = np.array(pixels)
-    x = torch.as_tensor(pixels, device=device).permute(0, 3, 1, 2)
+    x = torch.as_tensor(pixels, device=device)
+    if processing.patches:
+        b, m, d = x.shape
+        x = _rescale_normalise(x.reshape(b, m, d // 3, 3).permute(0, 3, 1, 2), processing)
+        return x.permute(0, 2, 3, 1).reshape(b, m, d).to(dtype or torch.float32)
+    x = _rescale_normalise(x.permute(0, 3, 1, 2), processing)
+    return x if dtype is None else x.to(dtype)
+
+
+def _rescale_normalise(x, processing: ImageProcessing):
+    """Channel-first ``(B, 3, ...)`` uint8 -> float32, rescaled and normalised."""
+    import torch
+
     if processing.rescale_factor is not None:
         x = (x.to(torch.float64) * processing.rescale_factor).to(torch.float32)
     else:
@@ -189,4 +258,4 @@ def pixels_to_tensor(pixels, processing: ImageProcessing, device=None, dtype=Non
         mean = torch.tensor(processing.image_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(processing.image_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
-    return x if dtype is None else x.to(dtype)
+    return x

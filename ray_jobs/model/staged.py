@@ -125,9 +125,18 @@ class TowerSegment:
 
         spec = self.spec
         mask = cols.get("attention_mask") if self.tower == "text" else None
+        patches = self.tower == "image" and spec.attention == "patches"
+        if patches:  # SigLIP 2: which of the padded patches are real follows from each row's grid
+            shapes = cols["spatial_shapes"]
+            n = cols["pixels"].shape[1] if self.has_embed else cols[HIDDEN["image"]].shape[1]
+            mask = spec.patch_mask(shapes, n)
         if self.has_embed:
             if self.tower == "text":
                 hidden = self.modules[self.embed_names[0]](input_ids=cols["input_ids"])
+            elif patches:  # padding patches are zeros after normalisation, as the processor pads them
+                pixels = pixels_to_tensor(cols["pixels"], self.processing, device, self.dtype)
+                pixels = pixels * mask[..., None].to(pixels.dtype)
+                hidden = self.modules[self.embed_names[0]](pixels, shapes)
             else:
                 pixels = pixels_to_tensor(cols["pixels"], self.processing, device, self.dtype)
                 hidden = self.modules[self.embed_names[0]](pixels)
@@ -146,7 +155,8 @@ class TowerSegment:
             if step.op == "pool":
                 hidden = spec.pool(hidden, step.arg, mask, cols.get("input_ids"))
             else:
-                out = self.modules[next(names)](hidden)
+                args = (hidden, mask) if step.op == "apply_masked" else (hidden,)
+                out = self.modules[next(names)](*args)
                 hidden = out[0] if isinstance(out, tuple) else out
         emb = torch.nn.functional.normalize(hidden.float(), dim=-1)
         return {EMBEDDING[self.tower]: emb}
@@ -197,6 +207,8 @@ class StageModule:
                 out.add(HIDDEN[s.tower])
             if s.has_head and s.tower == "text":
                 out.update(("attention_mask", "input_ids"))
+            if s.has_head and s.tower == "image":
+                out.add("spatial_shapes")
         return out
 
     def run(self, cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -48,7 +48,7 @@ class TowerDef:
 
     @property
     def head_paths(self) -> tuple[str, ...]:
-        return tuple(s.arg for s in self.head if s.op == "apply")
+        return tuple(s.arg for s in self.head if s.op != "pool")
 
     @property
     def needs_input_ids_at_head(self) -> bool:
@@ -99,7 +99,7 @@ class TowerDef:
     # -- running pieces
     def attention_mask(self, hidden, mask):
         """The 4-D mask the layers take, built exactly as the Hugging Face model builds it."""
-        if self.tower != "text" or self.attention == "none" or mask is None:
+        if self.attention == "none" or mask is None or (self.tower == "image" and self.attention != "patches"):
             return None
         if self.attention == "causal":
             from transformers.masking_utils import create_causal_mask
@@ -108,6 +108,14 @@ class TowerDef:
         from transformers.masking_utils import create_bidirectional_mask
 
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+
+    @staticmethod
+    def patch_mask(spatial_shapes, num_patches: int):
+        """``(B, num_patches)`` int mask of the real patches of each row (the first rows x cols)."""
+        import torch
+
+        counts = spatial_shapes.prod(dim=-1, keepdim=True)
+        return (torch.arange(num_patches, device=spatial_shapes.device)[None, :] < counts).to(torch.int64)
 
     def pool(self, hidden, how: str, mask, input_ids):
         import torch

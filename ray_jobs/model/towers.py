@@ -15,25 +15,30 @@ from dataclasses import dataclass
 from ray_jobs.errors import ModelError
 
 POOLINGS = ("cls", "mean", "last", "eos")
-ATTENTIONS = ("bidirectional", "causal", "none")
+ATTENTIONS = ("bidirectional", "causal", "none", "patches")  # patches: mask from SigLIP 2's patch grid
 
 
 @dataclass(frozen=True)
 class Step:
-    """One head step: ``apply`` a module (path relative to the tower) or ``pool`` the sequence."""
+    """One head step: ``apply`` a module (path relative to the tower), ``apply_masked`` (the module also
+    takes the 2-D attention mask), or ``pool`` the sequence."""
 
     op: str
     arg: str
 
     def __post_init__(self) -> None:
-        if self.op not in ("apply", "pool"):
-            raise ValueError(f"head step op must be apply or pool, got {self.op!r}")
+        if self.op not in ("apply", "apply_masked", "pool"):
+            raise ValueError(f"head step op must be apply, apply_masked or pool, got {self.op!r}")
         if self.op == "pool" and self.arg not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.arg!r}")
 
 
 def apply(path: str) -> Step:
     return Step("apply", path)
+
+
+def apply_masked(path: str) -> Step:
+    return Step("apply_masked", path)
 
 
 def pool(how: str) -> Step:
@@ -91,6 +96,17 @@ PARTS: dict[str, TowerParts] = {
     ),
     "siglip_vision_model": TowerParts(
         "image", ("embeddings",), "encoder.layers", (apply("post_layernorm"), apply("head"))
+    ),
+    "siglip2_text_model": TowerParts(
+        "text", ("embeddings",), "encoder.layers", (apply("final_layer_norm"), pool("last"), apply("head"))
+    ),
+    # NaFlex: patches of a variable grid (spatial_shapes), padded and masked; the pooling head takes the mask
+    "siglip2_vision_model": TowerParts(
+        "image",
+        ("embeddings",),
+        "encoder.layers",
+        (apply("post_layernorm"), apply_masked("head")),
+        attention="patches",
     ),
 }
 

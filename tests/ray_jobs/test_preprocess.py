@@ -17,7 +17,7 @@ CLIP_LIKE = ImageProcessing(resize=("shortest_edge", 36, 0), crop=(32, 32), resa
 def test_every_demo_format_and_mode_decodes_to_rgb_uint8(n):
     data, _ = _image_bytes(random.Random(n), n)
     for processing in (FIXED, CLIP_LIKE):
-        out = decode_image(data, processing, 10_000_000)
+        out, _ = decode_image(data, processing, 10_000_000)
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
@@ -97,17 +97,17 @@ def test_shortest_edge_resize_then_centre_crop_keeps_the_aspect_ratio():
     wide[:, :60] = (255, 0, 0)  # left third red
     wide[:, 60:120] = (0, 255, 0)  # middle third green
     wide[:, 120:] = (0, 0, 255)
-    out = decode_image(_png(Image.fromarray(wide)), CLIP_LIKE, 10_000_000)
+    out, _ = decode_image(_png(Image.fromarray(wide)), CLIP_LIKE, 10_000_000)
     assert out.shape == (32, 32, 3)
     assert (out[..., 1] > 250).all() and (out[..., 0] < 5).all(), "only the green middle survives the crop"
-    squashed = decode_image(_png(Image.fromarray(wide)), FIXED, 10_000_000)
+    squashed, _ = decode_image(_png(Image.fromarray(wide)), FIXED, 10_000_000)
     assert squashed[:, 0, 0].min() > 200, "a fixed-size resize keeps all three thirds"
 
 
 def test_transparency_is_composited_onto_white_like_the_hf_processor():
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., 3] = 0  # fully transparent black
-    out = decode_image(_png(Image.fromarray(rgba, "RGBA")), ImageProcessing(("fixed", 8, 8), None), 10_000_000)
+    out, _ = decode_image(_png(Image.fromarray(rgba, "RGBA")), ImageProcessing(("fixed", 8, 8), None), 10_000_000)
     assert (out == 255).all()
 
 

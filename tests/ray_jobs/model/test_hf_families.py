@@ -79,11 +79,13 @@ def _hf_reference(path: str, texts: list[str], image_paths: list[str], ckpt, dty
         max_length=ckpt.text_processing.max_length,
         return_tensors="pt",
     )
-    text_kwargs = {"input_ids": enc["input_ids"]} if siglip else dict(enc)
-    pixel_values = processor(images=[Image.open(p) for p in image_paths], return_tensors="pt")["pixel_values"]
+    uses_mask = ckpt.tower("text").attention != "none"  # SigLIP's text tower attends to padding too
+    text_kwargs = dict(enc) if uses_mask else {"input_ids": enc["input_ids"]}
+    image_kwargs = dict(processor(images=[Image.open(p) for p in image_paths], return_tensors="pt"))
+    image_kwargs["pixel_values"] = image_kwargs["pixel_values"].to(model.dtype)
     with torch.inference_mode():
         text = model.get_text_features(**text_kwargs).pooler_output
-        image = model.get_image_features(pixel_values=pixel_values.to(model.dtype)).pooler_output
+        image = model.get_image_features(**image_kwargs).pooler_output
     norm = torch.nn.functional.normalize
     return {
         "text_embedding": norm(text.float(), dim=-1).numpy(),
@@ -104,8 +106,11 @@ def _preprocess(path: str, texts: list[str], image_paths: list[str]) -> dict[str
     return out
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixels", "spatial_shapes")
+
+
 def _run_staged(ckpt, layout, cols, dtype="float32"):
-    cols = {k: cols[k] for k in ("input_ids", "attention_mask", "pixels")}
+    cols = {k: cols[k] for k in MODEL_INPUTS if k in cols}
     stages = [StageModule(ckpt, layout, i, dtype=dtype) for i in range(len(layout.stages))]
     for stage in stages:
         out = stage.run(cols)
@@ -123,8 +128,13 @@ def test_pixels_equal_the_hf_processor_within_one_grey_level(family, checkpoints
     one_level = (1 / 255) / min(processing.image_std) + 1e-6
     for image_path in _image_files(tmp_path):
         with open(image_path, "rb") as fh:
-            ours = pixels_to_tensor(decode_image(fh.read(), processing, 10**7)[None], processing).numpy()
-        theirs = processor(images=Image.open(image_path), return_tensors="np")["pixel_values"]
+            pixels, grid = decode_image(fh.read(), processing, 10**7)
+        ours = pixels_to_tensor(pixels[None], processing).numpy()
+        hf = processor(images=Image.open(image_path), return_tensors="np")
+        theirs = hf["pixel_values"]
+        if processing.patches:  # SigLIP 2: same patch grid; padding patches are masked out, compare the real ones
+            assert tuple(hf["spatial_shapes"][0]) == grid
+            ours, theirs = ours[:, : grid[0] * grid[1]], theirs[:, : grid[0] * grid[1]]
         assert ours.shape == theirs.shape, image_path
         assert np.abs(ours - theirs).max() <= one_level, image_path
 
@@ -189,9 +199,7 @@ def test_hidden_states_cross_stages_in_bfloat16(checkpoints, tmp_path):
     ckpt = open_checkpoint(path)
     cols = _preprocess(path, TEXTS, _image_files(tmp_path))
     layout = build_layout(ckpt, spec="text:0-1,image:0-1|text:2-2,image:2-3")
-    first = StageModule(ckpt, layout, 0, dtype="bfloat16").run(
-        {k: cols[k] for k in ("input_ids", "attention_mask", "pixels")}
-    )
+    first = StageModule(ckpt, layout, 0, dtype="bfloat16").run({k: cols[k] for k in MODEL_INPUTS if k in cols})
     assert first["text_hidden"].dtype == np.int16 and first["image_hidden"].dtype == np.int16, (
         "bf16 bits, 2 bytes a value"
     )
