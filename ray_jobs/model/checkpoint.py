@@ -3,7 +3,7 @@
 Two formats load as they are (:func:`open_checkpoint` tells them apart):
 
 * **Hugging Face dual encoders** saved with ``save_pretrained`` (``config.json`` whose
-  ``model_type`` is ``clip``, ``siglip``, ``chinese_clip`` or ``vision-text-dual-encoder``), with
+  ``model_type`` is ``clip``, ``siglip``, ``siglip2``, ``chinese_clip`` or ``vision-text-dual-encoder``), with
   their tokenizer and image-processor files beside them: see :mod:`ray_jobs.model.hf_dual`.
 * **The twin tower** (``twin_tower.json``)::
 
