@@ -154,6 +154,7 @@ def test_a_clip_checkpoint_on_s3_loads_and_embeds_like_the_local_copy(s3_bucket,
     assert isinstance(remote, HFDualCheckpoint) and remote.uri.startswith("s3://")
     assert not os.path.exists(os.path.join(remote.local_dir, "model.safetensors")), "weights are read in place"
     assert remote.model_id.startswith("clip_tiny-")
+    assert remote.model_id != local.model_id, "S3 ETags are part of the id"
     rng = np.random.default_rng(0)
     cols = {
         "input_ids": np.array([[0, 5, 9, 1], [0, 7, 1, 1]], dtype=np.int64),

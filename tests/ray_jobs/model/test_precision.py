@@ -57,3 +57,36 @@ def test_model_id_command_prints_the_id(demo_assets, capsys, tmp_path):
     expected = open_checkpoint(demo_assets.model).model_id
     assert f"model-id: {expected} format=twin-tower embed_dim=32" in capsys.readouterr().out
     assert json.loads(out.read_text())["model_id"] == expected
+
+
+def test_model_stage_actors_chain_in_bfloat16_with_a_rejected_row(tmp_path):
+    """The Ray Data callable classes themselves (no Ray): bf16 hidden states between two stage
+    actors, a row rejected upstream passes through untouched, embeddings come out float32."""
+    from ray_jobs.model.checkpoint import open_checkpoint
+    from ray_jobs.model.demo_hf import build_clip
+    from ray_jobs.model.reference import reference_for
+    from ray_jobs.model.staged import ModelStage, build_layout
+
+    path = build_clip(str(tmp_path / "clip"), seed=4)
+    ckpt = open_checkpoint(path)
+    tok = ckpt.text_processing
+    ids, mask = tok.encode(tok.load_tokenizer(), ["a red cat", "dog", "", "blue boat on the river"])
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    batch = {
+        "id": np.array(["a", "b", "c", "d"], dtype=object),
+        "ok": np.array([True, True, False, True]),
+        "reject_stage": np.array(["", "", "decode", ""], dtype=object),
+        "reject_reason": np.array(["", "", "not an image", ""], dtype=object),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixels": pixels,
+    }
+    spec = build_layout(ckpt, num_stages=2).spec()
+    mid = ModelStage(path, spec, 0, dtype="bfloat16")(batch)
+    assert any(k.endswith("_hidden") and v.dtype == np.int16 for k, v in mid.items())
+    out = ModelStage(path, spec, 1, dtype="bfloat16")(mid)
+    assert out["ok"].tolist() == [True, True, False, True] and out["reject_reason"][2] == "not an image"
+    assert out["text_embedding"].dtype == np.float32 and not out["text_embedding"][2].any()
+    ref = reference_for(ckpt).embed(ids[[0, 1, 3]], mask[[0, 1, 3]], pixels[[0, 1, 3]])
+    for key in ("text_embedding", "image_embedding"):
+        assert ((out[key][[0, 1, 3]] * ref[key]).sum(axis=1) >= 0.99).all()
