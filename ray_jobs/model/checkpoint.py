@@ -82,8 +82,10 @@ def _cache_root() -> str:
 def _sync_small_files(uri: str) -> str:
     """Copy every non-weight file of the checkpoint at *uri* into a local cache dir.
 
-    Object keys are untrusted: a key that would land outside the cache dir (``..``, an
-    absolute path, a backslash) is refused before anything is written."""
+    A cached file is reused only while its object's size and ETag are unchanged, and files
+    gone from the prefix leave the cache. Object keys are untrusted: a key that would land
+    outside the cache dir (``..``, an absolute path, a backslash) is refused before anything
+    is written."""
     fs, root = storage.filesystem_for(uri)
     local = os.path.join(_cache_root(), "models", hashlib.sha256(uri.encode()).hexdigest()[:16])
     root = root.rstrip("/")
@@ -105,15 +107,38 @@ def _sync_small_files(uri: str) -> str:
             raise ModelError(f"model {uri}: refusing object key {rel!r}: it would resolve outside the checkpoint")
         if not rel.endswith(WEIGHT_SUFFIXES):
             plan.append((path, info, dest))
+    wanted = set()
     for path, info, dest in plan:
-        if os.path.exists(dest) and os.path.getsize(dest) == info.get("size"):
-            continue
+        wanted.add(dest)
+        stamp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.stamp")
+        etag = info.get("ETag") or info.get("etag") or info.get("mtime") or ""
+        version = f"{info.get('size')}:{etag}"
+        if os.path.exists(dest) and os.path.exists(stamp) and _read(stamp) == version:
+            continue  # this exact object version is already here
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".sync-")
         os.close(fd)
         fs.get_file(path, tmp)
         os.replace(tmp, dest)  # atomic: concurrent actors on one node never see half a file
+        _write_atomic(stamp, version)
+    for dirpath, _, names in os.walk(local):  # a file deleted upstream must not linger in the cache
+        for name in names:
+            full = os.path.join(dirpath, name)
+            if not name.startswith(".") and full not in wanted:
+                os.remove(full)
     return local
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".sync-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 class Checkpoint:

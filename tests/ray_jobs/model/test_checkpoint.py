@@ -167,3 +167,29 @@ def test_a_clip_checkpoint_on_s3_loads_and_embeds_like_the_local_copy(s3_bucket,
         outs.append(StageModule(ckpt, layout, 0).run(cols))
     for key in ("text_embedding", "image_embedding"):
         np.testing.assert_array_equal(outs[0][key], outs[1][key])
+
+
+def _text(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+@pytest.mark.integration
+def test_cached_small_files_follow_the_object_versions(s3_bucket, clip_dir, tmp_path, monkeypatch):
+    """A config rewritten on S3 with the same size is fetched again; a deleted file leaves the cache."""
+    import boto3
+
+    from ray_jobs.model.checkpoint import _sync_small_files
+
+    monkeypatch.setenv("RAY_JOBS_CACHE_DIR", str(tmp_path / "cache"))
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for name in os.listdir(clip_dir):
+        s3.upload_file(os.path.join(clip_dir, name), "embeddings-test", f"versions/{name}")
+    s3.put_object(Bucket="embeddings-test", Key="versions/notes.txt", Body=b"aaaa")
+    local = _sync_small_files(f"{s3_bucket}/versions")
+    assert _text(os.path.join(local, "notes.txt")) == "aaaa"
+    assert not os.path.exists(os.path.join(local, "model.safetensors")), "weights stay where they are"
+    s3.put_object(Bucket="embeddings-test", Key="versions/notes.txt", Body=b"bbbb")
+    assert _text(os.path.join(_sync_small_files(f"{s3_bucket}/versions"), "notes.txt")) == "bbbb"
+    s3.delete_object(Bucket="embeddings-test", Key="versions/notes.txt")
+    assert not os.path.exists(os.path.join(_sync_small_files(f"{s3_bucket}/versions"), "notes.txt"))
