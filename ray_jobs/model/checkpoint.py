@@ -32,7 +32,7 @@ from ray_jobs.contract import join_uri
 from ray_jobs.errors import ModelError
 from ray_jobs.model.image_ops import ImageProcessing, load_image_processing
 from ray_jobs.model.keys import safe_relpath
-from ray_jobs.model.model_id import WEIGHT_SUFFIXES, compute_model_id, list_checkpoint
+from ray_jobs.model.model_id import WEIGHT_SUFFIXES, compute_model_id
 from ray_jobs.model.text_ops import TextProcessing
 
 MANIFEST_FILE = "twin_tower.json"
@@ -190,9 +190,6 @@ class Checkpoint:
     def model_id(self) -> str:
         """``{name}-{hash of the checkpoint's metadata}``; reads no weight bytes (see :mod:`.model_id`)."""
         return compute_model_id(self.uri, self.name)
-
-    def files(self) -> list[str]:
-        return [rel for rel, _, _ in list_checkpoint(self.uri)]
 
 
 class TwinTowerCheckpoint(Checkpoint):

@@ -96,9 +96,6 @@ class ImageProcessing:
             pixels = center_crop(pixels, self.crop)
         return pixels, (0, 0)
 
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
-
 
 def size_for_max_patches(height: int, width: int, patch: int, max_patches: int, eps: float = 1e-5):
     """SigLIP 2's target size: the largest scale whose patch-multiple size has at most *max_patches* patches
