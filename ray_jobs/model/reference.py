@@ -93,16 +93,32 @@ class HFDualReference:
         kwargs = {"attention_mask": torch.as_tensor(attention_mask, device=self.device)} if self.uses_mask else {}
         return self.model.get_text_features(input_ids=ids, **kwargs).pooler_output
 
-    def image_features(self, pixel_values):
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+    def image_features(self, pixel_values, spatial_shapes=None):
+        if spatial_shapes is None:
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        # SigLIP 2: the processor's outputs for patches padded to max_num_patches
+        from ray_jobs.model.tower_def import TowerDef
 
-    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        mask = TowerDef.patch_mask(spatial_shapes, pixel_values.shape[1])
+        pixel_values = pixel_values * mask[..., None].to(pixel_values.dtype)
+        return self.model.get_image_features(
+            pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=spatial_shapes
+        ).pooler_output
+
+    def embed(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pixels: np.ndarray,
+        spatial_shapes: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():
             text = self.text_features(input_ids, attention_mask)
             px = pixels_to_tensor(pixels, self.ckpt.image_processing, self.device, self.dtype)
-            image = self.image_features(px)
+            shapes = None if spatial_shapes is None else torch.as_tensor(spatial_shapes, device=self.device)
+            image = self.image_features(px, shapes)
             return {"text_embedding": _normalise(text), "image_embedding": _normalise(image)}
 
 

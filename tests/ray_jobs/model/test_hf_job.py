@@ -1,6 +1,6 @@
-"""A Hugging Face CLIP checkpoint through the whole partition job on a real local Ray:
-rows padded to the longest text of each batch flow through two stage pools, in float32
-(equal to ``get_*_features``) and in bfloat16 (hidden states cross stages in bf16)."""
+"""Hugging Face checkpoints through the whole partition job on a real local Ray: CLIP (rows
+padded to the longest text of each batch, float32 equal to ``get_*_features``, bfloat16 hidden
+states between stages) and SigLIP 2 (variable patch grids travelling with the rows)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,32 @@ def test_clip_job_equals_get_features_in_fp32_and_is_close_in_bf16(ray_session, 
     for rid in fp32:
         for col in ("text_embedding", "image_embedding"):
             assert float(fp32[rid][col] @ bf16[rid][col]) >= 0.99, (rid, col)
+
+
+def test_siglip2_job_carries_patch_grids_between_stages(ray_session, demo_assets, tmp_path_factory, tmp_path):
+    """SigLIP 2's variable patch grids (``spatial_shapes``) travel with the rows through Ray Data."""
+    from ray_jobs.model.demo_hf import build_siglip2
+
+    path = build_siglip2(str(tmp_path_factory.mktemp("siglip2") / "siglip2-tiny"), seed=3)
+    job = prepare(
+        EmbedConfig(
+            manifest_uri=demo_assets.manifest,
+            output_uri=str(tmp_path),
+            model_uri=path,
+            batch_size=16,
+            preprocess_pool=(1, 1),
+            stages="text,image:0-1|image:2-3",
+        )
+    )
+    run_prepared(job)
+    got = _embeddings(job.partition_uri)
+    manifest = pq.read_table(demo_assets.manifest).slice(0, 40).to_pydict()
+    pre = Preprocessor(path)({k: np.array(v, dtype=object) for k, v in manifest.items()})
+    ok = pre["ok"]
+    assert len({tuple(g) for g in pre["spatial_shapes"][ok]}) > 1, "the demo images give several patch grids"
+    ref = reference_for(open_checkpoint(path)).embed(
+        pre["input_ids"][ok], pre["attention_mask"][ok], pre["pixels"][ok], pre["spatial_shapes"][ok]
+    )
+    for j, rid in enumerate(pre["id"][ok]):
+        for col in ("text_embedding", "image_embedding"):
+            assert np.abs(got[rid][col] - ref[col][j]).max() < 1e-4, (rid, col)
