@@ -239,3 +239,25 @@ def test_rows_padded_to_different_lengths_in_different_blocks(checkpoints, tmp_p
     out = StageModule(ckpt, layout, 1).run(merged)
     ref = _hf_reference(path, TEXTS[:2] + TEXTS[3:5], images, ckpt)
     assert np.abs(out["text_embedding"] - ref["text_embedding"]).max() < 1e-4
+
+
+def test_legacy_clip_config_pools_the_highest_token_id(checkpoints, tmp_path):
+    """Checkpoints saved before transformers#24773 carry ``eos_token_id: 2`` and pool the token with
+    the highest id (end-of-text in the original vocabulary); the staged model follows the same rule."""
+    import json
+    import shutil
+
+    legacy = tmp_path / "legacy-clip"
+    shutil.copytree(checkpoints("clip"), legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    cfg["text_config"]["eos_token_id"] = 2
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    ckpt = open_checkpoint(str(legacy))
+    assert ckpt.tower("text").eos_token_id == 2
+    images = _image_files(tmp_path)
+    cols = _preprocess(str(legacy), TEXTS, images)
+    ref = _hf_reference(str(legacy), TEXTS, images, ckpt)
+    out, _ = _run_staged(ckpt, build_layout(ckpt, num_stages=2), cols)
+    assert np.abs(out["text_embedding"] - ref["text_embedding"]).max() < 1e-4
+    modern = _run_staged(open_checkpoint(checkpoints("clip")), build_layout(ckpt, num_stages=2), cols)[0]
+    assert np.abs(out["text_embedding"] - modern["text_embedding"]).max() > 1e-3, "the rule changes which token"
