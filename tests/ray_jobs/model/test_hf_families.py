@@ -261,3 +261,26 @@ def test_legacy_clip_config_pools_the_highest_token_id(checkpoints, tmp_path):
     assert np.abs(out["text_embedding"] - ref["text_embedding"]).max() < 1e-4
     modern = _run_staged(open_checkpoint(checkpoints("clip")), build_layout(ckpt, num_stages=2), cols)[0]
     assert np.abs(out["text_embedding"] - modern["text_embedding"]).max() > 1e-3, "the rule changes which token"
+
+
+def test_sharded_checkpoint_loads_each_stage_from_its_shards(checkpoints, tmp_path):
+    """Big checkpoints are saved in shards (``model.safetensors.index.json``); stages read the shards they need."""
+    import os
+    import shutil
+
+    from transformers import AutoModel
+
+    src = checkpoints("dual-bert-vit")
+    sharded = tmp_path / "sharded"
+    AutoModel.from_pretrained(src).save_pretrained(sharded, max_shard_size="20KB")
+    for name in os.listdir(src):
+        if not name.startswith(("model", "config")):
+            shutil.copy(os.path.join(src, name), sharded / name)
+    shards = [n for n in os.listdir(sharded) if n.endswith(".safetensors")]
+    assert len(shards) > 3 and (sharded / "model.safetensors.index.json").exists()
+    ckpt = open_checkpoint(str(sharded))
+    images = _image_files(tmp_path)
+    ref = _hf_reference(src, TEXTS, images, open_checkpoint(src))
+    out, _ = _run_staged(ckpt, build_layout(ckpt, num_stages=3), _preprocess(str(sharded), TEXTS, images))
+    for key in ("text_embedding", "image_embedding"):
+        assert np.abs(out[key] - ref[key]).max() < 1e-4
