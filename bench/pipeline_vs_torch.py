@@ -9,6 +9,8 @@ card, or one GPU each when there are enough) and the torch loop runs on cuda:0.
 
     python bench/pipeline_vs_torch.py                                # tiny demo model
     python bench/pipeline_vs_torch.py --preset albert-base-vit-s16   # ALBERT-base + ViT-S/16 @ 224 px
+    python bench/pipeline_vs_torch.py --preset clip-vit-b-16         # CLIPModel sized like ViT-B/16 @ 224 px
+    python bench/pipeline_vs_torch.py --preset clip-vit-b-16 --dtype bfloat16
 
 The last line is ``ratio=<pipeline rows/s ÷ torch rows/s>``.
 """
@@ -30,28 +32,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_rows(ckpt, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows as the preprocessing actors emit them (the checkpoint's own tokenizer and image size).
+
+    Text is padded to the longest caption of all rows, so every batch has one shape on both sides."""
     import random
 
-    from transformers import AutoTokenizer
-
     from ray_jobs.model.demo_checkpoint import caption
-    from ray_jobs.model.image_ops import target_size
 
     rng = random.Random(seed)
-    tok = AutoTokenizer.from_pretrained(ckpt.tower_local_dir("text"))
-    texts = [caption(rng) for _ in range(n)]
-    enc = tok(texts, padding="max_length", truncation=True, max_length=ckpt.config.text_max_length, return_tensors="np")
-    h, w = target_size(ckpt.image_processing)
+    text = ckpt.text_processing
+    input_ids, attention_mask = text.encode(text.load_tokenizer(), [caption(rng) for _ in range(n)])
+    h, w = ckpt.image_processing.size
     pixels = np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     return {
         "id": np.array([f"row-{i:06d}" for i in range(n)], dtype=object),
         "ok": np.ones(n, dtype=bool),
         "reject_stage": np.full(n, "", dtype=object),
         "reject_reason": np.full(n, "", dtype=object),
-        "input_ids": enc["input_ids"].astype(np.int64),
-        "attention_mask": enc["attention_mask"].astype(np.int64),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "pixels": pixels,
     }
+
+
+def build_preset(preset: str) -> str:
+    """A random-init checkpoint of *preset* in a temp dir (twin-tower presets or a CLIPModel)."""
+    from ray_jobs.model.demo_checkpoint import PRESETS, build_demo_checkpoint
+    from ray_jobs.model.demo_hf import CLIP_PRESETS, build_clip
+
+    out = tempfile.mkdtemp(prefix="bench-ckpt-")
+    if preset in PRESETS:
+        return build_demo_checkpoint(out, preset=preset)
+    if preset.startswith("clip-") and preset[len("clip-") :] in CLIP_PRESETS:
+        return build_clip(os.path.join(out, preset), preset=preset[len("clip-") :])
+    raise SystemExit(f"unknown preset {preset!r}: {sorted(PRESETS) + [f'clip-{p}' for p in CLIP_PRESETS]}")
 
 
 def steady(times: list[float], sizes: list[int], warmup: int) -> float:
@@ -61,14 +75,14 @@ def steady(times: list[float], sizes: list[int], warmup: int) -> float:
     return sum(sizes[warmup + 1 :]) / (times[-1] - times[warmup])
 
 
-def bench_torch(ckpt, rows, batch: int, warmup: int, device: str, threads: int) -> dict:
+def bench_torch(ckpt, rows, batch: int, warmup: int, device: str, threads: int, dtype: str) -> dict:
     import torch
 
-    from ray_jobs.model.reference import TwinTowerReference
+    from ray_jobs.model.reference import reference_for
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = TwinTowerReference(ckpt, device=device)
+    model = reference_for(ckpt, device=device, dtype=dtype)
     load = time.perf_counter() - t0
     n = len(rows["id"])
     times, sizes = [], []
@@ -83,7 +97,7 @@ def bench_torch(ckpt, rows, batch: int, warmup: int, device: str, threads: int) 
     return {"rows_per_s": steady(times, sizes, warmup), "first_batch_s": times[0] - start, "load_s": load}
 
 
-def bench_pipeline(ckpt, layout, rows, batch: int, warmup: int) -> dict:
+def bench_pipeline(ckpt, layout, rows, batch: int, warmup: int, dtype: str) -> dict:
     import pyarrow as pa
     import ray
     from ray.data.extensions import ArrowTensorArray
@@ -101,7 +115,7 @@ def bench_pipeline(ckpt, layout, rows, batch: int, warmup: int) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.from_arrow(tables)
-    ds = add_model_stages(ds, layout, ckpt.uri, batch)
+    ds = add_model_stages(ds, layout, ckpt.uri, batch, dtype=dtype)
     times, sizes = [], []
     start = time.perf_counter()
     for b in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2):
@@ -113,8 +127,9 @@ def bench_pipeline(ckpt, layout, rows, batch: int, warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", help="tiny | albert-base-vit-s16")
-    parser.add_argument("--model", help="an existing twin-tower checkpoint instead of a preset")
+    parser.add_argument("--preset", default="tiny", help="tiny | albert-base-vit-s16 | clip-tiny | clip-vit-b-16")
+    parser.add_argument("--model", help="an existing checkpoint (any supported format) instead of a preset")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--rows", type=int, default=None, help="rows per side (default: 2048 tiny, 192 larger)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 tiny, 16 larger")
     parser.add_argument("--num-stages", type=int, default=2)
@@ -126,16 +141,15 @@ def main() -> None:
     import ray
     import torch
 
-    from ray_jobs.model.checkpoint import TwinTowerCheckpoint
-    from ray_jobs.model.demo_checkpoint import build_demo_checkpoint
+    from ray_jobs.model.checkpoint import open_checkpoint
     from ray_jobs.model.stage_spec import StageResources
     from ray_jobs.model.staged import build_layout
 
-    tiny = args.preset == "tiny" and not args.model
+    tiny = args.preset in ("tiny", "clip-tiny") and not args.model
     rows_n = args.rows or (2048 if tiny else 192)
     batch = args.batch_size or (64 if tiny else 16)
-    path = args.model or build_demo_checkpoint(tempfile.mkdtemp(prefix="bench-ckpt-"), preset=args.preset)
-    ckpt = TwinTowerCheckpoint(path)
+    path = args.model or build_preset(args.preset)
+    ckpt = open_checkpoint(path)
     gpus = torch.cuda.device_count()
     k = len(args.stages.split("|")) if args.stages else args.num_stages
     if gpus:
@@ -146,9 +160,12 @@ def main() -> None:
     device = "cuda" if gpus else "cpu"
     rows = make_rows(ckpt, rows_n)
 
-    print(f"model={ckpt.config.name} rows={rows_n} batch={batch} device={device} cores={args.cores} gpus={gpus}")
+    print(
+        f"model={ckpt.name} ({ckpt.format}) dtype={args.dtype} rows={rows_n} batch={batch} device={device} "
+        f"cores={args.cores} gpus={gpus}"
+    )
     print(f"stages={layout.spec()}")
-    t = bench_torch(ckpt, rows, batch, args.warmup, device, args.cores)
+    t = bench_torch(ckpt, rows, batch, args.warmup, device, args.cores, args.dtype)
     print(
         f"torch:    steady {t['rows_per_s']:9.1f} rows/s   first batch {t['first_batch_s']:.2f}s "
         f"(model load {t['load_s']:.2f}s)",
@@ -164,7 +181,7 @@ def main() -> None:
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}},
     )
     try:
-        p = bench_pipeline(ckpt, layout, rows, batch, args.warmup)
+        p = bench_pipeline(ckpt, layout, rows, batch, args.warmup, args.dtype)
     finally:
         ray.shutdown()
     print(

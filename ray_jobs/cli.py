@@ -52,7 +52,24 @@ def _add_embed(sub) -> None:
     src.add_argument("--plan", help="plan.json written by `plan`")
     src.add_argument("--partition", type=int, help="partition index in --plan")
     p.add_argument("--output", help="output root (local path, file:// or s3://); with --plan, the plan's")
-    p.add_argument("--model", required=True, help="twin-tower checkpoint directory or s3:// prefix")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory or s3:// prefix: a Hugging Face CLIPModel, SiglipModel, ChineseCLIPModel or "
+        "VisionTextDualEncoderModel saved with save_pretrained (tokenizer and image processor beside it), "
+        "or a twin-tower checkpoint",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="stage weights and hidden states between stages (float16 needs CUDA); embeddings are stored as float32",
+    )
+    p.add_argument(
+        "--model-id",
+        help="the checkpoint's model id as computed once per run (python -m ray_jobs model-id); default: computed "
+        "here from the checkpoint's metadata",
+    )
     layout = p.add_argument_group("stage layout")
     layout.add_argument("--num-stages", type=_positive_int, help="split the layers into K balanced stages (default 2)")
     layout.add_argument("--stages", help="explicit spec, e.g. 'text@gpus=1|image:0-5@gpus=1|image:6-11@gpus=1'")
@@ -159,6 +176,17 @@ def _add_validate(sub) -> None:
     )
 
 
+def _add_model_id(sub) -> None:
+    p = sub.add_parser(
+        "model-id",
+        help="print a checkpoint's model id, format and embedding size (reads metadata only, never weights)",
+        description="Open the checkpoint (any supported format), check it, and print its model id: the name plus a "
+        "hash of its configs, tokenizer and processor files, safetensors headers, sizes and (on S3) ETags.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or s3:// prefix")
+    p.add_argument("--summary-json", help="also write the result as JSON to this local path")
+
+
 def _add_summary(sub) -> None:
     p = sub.add_parser(
         "summary",
@@ -176,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     _add_demo_assets(sub)
     _add_summary(sub)
+    _add_model_id(sub)
     return parser
 
 
@@ -207,6 +236,8 @@ def _cmd_embed(args) -> int:
         admission_timeout_s=args.admission_timeout_s,
         task_cpus=args.task_cpus,
         driver_cpus=args.driver_cpus,
+        dtype=args.dtype,
+        model_id=args.model_id,
     )
     result = run_embed(cfg)
     print(result.summary(), flush=True)
@@ -283,6 +314,21 @@ def _cmd_validate(args) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_model_id(args) -> int:
+    from ray_jobs.model.checkpoint import describe_checkpoint
+
+    info = describe_checkpoint(args.model)
+    print(
+        f"model-id: {info['model_id']} format={info['format']} embed_dim={info['embed_dim']} "
+        f"layers=text:{info['layers']['text']},image:{info['layers']['image']}",
+        flush=True,
+    )
+    if args.summary_json:
+        with open(args.summary_json, "w") as fh:
+            json.dump(info, fh, indent=2)
+    return 0
+
+
 def _cmd_summary(args) -> int:
     from ray_jobs import storage
     from ray_jobs.contract import join_uri
@@ -324,6 +370,7 @@ COMMANDS = {
     "validate": _cmd_validate,
     "demo-assets": _cmd_demo_assets,
     "summary": _cmd_summary,
+    "model-id": _cmd_model_id,
 }
 
 

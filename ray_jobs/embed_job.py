@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 #: ``placement-group``: reserve the whole minimum footprint before the pipeline starts
 #: (README, "Concurrency"); ``none``: Ray Data's own autoscaling pools, for a dedicated cluster.
 ADMISSION_MODES = ("placement-group", "none")
+_MODEL_ID = re.compile(r"^[a-z0-9_]{1,200}-[0-9a-f]{10}$")  # contract.make_model_id
 
 #: Environment every Ray worker of the job gets (no hub access, quiet transformers).
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
@@ -66,8 +68,17 @@ class EmbedConfig:
     admission_timeout_s: float = 1800.0
     task_cpus: float = DEFAULT_TASK_CPUS
     driver_cpus: float = DEFAULT_DRIVER_CPUS
+    dtype: str = "float32"  # stage weights and hidden states: float32 | bfloat16 | float16 (CUDA only)
+    model_id: str | None = None  # precomputed once per run (check_inputs); None: computed here (metadata only)
 
     def __post_init__(self) -> None:
+        from ray_jobs.model.precision import check_dtype
+
+        check_dtype(self.dtype)
+        if self.model_id is not None and not _MODEL_ID.match(self.model_id):
+            raise UsageError(
+                f"--model-id must look like name-0123456789 (as check_inputs prints it), got {self.model_id!r}"
+            )
         if (self.manifest_uri is None) == (self.plan_uri is None):
             raise UsageError("give exactly one of --manifest or --plan")
         if self.plan_uri is not None and (self.partition is None or self.partition < 0):
@@ -214,25 +225,33 @@ def _plan_partition(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str
 
 def prepare(cfg: EmbedConfig) -> PreparedJob:
     """Check every input without Ray; raises :class:`~ray_jobs.errors.JobInputError` subclasses."""
-    from ray_jobs.model.checkpoint import TwinTowerCheckpoint
+    from ray_jobs.model.checkpoint import open_checkpoint
     from ray_jobs.model.staged import build_layout
 
     refs, plan_id, output = _plan_partition(cfg) if cfg.plan_uri else _whole_manifest(cfg)
     if not storage.is_remote(output):
         output = storage.filesystem_for(output)[1]  # absolute local path in markers and summaries
     partition = cfg.partition or 0
-    ckpt = TwinTowerCheckpoint(cfg.model_uri)
+    ckpt = open_checkpoint(cfg.model_uri)
     layout = build_layout(ckpt, num_stages=cfg.num_stages, spec=cfg.stages, defaults=cfg.stage_defaults)
+    if cfg.dtype == "float16":
+        cpu_only = [s.name for s in layout.stages if s.resources.num_gpus <= 0]
+        if cpu_only:
+            raise UsageError(
+                f"--dtype float16 needs CUDA, but {', '.join(cpu_only)} has no GPU; "
+                "use --dtype bfloat16 on CPU or give every stage gpus (--stage-num-gpus / gpus= in --stages)"
+            )
+    model_id = cfg.model_id or ckpt.model_id
     return PreparedJob(
         config=cfg,
         fragments=refs,
         model_uri=ckpt.uri,
-        model_id=ckpt.model_id,
-        embed_dim=ckpt.config.embed_dim,
+        model_id=model_id,
+        embed_dim=ckpt.embed_dim,
         layout=layout,
         plan_id=plan_id,
         partition=partition,
-        partition_uri=partition_dir(output, ckpt.model_id, plan_id, partition),
+        partition_uri=partition_dir(output, model_id, plan_id, partition),
     )
 
 
@@ -270,8 +289,10 @@ def no_remote_args(op: str) -> dict:
     return {}
 
 
-def add_model_stages(ds, layout: StageLayout, model_uri: str, batch_size: int, remote_args=no_remote_args):
-    """Append one ``map_batches`` actor pool per stage of *layout* to *ds*.
+def add_model_stages(
+    ds, layout: StageLayout, model_uri: str, batch_size: int, remote_args=no_remote_args, dtype: str = "float32"
+):
+    """Append one ``map_batches`` actor pool per stage of *layout* to *ds*, computing in *dtype*.
 
     *remote_args* maps an operator name (``stage0``, ``stage1``, ...) to extra Ray options for
     its actors (a placement-group scheduling strategy under admission control)."""
@@ -289,6 +310,7 @@ def add_model_stages(ds, layout: StageLayout, model_uri: str, batch_size: int, r
                 "layout_spec": spec,
                 "stage_index": stage.index,
                 "num_threads": max(1, int(res.num_cpus)),
+                "dtype": dtype,
             },
             batch_size=batch_size,
             batch_format="numpy",
@@ -323,7 +345,7 @@ def build_dataset(job: PreparedJob, remote_args=no_remote_args):
         num_cpus=cfg.preprocess_cpus,
         **remote_args("preprocess"),
     )
-    return add_model_stages(ds, job.layout, job.model_uri, cfg.batch_size, remote_args)
+    return add_model_stages(ds, job.layout, job.model_uri, cfg.batch_size, remote_args, dtype=cfg.dtype)
 
 
 def reservation_name(job: PreparedJob) -> str:

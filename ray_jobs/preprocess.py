@@ -1,5 +1,9 @@
-"""CPU side of the job: tokenize text, fetch images by URI, decode and resize them.
+"""CPU side of the job: tokenize text, fetch images by URI, decode, resize and crop them.
 
+Tokenisation and image geometry are the checkpoint's own (its tokenizer, max length and
+special tokens; its image processor's RGB conversion, resize mode, resample filter and centre
+crop; see :mod:`ray_jobs.model.image_ops`); rescale and normalisation run in the model stage.
+Text is padded to the longest row of the batch unless the tower needs its max length.
 Every row leaves here either valid (``ok``) with ``input_ids``, ``attention_mask`` and
 ``pixels`` (uint8 HWC at the model's size), or rejected with the stage and a reason;
 rejected rows carry zero placeholders so batches keep one shape, and later stages skip them.
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ray_jobs import storage
+from ray_jobs.model.image_ops import ImageProcessing
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +64,12 @@ def fetch_bytes(uri: str, max_bytes: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, size: tuple[int, int], resample: int, max_pixels: int) -> np.ndarray:
-    """Decode *data* to uint8 ``(height, width, 3)`` at *size*; never more than *max_pixels* decoded."""
+def decode_image(data: bytes, processing: ImageProcessing, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode *data* and apply the checkpoint's own resize / crop: uint8 pixels of
+    ``processing.pixel_shape`` and the patch grid (SigLIP 2; ``(0, 0)`` otherwise); never more
+    than *max_pixels* decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    height, width = size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -71,14 +77,9 @@ def decode_image(data: bytes, size: tuple[int, int], resample: int, max_pixels: 
             w, h = img.size
             if w * h > max_pixels:
                 raise RowRejected("decode", f"decompression bomb: {w}x{h} exceeds {max_pixels} pixels")
-            if img.format == "JPEG":
-                img.draft("RGB", (width, height))  # let libjpeg decode at a reduced scale
             img.load()
             img = ImageOps.exif_transpose(img)
-            if img.mode != "RGB":
-                img = img.convert("RGBA").convert("RGB") if "A" in img.mode or img.mode == "P" else img.convert("RGB")
-            img = img.resize((width, height), resample=Image.Resampling(resample))
-            return np.asarray(img, dtype=np.uint8)
+            return processing.transform(img)
     except RowRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -95,22 +96,18 @@ class Preprocessor:
     """Ray Data callable class: one per CPU actor of the preprocessing pool."""
 
     def __init__(self, model_uri: str, limits: ImageLimits | None = None, fetch_threads: int = 16):
-        from transformers import AutoTokenizer
+        from ray_jobs.model.checkpoint import open_checkpoint
 
-        from ray_jobs.model.checkpoint import TwinTowerCheckpoint
-        from ray_jobs.model.image_ops import target_size
-
-        ckpt = TwinTowerCheckpoint(model_uri)
-        self.tokenizer = AutoTokenizer.from_pretrained(ckpt.tower_local_dir("text"))
-        self.max_length = ckpt.config.text_max_length
-        self.size = target_size(ckpt.image_processing)
-        self.resample = int(ckpt.image_processing.get("resample", 2))
+        ckpt = open_checkpoint(model_uri)
+        self.text = ckpt.text_processing
+        self.tokenizer = self.text.load_tokenizer()
+        self.processing = ckpt.image_processing
         self.limits = limits or ImageLimits()
         self.pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
 
-    def _image(self, uri: str) -> np.ndarray:
+    def _image(self, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
         data = fetch_bytes(uri, self.limits.max_object_bytes)
-        return decode_image(data, self.size, self.resample, self.limits.max_pixels)
+        return decode_image(data, self.processing, self.limits.max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["id"]
@@ -124,16 +121,15 @@ class Preprocessor:
         for r in range(n):
             if ids[r] is None or out_ids[r] == "":
                 ok[r], stage[r], reason[r] = False, "read", "missing id: null or empty id"
-        enc = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="np"
-        )
-        pixels = np.zeros((n, *self.size, 3), dtype=np.uint8)
+        input_ids, attention_mask = self.text.encode(self.tokenizer, texts)
+        pixels = np.zeros((n, *self.processing.pixel_shape), dtype=np.uint8)
+        grids = np.zeros((n, 2), dtype=np.int64)
         futures = [self.pool.submit(self._image, u) if ok[r] else None for r, u in enumerate(uris)]
         for r, fut in enumerate(futures):
             if fut is None:
                 continue
             try:
-                pixels[r] = fut.result()
+                pixels[r], grids[r] = fut.result()
             except RowRejected as exc:
                 ok[r], stage[r], reason[r] = False, exc.stage, exc.reason
             except Exception as exc:  # never let one row fail the partition
@@ -143,7 +139,8 @@ class Preprocessor:
             "ok": ok,
             "reject_stage": stage,
             "reject_reason": reason,
-            "input_ids": enc["input_ids"].astype(np.int64),
-            "attention_mask": enc["attention_mask"].astype(np.int64),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "pixels": pixels,
+            **({"spatial_shapes": grids} if self.processing.patches else {}),
         }

@@ -135,10 +135,10 @@ def resolve_model_id(plan: Plan, model_uri: str | None) -> tuple[str, int | None
     """The model id whose outputs to check: from --model, the plan's model, or the only one present."""
     uri = model_uri or plan.model_uri
     if uri:
-        from ray_jobs.model.checkpoint import TwinTowerCheckpoint
+        from ray_jobs.model.checkpoint import open_checkpoint
 
-        ckpt = TwinTowerCheckpoint(uri)
-        return ckpt.model_id, ckpt.config.embed_dim
+        ckpt = open_checkpoint(uri)
+        return ckpt.model_id, ckpt.embed_dim
     root = join_uri(plan.output_uri, "embeddings")
     fs, path = storage.filesystem_for(root)
     candidates = []

@@ -175,7 +175,8 @@ def param_schemas(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "type": "string",
             "minLength": 1,
             "section": io,
-            "description": "Twin-tower checkpoint directory or s3:// prefix",
+            "description": "Checkpoint directory or s3:// prefix: twin tower, or a Hugging Face dual encoder "
+            "(CLIP, SigLIP, SigLIP 2, Chinese-CLIP, VisionTextDualEncoder) as save_pretrained wrote it",
         },
         "dataset": _nullable(
             "string",
@@ -245,6 +246,13 @@ def param_schemas(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         "max_reject_rate": {"type": "number", "minimum": 0, "maximum": 1, "section": job},
         "poll_interval_s": {"type": "number", "minimum": 0.1, "maximum": 600, "section": job},
+        "dtype": {
+            "type": "string",
+            "enum": ["float32", "bfloat16", "float16"],
+            "section": stages,
+            "description": "Stage weights and hidden states between stages (float16: GPU stages only); "
+            "embeddings are stored as float32",
+        },
         # -- concurrency and deadlines (README, "Concurrency")
         "max_partitions_in_flight": _nullable(
             "integer",

@@ -85,7 +85,7 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
     from ray_jobs.errors import JobInputError
     from ray_jobs.footprint import job_footprint
     from ray_jobs.manifest import read_manifest
-    from ray_jobs.model.checkpoint import TwinTowerCheckpoint
+    from ray_jobs.model.checkpoint import open_checkpoint
     from ray_jobs.model.stage_spec import StageResources
     from ray_jobs.model.staged import build_layout
 
@@ -95,7 +95,7 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
         if params.get("partition_rows") and params.get("partition_bytes"):
             raise JobInputError("params: give partition_rows or partition_bytes, not both")
         files = read_manifest(params["manifest_uri"])
-        ckpt = TwinTowerCheckpoint(params["model_uri"])
+        ckpt = open_checkpoint(params["model_uri"])  # twin tower or a Hugging Face dual encoder, as saved
         lo, _, hi = str(params["stage_pool"]).partition("-")
         defaults = StageResources(
             float(params["stage_num_cpus"]), float(params["stage_num_gpus"]), int(lo), int(hi or lo)
@@ -117,8 +117,9 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
     return {
         "files": len(files),
         "rows": sum(f.rows for f in files),
-        "model_id": ckpt.model_id,
-        "embed_dim": ckpt.config.embed_dim,
+        "model_id": ckpt.model_id,  # metadata only, once per run; every job gets it as --model-id
+        "model_format": ckpt.format,
+        "embed_dim": ckpt.embed_dim,
         "stages": layout.spec(),
         "footprint": job_footprint(
             ((s.resources.num_cpus, s.resources.num_gpus, s.resources.min_pool) for s in layout.stages),
@@ -169,13 +170,19 @@ EMBED_FLAGS = (
     ("max_image_pixels", "--max-image-pixels"),
     ("max_object_bytes", "--max-object-bytes"),
     ("admission_timeout_s", "--admission-timeout-s"),
+    ("dtype", "--dtype"),
 )
 
 
-def embed_argv(params: dict[str, Any], plan_uri: str, partition: int, python: str) -> list[str]:
+def embed_argv(
+    params: dict[str, Any], plan_uri: str, partition: int, python: str, model_id: str | None = None
+) -> list[str]:
     """The job's argv from validated values only: each value one ``--flag=value`` element, so
-    no value is ever read as a flag of its own or split by a shell."""
+    no value is ever read as a flag of its own or split by a shell. *model_id* is the one
+    ``check_inputs`` computed for the run (the job then reads no checkpoint metadata for it)."""
     argv = [python, "-m", "ray_jobs", "embed", f"--plan={plan_uri}", f"--partition={int(partition)}"]
+    if model_id is not None:
+        argv.append(f"--model-id={model_id}")
     for name, flag in EMBED_FLAGS:
         value = params.get(name)
         if value is not None:
@@ -187,9 +194,11 @@ def embed_argv(params: dict[str, Any], plan_uri: str, partition: int, python: st
     return argv
 
 
-def embed_command(params: dict[str, Any], plan_uri: str, partition: int, python: str) -> str:
+def embed_command(
+    params: dict[str, Any], plan_uri: str, partition: int, python: str, model_id: str | None = None
+) -> str:
     """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex."""
-    return shlex.join(embed_argv(params, plan_uri, partition, python))
+    return shlex.join(embed_argv(params, plan_uri, partition, python, model_id))
 
 
 def plan_partitions(params: dict[str, Any], airflow_run_id: str, model_id: str) -> dict[str, Any]:
@@ -233,7 +242,7 @@ def plan_partitions(params: dict[str, Any], airflow_run_id: str, model_id: str) 
     jobs = [
         {
             "partition": k,
-            "entrypoint": embed_command(params, result.uri, k, python),
+            "entrypoint": embed_command(params, result.uri, k, python, model_id),
             "runtime_env": runtime_env,
             "entrypoint_num_cpus": DEFAULT_DRIVER_CPUS,  # counted in the footprint; keeps drivers off a 0-CPU head
         }

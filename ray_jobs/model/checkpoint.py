@@ -1,15 +1,18 @@
-"""The twin-tower checkpoint format and how to open one from a local dir or an S3 prefix.
+"""Opening a checkpoint, from a local directory or an ``s3://`` prefix, whatever its format.
 
-On disk (local directory or ``s3://`` prefix)::
+Two formats load as they are (:func:`open_checkpoint` tells them apart):
+
+* **Hugging Face dual encoders** saved with ``save_pretrained`` (``config.json`` whose
+  ``model_type`` is ``clip``, ``siglip``, ``siglip2``, ``chinese_clip`` or ``vision-text-dual-encoder``), with
+  their tokenizer and image-processor files beside them: see :mod:`ray_jobs.model.hf_dual`.
+* **The twin tower** (``twin_tower.json``)::
 
     twin_tower.json            name, embed_dim, poolings, text max length, tower sub-dirs
     projection.safetensors     text_projection.weight [D, H_text], image_projection.weight [D, H_image]
     text/                      a Hugging Face text encoder: config.json, model.safetensors, tokenizer files
-    image/                     a Hugging Face ViT-style encoder: config.json, model.safetensors,
+    image/                     a Hugging Face ViT encoder: config.json, model.safetensors,
                                preprocessor_config.json
 
-A real checkpoint is the same layout with real towers copied in (``save_pretrained`` output
-of e.g. ``albert-base-v2`` and ``google/vit-base-patch16-224``) and trained projection heads.
 Small files are synced to a local cache (tokenizers and configs need a local path); weights
 are read in place, tensor by tensor (see :mod:`ray_jobs.model.safetensors_io`).
 """
@@ -19,17 +22,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 
 from ray_jobs import storage
-from ray_jobs.contract import join_uri, make_model_id
+from ray_jobs.contract import join_uri
 from ray_jobs.errors import ModelError
+from ray_jobs.model.image_ops import ImageProcessing, load_image_processing
+from ray_jobs.model.keys import safe_relpath
+from ray_jobs.model.model_id import WEIGHT_SUFFIXES, compute_model_id
+from ray_jobs.model.text_ops import TextProcessing
 
 MANIFEST_FILE = "twin_tower.json"
 PROJECTION_FILE = "projection.safetensors"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _POOLINGS = ("mean", "cls")
 
 
@@ -53,6 +60,8 @@ class TwinTowerConfig:
                 raise ModelError(f"{MANIFEST_FILE}: {key} must be one of {_POOLINGS}, got {getattr(self, key)!r}")
         if self.text_max_length <= 1:
             raise ModelError(f"{MANIFEST_FILE}: text_max_length must be > 1, got {self.text_max_length}")
+        for key in ("text_dir", "image_dir"):
+            safe_relpath(getattr(self, key), MANIFEST_FILE, key)
 
     @classmethod
     def from_json(cls, text: str, source: str) -> TwinTowerConfig:
@@ -71,32 +80,73 @@ def _cache_root() -> str:
 
 
 def _sync_small_files(uri: str) -> str:
-    """Copy every non-weight file of the checkpoint at *uri* into a local cache dir."""
+    """Copy every non-weight file of the checkpoint at *uri* into a local cache dir.
+
+    A cached file is reused only while its object's size and ETag are unchanged, and files
+    gone from the prefix leave the cache. Object keys are untrusted: a key that would land
+    outside the cache dir (``..``, an absolute path, a backslash) is refused before anything
+    is written."""
     fs, root = storage.filesystem_for(uri)
     local = os.path.join(_cache_root(), "models", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    root = root.rstrip("/")
     try:
         found = fs.find(root, detail=True)
     except FileNotFoundError:
         found = {}
     if not found:
         raise ModelError(f"model {uri}: nothing found at that prefix")
+    plan = []
     for path, info in sorted(found.items()):
-        rel = os.path.relpath(path, root)
-        if rel.endswith(_WEIGHT_SUFFIXES) or info.get("type") != "file":
+        if info.get("type") != "file":
             continue
-        dest = os.path.join(local, rel)
-        if os.path.exists(dest) and os.path.getsize(dest) == info.get("size"):
-            continue
+        if not path.startswith(root + "/"):
+            raise ModelError(f"model {uri}: refusing object key {path!r}: it is not under the checkpoint prefix")
+        rel = safe_relpath(path[len(root) + 1 :], f"model {uri}", "object key")
+        dest = os.path.normpath(os.path.join(local, *rel.split("/")))
+        if os.path.commonpath([dest, os.path.normpath(local)]) != os.path.normpath(local):
+            raise ModelError(f"model {uri}: refusing object key {rel!r}: it would resolve outside the checkpoint")
+        if not rel.endswith(WEIGHT_SUFFIXES):
+            plan.append((path, info, dest))
+    wanted = set()
+    for path, info, dest in plan:
+        wanted.add(dest)
+        stamp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.stamp")
+        etag = info.get("ETag") or info.get("etag") or info.get("mtime") or ""
+        version = f"{info.get('size')}:{etag}"
+        if os.path.exists(dest) and os.path.exists(stamp) and _read(stamp) == version:
+            continue  # this exact object version is already here
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".sync-")
         os.close(fd)
         fs.get_file(path, tmp)
         os.replace(tmp, dest)  # atomic: concurrent actors on one node never see half a file
+        _write_atomic(stamp, version)
+    for dirpath, _, names in os.walk(local):  # a file deleted upstream must not linger in the cache
+        for name in names:
+            full = os.path.join(dirpath, name)
+            if not name.startswith(".") and full not in wanted:
+                os.remove(full)
     return local
 
 
-class TwinTowerCheckpoint:
-    """An opened checkpoint: configs and tokenizer locally, weights where they are."""
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".sync-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """An opened checkpoint: configs and tokenizer locally, weights where they are.
+
+    Subclasses describe their towers (:meth:`tower`), tokenisation and image processing."""
+
+    format = "?"
 
     def __init__(self, uri: str) -> None:
         self.uri = uri if storage.is_remote(uri) else storage.filesystem_for(uri)[1]
@@ -106,6 +156,49 @@ class TwinTowerCheckpoint:
             if not os.path.isdir(self.uri):
                 raise ModelError(f"model directory {uri} does not exist")
             self.local_dir = self.uri
+        self._towers: dict = {}
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.uri.rstrip("/")) or "model"
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def text_processing(self) -> TextProcessing:
+        raise NotImplementedError
+
+    @property
+    def image_processing(self) -> ImageProcessing:
+        raise NotImplementedError
+
+    def _build_tower(self, tower: str):
+        raise NotImplementedError
+
+    def tower(self, tower: str):
+        """The :class:`~ray_jobs.model.tower_def.TowerDef` of *tower* (``text`` or ``image``)."""
+        if tower not in self._towers:
+            self._towers[tower] = self._build_tower(tower)
+        return self._towers[tower]
+
+    def layer_counts(self) -> dict[str, int]:
+        return {t: self.tower(t).num_layers for t in ("text", "image")}
+
+    @cached_property
+    def model_id(self) -> str:
+        """``{name}-{hash of the checkpoint's metadata}``; reads no weight bytes (see :mod:`.model_id`)."""
+        return compute_model_id(self.uri, self.name)
+
+
+class TwinTowerCheckpoint(Checkpoint):
+    """The project's own format: two Hugging Face towers and a projection file."""
+
+    format = "twin-tower"
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
         manifest = os.path.join(self.local_dir, MANIFEST_FILE)
         if not os.path.exists(manifest):
             raise ModelError(f"model {uri}: {MANIFEST_FILE} is missing; is this a twin-tower checkpoint?")
@@ -116,6 +209,14 @@ class TwinTowerCheckpoint:
                 raise ModelError(f"model {uri}: tower directory {sub}/ has no config.json")
         if not os.path.exists(os.path.join(self.local_dir, self.config.image_dir, "preprocessor_config.json")):
             raise ModelError(f"model {uri}: {self.config.image_dir}/preprocessor_config.json is missing")
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
 
     # -- locations
     def tower_uri(self, tower: str) -> str:
@@ -131,7 +232,6 @@ class TwinTowerCheckpoint:
     def projection_uri(self) -> str:
         return join_uri(self.uri, PROJECTION_FILE)
 
-    # -- configs
     def hf_config(self, tower: str):
         from transformers import AutoConfig
 
@@ -140,42 +240,58 @@ class TwinTowerCheckpoint:
         return cfg
 
     @cached_property
-    def image_processing(self) -> dict:
-        with open(os.path.join(self.tower_local_dir("image"), "preprocessor_config.json")) as fh:
-            return json.load(fh)
+    def text_processing(self) -> TextProcessing:
+        return TextProcessing(self.tower_local_dir("text"), self.config.text_max_length)
 
     @cached_property
-    def model_id(self) -> str:
-        """Checkpoint name plus a hash of every file's name and content (weights included).
+    def image_processing(self) -> ImageProcessing:
+        return load_image_processing(self.tower_local_dir("image"))
 
-        Local and remote copies of one checkpoint get the same id. For a remote one the
-        content hash is computed once per machine and cached under its listing (paths,
-        sizes, ETags), so partition jobs do not re-read the weights just to name them.
-        """
-        fs, root = storage.filesystem_for(self.uri)
-        found = fs.find(root, detail=True)
-        files = []
-        for path, info in sorted(found.items()):
-            rel = os.path.relpath(path, root)
-            if not os.path.basename(rel).startswith("."):
-                files.append((rel, path, info))
-        cache = None
-        if storage.is_remote(self.uri):
-            listing = [(rel, info.get("size"), info.get("ETag")) for rel, _, info in files]
-            key = hashlib.sha256(json.dumps([self.uri, listing]).encode()).hexdigest()[:24]
-            cache = os.path.join(_cache_root(), "model-ids", key)
-            if os.path.exists(cache):
-                with open(cache) as fh:
-                    return fh.read().strip()
-        digest = hashlib.sha256()
-        for rel, path, _ in files:
-            digest.update(rel.encode() + b"\0")
-            with fs.open(path, "rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                    digest.update(chunk)
-        model_id = make_model_id(self.config.name, digest.hexdigest())
-        if cache:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            with open(cache, "w") as fh:
-                fh.write(model_id)
-        return model_id
+    def _build_tower(self, tower: str):
+        from ray_jobs.model.twin_tower import build_twin_tower
+
+        return build_twin_tower(self, tower)
+
+
+def open_checkpoint(uri: str) -> Checkpoint:
+    """Open the checkpoint at *uri* in whichever supported format it is."""
+    from ray_jobs.model.hf_dual import FAMILIES, HFDualCheckpoint
+
+    if storage.is_remote(uri):
+        local = _sync_small_files(uri)
+    else:
+        local = storage.filesystem_for(uri)[1]
+        if not os.path.isdir(local):
+            raise ModelError(f"model directory {uri} does not exist")
+    if os.path.exists(os.path.join(local, MANIFEST_FILE)):
+        return TwinTowerCheckpoint(uri)
+    config = os.path.join(local, "config.json")
+    if os.path.exists(config):
+        with open(config) as fh:
+            try:
+                model_type = json.load(fh).get("model_type")
+            except json.JSONDecodeError as exc:
+                raise ModelError(f"model {uri}: config.json is not JSON: {exc}") from exc
+        if model_type in FAMILIES:
+            return HFDualCheckpoint(uri)
+        raise ModelError(
+            f"model {uri}: model_type {model_type!r} is not a supported dual encoder; "
+            f"supported: {sorted(FAMILIES)} or a twin-tower checkpoint ({MANIFEST_FILE})"
+        )
+    raise ModelError(
+        f"model {uri}: neither {MANIFEST_FILE} (twin tower) nor config.json (Hugging Face dual encoder: "
+        f"{', '.join(sorted(FAMILIES))}) found"
+    )
+
+
+def describe_checkpoint(uri: str) -> dict:
+    """What ``check_inputs`` needs once per run: the model id (metadata only), format, embedding
+    size and layer counts, after checking the checkpoint opens and its towers are supported."""
+    ckpt = open_checkpoint(uri)
+    return {
+        "model_uri": ckpt.uri,
+        "model_id": ckpt.model_id,
+        "format": ckpt.format,
+        "embed_dim": ckpt.embed_dim,
+        "layers": ckpt.layer_counts(),
+    }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ray_jobs import storage
 from ray_jobs.contract import join_uri
 from ray_jobs.errors import ModelError
+from ray_jobs.model.keys import safe_relpath
 
 _DTYPES = {
     "F64": "float64",
@@ -42,16 +43,16 @@ class TensorEntry:
 
 
 def _read_header(uri: str) -> dict[str, TensorEntry]:
+    """The tensor table of one file, read by two exact byte ranges (no read-ahead of weight bytes)."""
     fs, path = storage.filesystem_for(uri)
     try:
-        with fs.open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ModelError(f"{uri}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER:
-                raise ModelError(f"{uri}: not a safetensors file (header length {n})")
-            header = json.loads(fh.read(n))
+        raw = fs.cat_file(path, start=0, end=8)
+        if len(raw) != 8:
+            raise ModelError(f"{uri}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise ModelError(f"{uri}: not a safetensors file (header length {n})")
+        header = json.loads(fs.cat_file(path, start=8, end=8 + n))
     except FileNotFoundError as exc:
         raise ModelError(f"model weights file {uri} does not exist") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -71,17 +72,24 @@ class SafetensorsIndex:
 
     def __init__(self, model_dir: str, filename: str = "model.safetensors") -> None:
         self.model_dir = model_dir
+        self.filename = filename
         single = join_uri(model_dir, filename)
         index = join_uri(model_dir, filename + ".index.json")
         if storage.exists(single):
             self.entries = _read_header(single)
         elif storage.exists(index):
             shards = sorted(set(json.loads(storage.read_text(index))["weight_map"].values()))
+            for shard in shards:
+                safe_relpath(shard, index, "shard file name")
             self.entries = {}
             for shard in shards:
                 self.entries.update(_read_header(join_uri(model_dir, shard)))
         else:
             raise ModelError(f"no {filename} (or {filename}.index.json) under {model_dir}")
+
+    def label(self, name: str) -> str:
+        """*name*, prefixed with the file name unless it is the default ``model.safetensors``."""
+        return name if self.filename == "model.safetensors" else f"{self.filename}:{name}"
 
     def names(self) -> list[str]:
         return sorted(self.entries)

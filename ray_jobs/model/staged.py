@@ -1,4 +1,4 @@
-"""One pipeline stage of the twin tower: only its layers, only its tensors.
+"""One pipeline stage of the model (any supported checkpoint format): only its layers, only its tensors.
 
 :class:`StageModule` is the torch module of a stage; :class:`ModelStage` is the Ray Data
 callable class that wraps it on an actor (numpy batches in and out, hidden states carried
@@ -12,11 +12,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ray_jobs.model.checkpoint import TwinTowerCheckpoint
-from ray_jobs.model.image_ops import pixels_to_tensor, pool, target_size
-from ray_jobs.model.safetensors_io import SafetensorsIndex
+from ray_jobs.model.checkpoint import Checkpoint, open_checkpoint
+from ray_jobs.model.image_ops import pixels_to_tensor
+from ray_jobs.model.precision import check_device, from_numpy, to_numpy, torch_dtype
 from ray_jobs.model.stage_spec import StageLayout, StageResources, balanced_spec, parse_spec, resolve
-from ray_jobs.model.towers import TowerPieces, num_layers
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +25,17 @@ EMBEDDING = {"text": "text_embedding", "image": "image_embedding"}
 INPUTS = {"text": ("input_ids", "attention_mask"), "image": ("pixels",)}
 
 
-def tower_layer_counts(ckpt: TwinTowerCheckpoint) -> dict[str, int]:
-    return {t: num_layers(ckpt.hf_config(t)) for t in ("text", "image")}
+def tower_layer_counts(ckpt: Checkpoint) -> dict[str, int]:
+    return ckpt.layer_counts()
 
 
-def layer_costs(ckpt: TwinTowerCheckpoint) -> dict[str, list[float]]:
+def layer_costs(ckpt: Checkpoint) -> dict[str, list[float]]:
     """Rough per-layer FLOPs of each tower at the lengths this checkpoint runs at."""
-    costs = {}
-    h, w = target_size(ckpt.image_processing)
-    for tower in ("text", "image"):
-        cfg = ckpt.hf_config(tower)
-        if tower == "text":
-            seq = ckpt.config.text_max_length
-        else:
-            seq = (h // cfg.patch_size) * (w // cfg.patch_size) + 1
-        hid, inter = cfg.hidden_size, cfg.intermediate_size
-        per_layer = seq * (4 * hid * hid + 2 * hid * inter) + 2 * seq * seq * hid
-        costs[tower] = [float(per_layer)] * num_layers(cfg)
-    return costs
+    return {t: [ckpt.tower(t).layer_cost()] * ckpt.tower(t).num_layers for t in ("text", "image")}
 
 
 def build_layout(
-    ckpt: TwinTowerCheckpoint,
+    ckpt: Checkpoint,
     *,
     num_stages: int | None = None,
     spec: str | None = None,
@@ -63,54 +51,59 @@ def build_layout(
     return resolve(parsed, counts)
 
 
+def _dense(values: np.ndarray) -> np.ndarray:
+    """A column Ray Data handed over as variable-shaped (rows padded to different lengths in
+    different blocks) -> one array, right-padded with zeros (masked out: attention mask 0)."""
+    if values.dtype != object or not len(values) or not isinstance(values[0], np.ndarray):
+        return values
+    shape = tuple(max(v.shape[d] for v in values) for d in range(values[0].ndim))
+    out = np.zeros((len(values), *shape), dtype=values[0].dtype)
+    for i, v in enumerate(values):
+        out[(i, *(slice(0, s) for s in v.shape))] = v
+    return out
+
+
 class TowerSegment:
     """Consecutive layers of one tower, plus its embedding and/or head when the stage owns them."""
 
-    def __init__(self, ckpt: TwinTowerCheckpoint, tower: str, start: int, stop: int, embed: bool, head: bool):
+    def __init__(self, ckpt: Checkpoint, tower: str, start: int, stop: int, embed: bool, head: bool, dtype=None):
         import torch
 
-        cfg = ckpt.hf_config(tower)
-        index = SafetensorsIndex(ckpt.tower_uri(tower))
-        pieces = TowerPieces(cfg, tower, index.names())
-        self.tower, self.config, self.start, self.stop = tower, cfg, start, stop
+        spec = ckpt.tower(tower)
+        self.spec, self.tower, self.config, self.start, self.stop = spec, tower, spec.config, start, stop
         self.has_embed, self.has_head = embed, head
-        self.pooling = ckpt.config.text_pooling if tower == "text" else ckpt.config.image_pooling
-        self.processing = ckpt.image_processing if tower == "image" else {}
+        self.dtype = dtype or torch.float32
+        self.processing = ckpt.image_processing if tower == "image" and embed else None
         self.modules = torch.nn.ModuleDict()
-        self.loaded_keys: list[str] = []
-        needed: dict[str, tuple[str, str]] = {}  # checkpoint key -> (module name, local key)
+        self.names: dict[str, str] = {}  # module path -> name in self.modules
+        indexes: dict[int, object] = {}
+        needed: dict[int, dict[str, list[tuple[str, str]]]] = {}  # file index -> tensor -> [(module, local key)]
 
-        def add(name: str, path: str) -> None:
-            module, keys = pieces.build(path)
+        def add(path: str) -> str:
+            if path in self.names:
+                return self.names[path]
+            name = f"m{len(self.names)}"
+            module, keys = spec.build(path, self.dtype)
             self.modules[name] = module
-            for local, ckpt_key in keys.items():
-                needed[ckpt_key] = (name, local)
+            self.names[path] = name
+            for local, (index, ckpt_key) in keys.items():
+                indexes[id(index)] = index
+                needed.setdefault(id(index), {}).setdefault(ckpt_key, []).append((name, local))
+            return name
 
-        if embed:
-            for n, path in enumerate(pieces.layout.embed):
-                add(f"embed{n}", path)
-        self.block_names = []
-        for layer in range(start, stop):
-            path = pieces.layer_path(layer)
-            name = "block_" + path.rsplit(".", 1)[1]
-            if name not in self.modules:
-                add(name, path)
-            self.block_names.append(name)
-        if head and pieces.layout.final:
-            add("final", pieces.layout.final)
-        tensors = index.load(needed)
-        for ckpt_key, (name, local) in needed.items():
-            self._assign(self.modules[name], local, tensors[ckpt_key])
-        self.loaded_keys = sorted(needed)
-        if head:
-            proj = SafetensorsIndex(ckpt.uri, filename="projection.safetensors")
-            key = f"{tower}_projection.weight"
-            weight = proj.load([key])[key]
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-            linear.weight.data.copy_(weight)
-            self.modules["projection"] = linear
-            self.loaded_keys.append(f"projection.safetensors:{key}")
-        self.modules.eval()
+        self.embed_names = [add(p) for p in spec.embed] if embed else []
+        self.block_names = [add(spec.layers[i]) for i in range(start, stop)]
+        self.head_names = [add(p) for p in spec.head_paths] if head else []
+        self.loaded_keys: list[str] = []
+        for key_id, keys in needed.items():
+            index = indexes[key_id]
+            tensors = index.load(keys)
+            for key, targets in keys.items():
+                for name, local in targets:
+                    self._assign(self.modules[name], local, tensors[key])
+                self.loaded_keys.append(index.label(key))
+        self.loaded_keys.sort()
+        self.modules.to(self.dtype).eval()
 
     @staticmethod
     def _assign(module, local_key: str, tensor) -> None:
@@ -130,44 +123,57 @@ class TowerSegment:
         """Run this segment on torch tensors; returns the columns it produces."""
         import torch
 
-        mask = None
-        if self.tower == "text":
-            mask = cols["attention_mask"]
+        spec = self.spec
+        mask = cols.get("attention_mask") if self.tower == "text" else None
+        patches = self.tower == "image" and spec.attention == "patches"
+        if patches:  # SigLIP 2: which of the padded patches are real follows from each row's grid
+            shapes = cols["spatial_shapes"]
+            n = cols["pixels"].shape[1] if self.has_embed else cols[HIDDEN["image"]].shape[1]
+            mask = spec.patch_mask(shapes, n)
         if self.has_embed:
             if self.tower == "text":
-                hidden = cols["input_ids"]
-                for n in range(sum(1 for k in self.modules if k.startswith("embed"))):
-                    hidden = self.modules[f"embed{n}"](hidden)
+                hidden = self.modules[self.embed_names[0]](input_ids=cols["input_ids"])
+            elif patches:  # padding patches are zeros after normalisation, as the processor pads them
+                pixels = pixels_to_tensor(cols["pixels"], self.processing, device, self.dtype)
+                pixels = pixels * mask[..., None].to(pixels.dtype)
+                hidden = self.modules[self.embed_names[0]](pixels, shapes)
             else:
-                hidden = pixels_to_tensor(cols["pixels"], self.processing, device)
-                hidden = self.modules["embed0"](hidden)
+                pixels = pixels_to_tensor(cols["pixels"], self.processing, device, self.dtype)
+                hidden = self.modules[self.embed_names[0]](pixels)
+            for name in self.embed_names[1:]:
+                hidden = self.modules[name](hidden)
         else:
             hidden = cols[HIDDEN[self.tower]]
-        attn = None
-        if mask is not None:
-            from transformers.masking_utils import create_bidirectional_mask
-
-            attn = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+        attn = spec.attention_mask(hidden, mask) if self.block_names else None
         for name in self.block_names:
-            out = self.modules[name](hidden, attn)
+            out = self.modules[name](hidden, attn, **spec.layer_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         if not self.has_head:
             return {HIDDEN[self.tower]: hidden}
-        if "final" in self.modules:
-            hidden = self.modules["final"](hidden)
-        pooled = pool(hidden, mask, self.pooling)
-        emb = torch.nn.functional.normalize(self.modules["projection"](pooled), dim=-1)
+        names = iter(self.head_names)
+        for step in spec.head:
+            if step.op == "pool":
+                hidden = spec.pool(hidden, step.arg, mask, cols.get("input_ids"))
+            else:
+                args = (hidden, mask) if step.op == "apply_masked" else (hidden,)
+                out = self.modules[next(names)](*args)
+                hidden = out[0] if isinstance(out, tuple) else out
+        emb = torch.nn.functional.normalize(hidden.float(), dim=-1)
         return {EMBEDDING[self.tower]: emb}
 
 
 class StageModule:
     """All tower segments of one stage of a layout."""
 
-    def __init__(self, ckpt: TwinTowerCheckpoint, layout: StageLayout, stage_index: int, device: str = "cpu"):
+    def __init__(
+        self, ckpt: Checkpoint, layout: StageLayout, stage_index: int, device: str = "cpu", dtype: str = "float32"
+    ):
         import torch
 
+        check_device(dtype, device)
         self.stage = layout.stages[stage_index]
         self.device = torch.device(device)
+        self.dtype = torch_dtype(dtype)
         self.segments = []
         for r in self.stage.ranges:
             seg = TowerSegment(
@@ -177,6 +183,7 @@ class StageModule:
                 r.stop,
                 layout.owns_embed(self.stage, r.tower),
                 layout.owns_head(self.stage, r.tower),
+                dtype=self.dtype,
             )
             seg.modules.to(self.device)
             self.segments.append(seg)
@@ -192,12 +199,16 @@ class StageModule:
         """Input columns no later stage needs once this stage has run."""
         out = set()
         for s in self.segments:
-            if s.has_embed:
-                out.add("input_ids" if s.tower == "text" else "pixels")
+            if s.has_embed and s.tower == "image":
+                out.add("pixels")
+            if s.tower == "text" and s.has_embed and (s.has_head or not s.spec.needs_input_ids_at_head):
+                out.add("input_ids")
             if not s.has_embed:
                 out.add(HIDDEN[s.tower])
             if s.has_head and s.tower == "text":
-                out.add("attention_mask")
+                out.update(("attention_mask", "input_ids"))
+            if s.has_head and s.tower == "image":
+                out.add("spatial_shapes")
         return out
 
     def run(self, cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -207,13 +218,15 @@ class StageModule:
         with torch.inference_mode():
             tensors = {}
             for k, v in cols.items():
-                if isinstance(v, np.ndarray) and v.dtype != object:
-                    t = torch.from_numpy(np.ascontiguousarray(v))
-                    tensors[k] = t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+                v = _dense(v) if isinstance(v, np.ndarray) else v
+                if not isinstance(v, np.ndarray) or v.dtype == object:
+                    continue
+                t = from_numpy(v, self.dtype) if k in HIDDEN.values() else torch.from_numpy(np.ascontiguousarray(v))
+                tensors[k] = t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
             out = {}
             for seg in self.segments:
                 out.update(seg.forward(tensors, self.device))
-            return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in out.items()}
+            return {k: to_numpy(v) for k, v in out.items()}
 
 
 def _select(batch: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]:
@@ -223,17 +236,24 @@ def _select(batch: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]:
 class ModelStage:
     """Ray Data callable class for one stage; one instance per actor in the stage's pool."""
 
-    def __init__(self, model_uri: str, layout_spec: str, stage_index: int, num_threads: int | None = None):
+    def __init__(
+        self,
+        model_uri: str,
+        layout_spec: str,
+        stage_index: int,
+        num_threads: int | None = None,
+        dtype: str = "float32",
+    ):
         import torch
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        ckpt = TwinTowerCheckpoint(model_uri)
+        ckpt = open_checkpoint(model_uri)
         layout = resolve(parse_spec(layout_spec), tower_layer_counts(ckpt))
         stage = layout.stages[stage_index]
         device = "cuda" if stage.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.name = stage.name
-        self.module = StageModule(ckpt, layout, stage_index, device)
+        self.module = StageModule(ckpt, layout, stage_index, device, dtype)
         self.drop = self.module.consumed()
         log.info("%s loaded %d parameters on %s", self.name, self.module.num_parameters(), device)
 

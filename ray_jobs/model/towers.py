@@ -1,9 +1,11 @@
-"""How each supported Hugging Face architecture splits into embed / layer / final pieces.
+"""How each supported Hugging Face architecture splits into embed / layer / head pieces.
 
-A tower is run as ``embed -> layer[0] -> ... -> layer[L-1] -> final``; each piece is a
-real Hugging Face module of the architecture (so a real checkpoint runs through the same
-code as the library's own ``AutoModel``), built empty of other layers and filled with only
-its own tensors. Adding an architecture is one :class:`TowerLayout` entry.
+A tower runs as ``embed -> layer[0] -> ... -> layer[L-1] -> head``; every piece is a real
+Hugging Face module of the architecture (so a checkpoint runs through the same code as the
+library's own model), built empty of other layers and filled with only its own tensors.
+The head is a short list of steps (apply a module, or pool the sequence) that reproduces the
+model's own ``pooler_output`` / ``get_*_features``. Adding an architecture is one
+:class:`TowerParts` entry.
 """
 
 from __future__ import annotations
@@ -12,62 +14,143 @@ from dataclasses import dataclass
 
 from ray_jobs.errors import ModelError
 
+POOLINGS = ("cls", "mean", "last", "eos")
+ATTENTIONS = ("bidirectional", "causal", "none", "patches")  # patches: mask from SigLIP 2's patch grid
+
 
 @dataclass(frozen=True)
-class TowerLayout:
-    """Module paths (as in ``AutoModel.from_config(cfg).state_dict()``) of one architecture."""
+class Step:
+    """One head step: ``apply`` a module (path relative to the tower), ``apply_masked`` (the module also
+    takes the 2-D attention mask), or ``pool`` the sequence."""
+
+    op: str
+    arg: str
+
+    def __post_init__(self) -> None:
+        if self.op not in ("apply", "apply_masked", "pool"):
+            raise ValueError(f"head step op must be apply, apply_masked or pool, got {self.op!r}")
+        if self.op == "pool" and self.arg not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.arg!r}")
+
+
+def apply(path: str) -> Step:
+    return Step("apply", path)
+
+
+def apply_masked(path: str) -> Step:
+    return Step("apply_masked", path)
+
+
+def pool(how: str) -> Step:
+    return Step("pool", how)
+
+
+@dataclass(frozen=True)
+class TowerParts:
+    """Module paths of one architecture, relative to its base model (``AutoModel.from_config``)."""
 
     modality: str  # "text" | "image"
     embed: tuple[str, ...]  # modules applied in order to the raw input
     layers: str  # the ModuleList of transformer layers (or ALBERT's layer groups)
-    final: str | None = None  # norm applied after the last layer, if any
+    pooled: tuple[Step, ...]  # steps from the last layer's output to the model's pooler_output
+    attention: str = "bidirectional"  # how the text attention mask is built
     shared_groups: bool = False  # ALBERT: layer i uses group int(i / (L / G))
 
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
 
-LAYOUTS: dict[str, TowerLayout] = {
-    "albert": TowerLayout(
-        "text", ("embeddings", "encoder.embedding_hidden_mapping_in"), "encoder.albert_layer_groups", shared_groups=True
+
+_BERT_LIKE = TowerParts("text", ("embeddings",), "encoder.layer", (apply("pooler"),))
+
+#: Base models (as ``AutoModel`` builds them from the tower's config), by ``model_type``.
+PARTS: dict[str, TowerParts] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "albert": TowerParts(
+        "text",
+        ("embeddings", "encoder.embedding_hidden_mapping_in"),
+        "encoder.albert_layer_groups",
+        (pool("cls"), apply("pooler"), apply("pooler_activation")),
+        shared_groups=True,
     ),
-    "bert": TowerLayout("text", ("embeddings",), "encoder.layer"),
-    "roberta": TowerLayout("text", ("embeddings",), "encoder.layer"),
-    "vit": TowerLayout("image", ("embeddings",), "layers", final="layernorm"),
+    "clip_text_model": TowerParts(
+        "text", ("embeddings",), "encoder.layers", (apply("final_layer_norm"), pool("eos")), attention="causal"
+    ),
+    "siglip_text_model": TowerParts(
+        "text",
+        ("embeddings",),
+        "encoder.layers",
+        (apply("final_layer_norm"), pool("last"), apply("head")),
+        attention="none",
+    ),
+    # ChineseCLIPModel builds its text model without a pooler and takes the [CLS] state
+    "chinese_clip_text_model": TowerParts("text", ("embeddings",), "encoder.layer", (pool("cls"),)),
+    "vit": TowerParts("image", ("embeddings",), "layers", (apply("layernorm"), apply("pooler"))),
+    "clip_vision_model": TowerParts(
+        "image", ("embeddings", "pre_layrnorm"), "encoder.layers", (pool("cls"), apply("post_layernorm"))
+    ),
+    "chinese_clip_vision_model": TowerParts(
+        "image", ("embeddings", "pre_layrnorm"), "encoder.layers", (pool("cls"), apply("post_layernorm"))
+    ),
+    "siglip_vision_model": TowerParts(
+        "image", ("embeddings",), "encoder.layers", (apply("post_layernorm"), apply("head"))
+    ),
+    "siglip2_text_model": TowerParts(
+        "text", ("embeddings",), "encoder.layers", (apply("final_layer_norm"), pool("last"), apply("head"))
+    ),
+    # NaFlex: patches of a variable grid (spatial_shapes), padded and masked; the pooling head takes the mask
+    "siglip2_vision_model": TowerParts(
+        "image",
+        ("embeddings",),
+        "encoder.layers",
+        (apply("post_layernorm"), apply_masked("head")),
+        attention="patches",
+    ),
 }
 
 
-def layout_for(config, tower: str) -> TowerLayout:
-    layout = LAYOUTS.get(config.model_type)
-    if layout is None or layout.modality != tower:
-        supported = sorted(k for k, v in LAYOUTS.items() if v.modality == tower)
-        raise ModelError(f"{tower} tower: architecture {config.model_type!r} is not supported; supported: {supported}")
-    return layout
+def parts_for(config, tower: str, supported: tuple[str, ...] | None = None) -> TowerParts:
+    parts = PARTS.get(config.model_type)
+    names = supported or tuple(sorted(k for k, v in PARTS.items() if v.modality == tower))
+    if parts is None or parts.modality != tower or config.model_type not in names:
+        raise ModelError(
+            f"{tower} tower: architecture {config.model_type!r} is not supported; supported: {list(names)}"
+        )
+    return parts
 
 
 def num_layers(config) -> int:
     return int(config.num_hidden_layers)
 
 
-def module_index(config, layout: TowerLayout, layer: int) -> int:
-    """Index into ``layout.layers`` that runs transformer layer *layer*."""
-    if not layout.shared_groups:
+def module_index(config, parts: TowerParts, layer: int) -> int:
+    """Index into ``parts.layers`` that runs transformer layer *layer*."""
+    if not parts.shared_groups:
         return layer
     groups = int(config.num_hidden_groups)
     return int(layer / (config.num_hidden_layers / groups))
 
 
-def _get(module, dotted: str):
+def layer_paths(config, parts: TowerParts, prefix: str = "") -> tuple[str, ...]:
+    return tuple(f"{prefix}{parts.layers}.{module_index(config, parts, i)}" for i in range(num_layers(config)))
+
+
+def get_module(module, dotted: str):
     for part in dotted.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     return module
 
 
-def meta_model(config):
-    """The full tower on the meta device: structure and parameter names, no memory."""
+def meta_model(config, **kwargs):
+    """The full model on the meta device: structure and parameter names, no memory."""
     import torch
     from transformers import AutoModel
 
     with torch.device("meta"):
         try:
-            return AutoModel.from_config(config, add_pooling_layer=False)
+            return AutoModel.from_config(config, **kwargs)
         except TypeError:
             return AutoModel.from_config(config)
 
@@ -98,58 +181,10 @@ def checkpoint_key_map(meta, checkpoint_keys: list[str]) -> dict[str, str]:
             if conv is not None:
                 raise ModelError(
                     f"{meta.config.model_type} checkpoint tensor {key!r} needs a tensor conversion on load; "
-                    "re-save the tower with this transformers version: "
-                    "AutoModel.from_pretrained(d).save_pretrained(d2)"
+                    "re-save it with this transformers version: AutoModel.from_pretrained(d).save_pretrained(d2)"
                 )
         else:
             new = key
         if new in wanted:
             out[new] = key
     return out
-
-
-class TowerPieces:
-    """Builds the real modules of one tower's pieces and names the tensors each needs."""
-
-    def __init__(self, config, tower: str, checkpoint_keys: list[str]) -> None:
-        self.config = config
-        self.tower = tower
-        self.layout = layout_for(config, tower)
-        self.meta = meta_model(config)
-        self.key_map = checkpoint_key_map(self.meta, checkpoint_keys)
-
-    @property
-    def num_layers(self) -> int:
-        return num_layers(self.config)
-
-    def _fresh(self, path: str):
-        """A real (CPU) module with the same class and shape as the meta module at *path*."""
-        import copy
-
-        import torch
-
-        template = _get(self.meta, path)
-        try:
-            kwargs = {"layer_idx": 0} if "layer_idx" in type(template).__init__.__code__.co_varnames else {}
-            return type(template)(self.config, **kwargs)
-        except TypeError:
-            # plain torch modules (LayerNorm, Linear) take shapes, not a config;
-            # they have no non-persistent buffers, so materialising the meta copy is exact.
-            module = copy.deepcopy(template).to_empty(device=torch.device("cpu"))
-            if any(m._non_persistent_buffers_set for m in module.modules()):
-                raise ModelError(f"cannot rebuild {path} of {self.config.model_type}") from None
-            return module
-
-    def build(self, path: str):
-        """The module at *path* and the checkpoint tensors (module key -> checkpoint key) it needs."""
-        module = self._fresh(path)
-        needed = {}
-        for local_key in module.state_dict():
-            full = f"{path}.{local_key}"
-            if full not in self.key_map:
-                raise ModelError(f"{self.tower} tower ({self.config.model_type}): checkpoint has no tensor for {full}")
-            needed[local_key] = self.key_map[full]
-        return module, needed
-
-    def layer_path(self, layer: int) -> str:
-        return f"{self.layout.layers}.{module_index(self.config, self.layout, layer)}"

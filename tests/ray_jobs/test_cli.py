@@ -111,10 +111,10 @@ def test_missing_model(capsys, tmp_path):
     assert rc == 2 and "model directory" in err[0] and "does not exist" in err[0]
 
 
-def test_directory_that_is_not_a_twin_tower_checkpoint(capsys, tmp_path):
+def test_directory_that_is_not_a_checkpoint(capsys, tmp_path):
     (tmp_path / "notamodel").mkdir()
     rc, err = _run(capsys, *_embed(manifest=_manifest(tmp_path), model=str(tmp_path / "notamodel")))
-    assert rc == 2 and "twin_tower.json is missing" in err[0]
+    assert rc == 2 and "neither twin_tower.json (twin tower) nor config.json (Hugging Face dual encoder" in err[0]
 
 
 @pytest.mark.parametrize(

@@ -6,16 +6,19 @@ import pytest
 from PIL import Image
 
 from ray_jobs.demo_assets import _bomb_png, _broken, _image_bytes
+from ray_jobs.model.image_ops import ImageProcessing
 from ray_jobs.preprocess import Preprocessor, RowRejected, decode_image, fetch_bytes
 
-SIZE = (32, 32)
+FIXED = ImageProcessing(resize=("fixed", 32, 32), crop=None, resample=2)
+CLIP_LIKE = ImageProcessing(resize=("shortest_edge", 36, 0), crop=(32, 32), resample=3)
 
 
 @pytest.mark.parametrize("n", range(8))
 def test_every_demo_format_and_mode_decodes_to_rgb_uint8(n):
     data, _ = _image_bytes(random.Random(n), n)
-    out = decode_image(data, SIZE, 2, 10_000_000)
-    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    for processing in (FIXED, CLIP_LIKE):
+        out, _ = decode_image(data, processing, 10_000_000)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
 @pytest.mark.parametrize(
@@ -30,7 +33,7 @@ def test_every_demo_format_and_mode_decodes_to_rgb_uint8(n):
 def test_broken_bytes_are_rejected_with_a_reason(kind, reason):
     data, _ = _broken(kind, random.Random(1))
     with pytest.raises(RowRejected) as exc:
-        decode_image(data, SIZE, 2, 10_000_000)
+        decode_image(data, FIXED, 10_000_000)
     assert exc.value.stage == "decode" and exc.value.reason.startswith(reason)
 
 
@@ -38,7 +41,7 @@ def test_pixel_cap_is_ours_not_only_pillows():
     buf = io.BytesIO()
     Image.new("RGB", (300, 300)).save(buf, format="PNG")
     with pytest.raises(RowRejected, match=r"decompression bomb: 300x300 exceeds 1000 pixels"):
-        decode_image(buf.getvalue(), SIZE, 2, 1000)
+        decode_image(buf.getvalue(), FIXED, 1000)
     assert _bomb_png()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -76,4 +79,40 @@ def test_preprocessor_accounts_for_every_row(demo_checkpoint, tmp_path):
     assert out["reject_reason"][2].startswith("missing id")
     assert out["pixels"].shape == (4, 32, 32, 3) and out["pixels"].dtype == np.uint8
     assert not out["pixels"][1].any()
-    assert out["input_ids"].shape == (4, 32) and out["attention_mask"][3].sum() == 2  # [CLS] [SEP] for ""
+    longest = max(int(m.sum()) for m in out["attention_mask"])
+    assert out["input_ids"].shape == (4, longest) and longest < 32, "padded to the longest row, not the max length"
+    assert out["attention_mask"][3].sum() == 2  # [CLS] [SEP] for ""
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_shortest_edge_resize_then_centre_crop_keeps_the_aspect_ratio():
+    """A wide image is resized so its short side is 36, then the centre 32x32 is cut:
+    the left and right thirds are cropped away, nothing is squashed."""
+    wide = np.zeros((60, 180, 3), dtype=np.uint8)
+    wide[:, :60] = (255, 0, 0)  # left third red
+    wide[:, 60:120] = (0, 255, 0)  # middle third green
+    wide[:, 120:] = (0, 0, 255)
+    out, _ = decode_image(_png(Image.fromarray(wide)), CLIP_LIKE, 10_000_000)
+    assert out.shape == (32, 32, 3)
+    assert (out[..., 1] > 250).all() and (out[..., 0] < 5).all(), "only the green middle survives the crop"
+    squashed, _ = decode_image(_png(Image.fromarray(wide)), FIXED, 10_000_000)
+    assert squashed[:, 0, 0].min() > 200, "a fixed-size resize keeps all three thirds"
+
+
+def test_transparency_is_composited_onto_white_like_the_hf_processor():
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # fully transparent black
+    out, _ = decode_image(_png(Image.fromarray(rgba, "RGBA")), ImageProcessing(("fixed", 8, 8), None), 10_000_000)
+    assert (out == 255).all()
+
+
+def test_a_config_that_cannot_batch_is_refused():
+    from ray_jobs.errors import ModelError
+
+    with pytest.raises(ModelError, match="cannot be batched"):
+        ImageProcessing(resize=("shortest_edge", 224, 0), crop=None)

@@ -19,8 +19,8 @@ def _inputs(ckpt, n=5, seed=0):
     tok = AutoTokenizer.from_pretrained(ckpt.tower_local_dir("text"))
     texts = ["a red cat on the river", "", "dog", "two small boats near a bridge at night", "snow"][:n]
     enc = tok(texts, padding="max_length", truncation=True, max_length=ckpt.config.text_max_length, return_tensors="np")
-    size = ckpt.image_processing["size"]
-    px = np.random.default_rng(seed).integers(0, 256, (n, size["height"], size["width"], 3), dtype=np.uint8)
+    h, w = ckpt.image_processing.size
+    px = np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64), px
 
 
@@ -189,3 +189,20 @@ def test_model_stage_passes_rejected_rows_through_untouched(demo_checkpoint):
     assert out["ok"].tolist() == [False] * 3 and list(out["reject_reason"]) == ["missing object: x"] * 3
     assert out["text_embedding"].shape == (3, ckpt.config.embed_dim) and not out["text_embedding"].any()
     assert "pixels" in out, "the image tower's input travels on to the next stage"
+
+
+def test_twin_tower_in_bfloat16_is_close_to_float32(demo_checkpoint):
+    ckpt = TwinTowerCheckpoint(demo_checkpoint)
+    ids, mask, px = _inputs(ckpt)
+    layout = build_layout(ckpt, num_stages=3)
+    cols = {"input_ids": ids, "attention_mask": mask, "pixels": px}
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        c = dict(cols)
+        for i in range(3):
+            stage = StageModule(ckpt, layout, i, dtype=dtype)
+            c = {**{k: v for k, v in c.items() if k not in stage.consumed()}, **stage.run(c)}
+        outs[dtype] = c
+    for key in ("text_embedding", "image_embedding"):
+        assert outs["bfloat16"][key].dtype == np.float32
+        assert (outs["float32"][key] * outs["bfloat16"][key]).sum(axis=1).min() >= 0.99
