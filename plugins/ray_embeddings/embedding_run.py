@@ -195,7 +195,7 @@ def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: 
     from ray_jobs.planning import load_plan
 
     plan = load_plan(planned["plan_uri"])
-    result = register_plan(plan, model_id, catalog_uri(params), run_id=airflow_run_id)
+    result = register_plan(plan, model_id, catalog_uri(params), run_id=airflow_run_id, dataset=params.get("dataset"))
     print(result.summary())
     return {
         "table": result.table,
