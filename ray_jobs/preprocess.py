@@ -212,7 +212,7 @@ class Preprocessor:
             except FutureTimeout:
                 began = started.get(r)
                 if began is not None and time.monotonic() - began > self.fetch_timeout_s:
-                    raise TransientFailure(f"fetching {uri} took more than {self.fetch_timeout_s:.0f}s") from None
+                    raise TransientFailure(f"fetching {uri} took more than {self.fetch_timeout_s:g}s") from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["id"]
