@@ -166,13 +166,19 @@ class Attempt:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop_heartbeat()
+
+    def _stop_heartbeat(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
     def discard(self) -> None:
-        """Remove this attempt's files, unless a marker names it (then they are committed)."""
-        if self.id in protected_attempts(self.partition_uri):
+        """Stop the lease and remove this attempt's files, unless a marker names it (then they
+        are committed). An unreadable marker leaves them to a later cleanup."""
+        self._stop_heartbeat()
+        protected = protected_attempts(self.partition_uri)
+        if protected is None or self.id in protected:
             return
         storage.remove_tree(self.uri)
 
