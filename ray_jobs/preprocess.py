@@ -47,9 +47,9 @@ class ImageLimits:
 
 
 #: Fetch attempts per object before the batch fails (then Ray Data retries the task).
-FETCH_ATTEMPTS = 4
-FETCH_BACKOFF_S = 0.2
-FETCH_MAX_BACKOFF_S = 5.0
+FETCH_ATTEMPTS = 6
+FETCH_BACKOFF_S = 0.25
+FETCH_MAX_BACKOFF_S = 8.0
 DEFAULT_FETCH_TIMEOUT_S = 60.0
 
 #: errno values that say something about the object, not the path to it: never retried.
@@ -82,7 +82,7 @@ def _read_local(path: str, uri: str, max_bytes: int) -> bytes:
 
 def _fetch_once(uri: str, max_bytes: int) -> bytes:
     try:
-        fs, path = storage.filesystem_for(uri)
+        fs, path = storage.filesystem_for(uri, single_try=True)  # this function owns the retries
         if isinstance(fs, LocalFileSystem):
             return _read_local(path, uri, max_bytes)
         with fs.open(path, "rb") as fh:

@@ -45,13 +45,28 @@ def _s3_options() -> dict:
     return opts
 
 
+#: S3 options for a caller that owns its retry policy: one try per call (the connect and read
+#: timeouts of s3fs still bound each request). Without this, botocore's and s3fs's own retry
+#: loops nest (up to 25 tries with sleeps) and hide throttling from the caller.
+_S3_SINGLE_TRY = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+
+
 @lru_cache(maxsize=16)
-def _remote_fs(protocol: str, options_key: tuple) -> fsspec.AbstractFileSystem:
-    return fsspec.filesystem(protocol, **dict(options_key))
+def _remote_fs(protocol: str, options_key: tuple, single_try: bool = False) -> fsspec.AbstractFileSystem:
+    options = dict(options_key)
+    if single_try and protocol == "s3":
+        options.update(_S3_SINGLE_TRY)  # botocore: one attempt
+    fs = fsspec.filesystem(protocol, **options)
+    if single_try and protocol == "s3":
+        fs.retries = 1  # s3fs's own loop (a class attribute, not a constructor argument)
+    return fs
 
 
-def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem holding *uri* and the path inside it."""
+def filesystem_for(uri: str, *, single_try: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem holding *uri* and the path inside it.
+
+    ``single_try=True``: the S3 client makes one attempt per call, for callers that retry with
+    their own bounded backoff (image fetches, :func:`ray_jobs.preprocess.fetch_bytes`)."""
     if uri.startswith("file://"):
         return LocalFileSystem(), os.path.abspath(uri[len("file://") :])
     if is_remote(uri):
@@ -59,7 +74,7 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         protocol = "s3" if protocol == "s3a" else protocol
         opts = _s3_options() if protocol == "s3" else {}
         try:
-            fs = _remote_fs(protocol, tuple(sorted(opts.items())))
+            fs = _remote_fs(protocol, tuple(sorted(opts.items())), single_try)
         except (ValueError, ImportError) as exc:
             raise ValueError(f"no filesystem for {protocol}:// URIs ({uri}): {exc}") from exc
         return fs, rest.rstrip("/")
