@@ -58,6 +58,11 @@ class EmbeddingDatasink(Datasink[TaskResult]):
     def get_name(self) -> str:
         return "WriteEmbeddings"
 
+    @property
+    def min_rows_per_write(self) -> int:
+        """Bundle about a file's worth of rows into each write task (not one file per batch)."""
+        return self.rows_per_file
+
     def write(self, blocks: Iterable[Block], ctx) -> TaskResult:
         writer = PartFileWriter(self.attempt_uri, ctx.task_idx, self.text_dim, self.image_dim, self.rows_per_file)
         try:

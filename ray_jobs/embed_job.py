@@ -332,9 +332,10 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
 
 def run_prepared(job: PreparedJob) -> EmbedResult:
     from ray_jobs.datasink import EmbeddingDatasink
-    from ray_jobs.sink import Attempt, clean_dead_attempts, committed_marker
+    from ray_jobs.sink import Attempt, clean_dead_attempts, committed_marker, read_marker_or_refuse
 
     start = time.perf_counter()
+    read_marker_or_refuse(job.partition_uri)  # fail now, not after the whole pipeline ran
     if not job.config.force:
         marker = committed_marker(job.partition_uri, job.model_id)
         if marker is not None:

@@ -22,6 +22,7 @@ Protocol (DESIGN.md, "Output layout"):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -82,13 +83,24 @@ def read_marker(partition_uri: str) -> CommitMarker | None:
     return CommitMarker.from_json(text, uri)
 
 
+def read_marker_or_refuse(partition_uri: str) -> CommitMarker | None:
+    """The marker for a writer: an unreadable one stops it (it may list files that must stay)."""
+    try:
+        return read_marker(partition_uri)
+    except OutputError as exc:
+        raise OutputError(
+            f"{exc}; not replacing a marker this version cannot read (the files it lists must stay): "
+            "inspect it, and remove it to re-embed the partition"
+        ) from exc
+
+
 def listed_sizes(partition_uri: str, marker: CommitMarker) -> dict[str, int]:
     """Sizes in storage of the files *marker* lists (one listing per directory they are in)."""
     fs, path = storage.filesystem_for(partition_uri)
     out: dict[str, int] = {}
     for parent in sorted({posixpath.dirname(f.path) for f in marker.listed}):
         where = f"{path}/{parent}" if parent else path
-        storage._invalidate(fs, where)
+        storage.invalidate(fs, where)
         try:
             entries = fs.ls(where, detail=True)
         except FileNotFoundError:
@@ -390,7 +402,8 @@ def _cross_task_duplicates(attempt: Attempt, results: list[TaskResult]) -> tuple
         suspicious = np.isin(h, dup_hashes)
         if not suspicious.any():
             continue
-        table = pq.read_table(f"{part_path}/{f.path}")
+        with fs.open(f"{part_path}/{f.path}", "rb") as fh:
+            table = pq.read_table(fh)
         ids = table["id"].to_pylist()
         keep = np.ones(len(ids), dtype=bool)
         for r in np.flatnonzero(suspicious):
@@ -474,22 +487,30 @@ def commit_attempt(
 
 
 def publish_marker(attempt: Attempt, marker: CommitMarker, force: bool = False) -> CommitMarker:
-    """Create ``_SUCCESS`` if absent; replace it only under *force* or when it cannot be trusted."""
+    """Create ``_SUCCESS`` if absent; replace it only under *force* or when the files it lists
+    are gone, after keeping it in ``_history/`` (its files stay protected forever)."""
     uri = join_uri(attempt.partition_uri, SUCCESS_FILE)
-    if storage.create_exclusive(uri, marker.to_json()):
-        return marker
-    current, problems = check_commit(attempt.partition_uri, model_id=marker.model_id)
-    if current is not None and current.attempt == attempt.id:
+    current = None
+    for _ in range(2):  # a marker removed by hand between our two calls: try again once
+        if storage.create_exclusive(uri, marker.to_json()):
+            return marker
+        current = read_marker_or_refuse(attempt.partition_uri)
+        if current is not None:
+            break
+    if current is None:
+        raise OutputError(f"partition {attempt.partition_uri}: {SUCCESS_FILE} keeps appearing and vanishing")
+    if current.attempt == attempt.id:
         return current  # our own write, reported as a conflict by a retried request
-    if current is not None and not problems and not force:
+    problems = marker_problems(current, listed_sizes(attempt.partition_uri, current), model_id=marker.model_id)
+    if not problems and not force:
         raise CommitConflict(
             f"partition {attempt.partition_uri} was committed by attempt {current.attempt} first; "
             f"attempt {attempt.id} discarded its files"
         )
-    if current is not None:  # keep the replaced marker: its files stay listed forever
-        storage.replace_text(join_uri(attempt.partition_uri, HISTORY_DIR, f"{current.attempt}.json"), current.to_json())
-        marker = CommitMarker(**{**marker.__dict__, "supersedes": current.attempt})
-    why = "--force" if not problems else problems[0]
+    history = join_uri(attempt.partition_uri, HISTORY_DIR, f"{current.attempt or 'unnamed'}.json")
+    storage.replace_text(history, current.to_json())
+    marker = dataclasses.replace(marker, supersedes=current.attempt)
+    why = problems[0] if problems else "--force"
     log.warning("partition %s: replacing the marker (%s)", attempt.partition_uri, why)
     storage.replace_text(uri, marker.to_json())
     return marker

@@ -121,7 +121,7 @@ def stat_file(uri: str) -> tuple[int, str] | None:
         except FileNotFoundError:
             return None
         return st.st_size, local_version(path, st)
-    _invalidate(fs, path)
+    invalidate(fs, path)
     try:
         info = fs.info(path)
     except FileNotFoundError:
@@ -182,7 +182,7 @@ def create_exclusive(uri: str, text: str) -> bool:
     if fs.exists(path):  # fallback: check, put, read back (see the module docstring)
         return False
     fs.pipe_file(path, data)
-    _invalidate(fs, path)
+    invalidate(fs, path)
     return fs.cat_file(path) == data
 
 
@@ -191,7 +191,7 @@ def replace_text(uri: str, text: str) -> None:
     fs, path = filesystem_for(uri)
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, text.encode())  # an S3 PUT replaces an object atomically
-        _invalidate(fs, path)
+        invalidate(fs, path)
         return
     os.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}.{secrets.token_hex(6)}.tmp"
@@ -202,7 +202,7 @@ def replace_text(uri: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:
+def invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:
     if hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache(path)
 
@@ -210,7 +210,7 @@ def _invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def sizes_under(uri: str) -> dict[str, int]:
     """Byte size of every file below *uri* (recursively), keyed by path relative to *uri*."""
     fs, path = filesystem_for(uri)
-    _invalidate(fs, path)
+    invalidate(fs, path)
     if isinstance(fs, LocalFileSystem):
         out = {}
         for dirpath, _, names in os.walk(path):
@@ -229,7 +229,7 @@ def sizes_under(uri: str) -> dict[str, int]:
 def list_dirs(uri: str) -> list[str]:
     """Names of the directories (prefixes) directly under *uri*."""
     fs, path = filesystem_for(uri)
-    _invalidate(fs, path)
+    invalidate(fs, path)
     if not fs.exists(path):
         return []
     entries = fs.ls(path, detail=True)
@@ -241,13 +241,13 @@ def remove_tree(uri: str) -> None:
     fs, path = filesystem_for(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    _invalidate(fs, path)
+    invalidate(fs, path)
 
 
 def list_files(uri: str) -> list[str]:
     """Plain files directly under *uri*, sorted, as URIs."""
     fs, path = filesystem_for(uri)
-    _invalidate(fs, path)
+    invalidate(fs, path)
     if not fs.exists(path):
         return []
     entries = fs.ls(path, detail=True)

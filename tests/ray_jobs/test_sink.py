@@ -233,3 +233,14 @@ def test_version_1_markers_stay_readable():
     }
     marker = CommitMarker.from_json(json.dumps(v1))
     assert marker.reconciles() and marker.attempt == "" and [f.path for f in marker.rejects] == ["rejects.parquet"]
+
+
+def test_a_marker_this_version_cannot_read_is_never_replaced(tmp_path):
+    part = str(tmp_path / "p")
+    os.makedirs(part)
+    with open(os.path.join(part, SUCCESS_FILE), "w") as fh:
+        fh.write('{"format": "multimodal-embeddings-commit/9"}')
+    with pytest.raises(OutputError, match="not replacing a marker this version cannot read"):
+        commit_batches(part, [[_batch(["a"])]], 1, force=True)
+    with open(os.path.join(part, SUCCESS_FILE)) as fh:
+        assert "commit/9" in fh.read()
