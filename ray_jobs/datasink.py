@@ -22,6 +22,8 @@ from ray_jobs.sink import Attempt, PartFileWriter, TaskResult, commit_attempt
 
 log = logging.getLogger(__name__)
 
+#: Errors that say the output location itself is wrong: retrying the task will not help.
+_WRONG_OUTPUT = (FileNotFoundError, PermissionError, IsADirectoryError)
 #: Columns the sink reads from a block; hidden states and inputs are never converted.
 _COLUMNS = ("id", "ok", "reject_stage", "reject_reason", "text_embedding", "image_embedding")
 
@@ -72,10 +74,11 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 batch = BlockAccessor.for_block(acc.select(present)).to_batch_format("numpy")
                 writer.add(batch)
             return writer.finish()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise  # the output location itself is wrong: retrying will not help
-        except OSError as exc:
-            raise TransientFailure(f"writing {self.attempt_uri}: {type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:
+            writer.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, _WRONG_OUTPUT):
+                raise TransientFailure(f"writing {self.attempt_uri}: {type(exc).__name__}: {exc}") from exc
+            raise  # a wrong output location or a bug: retrying will not help
 
     def complete(self, results: list[TaskResult]):
         """Commit with *results*; a lost race is recorded in ``self.conflict``, not raised."""

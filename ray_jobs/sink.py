@@ -265,6 +265,17 @@ def _hash_ids(ids: pa.Array) -> np.ndarray:
     return np.frombuffer(digests, dtype=np.uint64)
 
 
+@dataclass
+class _OpenFile:
+    """The part file a writer is filling."""
+
+    name: str
+    handle: object
+    writer: pq.ParquetWriter
+    rows: int = 0
+    hashes: list[np.ndarray] = field(default_factory=list)
+
+
 class PartFileWriter:
     """Streams one write task's batches into part files of at most *rows_per_file* rows."""
 
@@ -281,7 +292,7 @@ class PartFileWriter:
         self.seen: set[str] = set()
         self._buf: list[pa.RecordBatch] = []
         self._buf_rows = 0
-        self._file = None  # (handle, writer, name, rows, hashes)
+        self._file: _OpenFile | None = None
 
     def _reject(self, row_id: str, stage: str, reason: str) -> None:
         self.rejects["id"].append(row_id)
@@ -333,31 +344,45 @@ class PartFileWriter:
             self._write_rows(table.slice(0, take))
             rest = table.slice(take)
             self._buf, self._buf_rows = rest.to_batches(), rest.num_rows
-            if self._file is not None and self._file[3] >= self.rows_per_file:
+            if self._file is not None and self._file.rows >= self.rows_per_file:
                 self._close_file()
 
     def _room(self) -> int:
-        return self.rows_per_file - (self._file[3] if self._file is not None else 0)
+        return self.rows_per_file - (self._file.rows if self._file is not None else 0)
 
     def _write_rows(self, table: pa.Table) -> None:
         if self._file is None:
             name = part_file_name(self.task, len(self.result.files))
             handle = self.fs.open(f"{self.path}/{name}", "wb")
-            writer = pq.ParquetWriter(handle, self.schema, compression="zstd")
-            self._file = [handle, writer, name, 0, []]
-        self._file[1].write_table(table, row_group_size=table.num_rows)
-        self._file[3] += table.num_rows
-        self._file[4].append(_hash_ids(table["id"].combine_chunks()))
+            self._file = _OpenFile(name, handle, pq.ParquetWriter(handle, self.schema, compression="zstd"))
+        self._file.writer.write_table(table, row_group_size=table.num_rows)
+        self._file.rows += table.num_rows
+        self._file.hashes.append(_hash_ids(table["id"].combine_chunks()))
 
     def _close_file(self) -> None:
-        handle, writer, name, rows, hashes = self._file
-        writer.close()
-        size = handle.tell()
-        handle.close()
-        self._file = None
-        self.result.files.append(
-            WrittenFile(f"{self.rel}/{name}", rows, size, np.concatenate(hashes).astype(np.uint64).tobytes())
-        )
+        f, self._file = self._file, None
+        f.writer.close()
+        size = f.handle.tell()
+        f.handle.close()
+        hashes = np.concatenate(f.hashes).astype(np.uint64).tobytes()
+        self.result.files.append(WrittenFile(f"{self.rel}/{f.name}", f.rows, size, hashes))
+
+    def abort(self) -> None:
+        """Drop a half-written part file (on S3: abort its multipart upload instead of completing it)."""
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.writer.close()  # before the handle, or the writer's finaliser writes to a closed file
+        except Exception as exc:
+            log.debug("closing the writer of %s: %s", f.name, exc)
+        try:
+            if isinstance(self.fs, storage.LocalFileSystem):
+                f.handle.close()  # the attempt's directory goes as a whole
+            else:
+                f.handle.discard()
+        except Exception as exc:  # best effort on a path that is failing anyway
+            log.warning("could not drop half-written %s: %s", f.name, exc)
 
     def finish(self) -> TaskResult:
         """Flush, write this task's rejects file (if it has rejects), return what was written."""
