@@ -26,8 +26,8 @@ class FaultProxy:
     """``with FaultProxy(moto_endpoint, fault_rate=0.4, match="/images/") as proxy: proxy.endpoint``"""
 
     def __init__(self, upstream: str, *, fault_rate: float, match: str, seed: int = 0):
-        if not 0 <= fault_rate < 1:
-            raise ValueError("fault_rate must be in [0, 1)")
+        if not 0 <= fault_rate <= 1:
+            raise ValueError("fault_rate must be in [0, 1]")
         target = urlparse(upstream)
         self.upstream = (target.hostname, target.port)
         self.fault_rate, self.match = fault_rate, match

@@ -124,6 +124,25 @@ def test_throttled_and_dropped_image_gets_never_become_rejects(ray_session, s3_s
     assert sorted(data + rejects) == [f"row-{n:06d}" for n in range(40)]
 
 
+def test_a_store_that_never_recovers_fails_the_job_and_commits_nothing(ray_session, s3_server, s3_bucket, tmp_path):
+    assets = write_demo_assets(f"{s3_bucket}/outage", rows=16, bad_images=0, files=1, row_group_rows=16)
+    out = f"{s3_bucket}/outage-out"
+    with FaultProxy(s3_server, fault_rate=1.0, match="/outage/images/", seed=5) as proxy:
+        proc = _embed_process(
+            ray_session,
+            *("--manifest", assets.manifest, "--output", out, "--model", assets.model, "--task-retries", "1"),
+            AWS_ENDPOINT_URL=proxy.endpoint,
+            RAY_JOBS_CACHE_DIR=str(tmp_path / "cache"),
+        )
+        output = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0 and "transient failure: fetching s3://" in output, output[-3000:]
+    assert proxy.counts["matched_gets"] >= 2 * 6, "each fetch tried 6 times, the batch twice"
+    fs, path = storage.filesystem_for(out)
+    fs.invalidate_cache()
+    leftovers = [p for p in fs.find(path) if "/partition=" in p]
+    assert leftovers == [], "no marker, no rejects, no attempt left behind"
+
+
 class OutOfMemoryFirstBatches(ModelStage):
     """The real stage on a stand-in for a GPU that is short of memory: its module raises CUDA's
     out-of-memory error for the first FAIL_FIRST calls of every actor (more than halving can
