@@ -157,12 +157,7 @@ def create_exclusive(uri: str, text: str) -> bool:
     fs, path = filesystem_for(uri)
     data = text.encode()
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.{secrets.token_hex(6)}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = _complete_temp_file(path, data)
         try:
             os.link(tmp, path)  # atomic, fails if the name exists: O_EXCL for a complete file
         except FileExistsError:
@@ -193,13 +188,18 @@ def replace_text(uri: str, text: str) -> None:
         fs.pipe_file(path, text.encode())  # an S3 PUT replaces an object atomically
         invalidate(fs, path)
         return
+    os.replace(_complete_temp_file(path, text.encode()), path)
+
+
+def _complete_temp_file(path: str, data: bytes) -> str:
+    """A fully written, fsynced temporary file next to local *path*, to be linked or renamed."""
     os.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}.{secrets.token_hex(6)}.tmp"
     with open(tmp, "wb") as fh:
-        fh.write(text.encode())
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return tmp
 
 
 def invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:
