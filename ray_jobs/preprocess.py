@@ -240,8 +240,10 @@ class Preprocessor:
                     pixels[r] = self._result(fut, started, r, uris[r])
                 except RowRejected as exc:
                     ok[r], stage[r], reason[r] = False, exc.stage, exc.reason
-                except (TransientFailure, MemoryError):
+                except TransientFailure:
                     raise  # not the row's fault: the batch fails and is retried
+                except MemoryError as exc:
+                    raise TransientFailure(f"out of memory decoding {uris[r]}") from exc
                 except Exception as exc:  # a decoder bug on odd bytes: one bad row never fails the partition
                     why = f"undecodable image: {type(exc).__name__}: {exc}"[:300]
                     ok[r], stage[r], reason[r] = False, "decode", why
