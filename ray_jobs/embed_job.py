@@ -234,9 +234,10 @@ def _ensure_ray(job: PreparedJob) -> None:
     needed = cfg.preprocess_cpus * cfg.preprocess_pool[0] + sum(
         s.resources.num_cpus * s.resources.min_pool for s in job.layout.stages
     )
-    # Logical CPUs: enough for every pool's minimum plus read tasks, so a small machine
-    # oversubscribes instead of deadlocking.
-    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 2)
+    # Logical CPUs: enough for every pool's minimum plus read tasks and the write operator (Ray
+    # Data reserves a share for each operator), so a small machine oversubscribes instead of
+    # deadlocking or pinning the preprocessing pool at its minimum.
+    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 3)
     for k, v in env.items():
         os.environ.setdefault(k, v)
     ray.init(
@@ -246,6 +247,12 @@ def _ensure_ray(job: PreparedJob) -> None:
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+
+
+#: Logical CPUs of a write task. Writing Parquet is light next to decoding and the model; a
+#: whole CPU would hold back a preprocessing or stage actor (Ray Data reserves resources per
+#: operator). Not 0: a zero-CPU task may land on a head node that takes no work.
+WRITE_TASK_CPUS = 0.1
 
 
 def no_remote_args(op: str) -> dict:
@@ -327,7 +334,7 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
     driver with the tasks' small results only."""
     ds = build_dataset(job, remote_args)
     sink.pipeline_started_at = time.time()
-    ds.write_datasink(sink, ray_remote_args=remote_args("write") or None)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")})
 
 
 def run_prepared(job: PreparedJob) -> EmbedResult:
