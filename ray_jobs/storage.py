@@ -226,13 +226,16 @@ def sizes_under(uri: str) -> dict[str, int]:
     return {name[len(prefix) :]: info["size"] for name, info in found.items() if name.startswith(prefix)}
 
 
-def list_dirs(uri: str) -> list[str]:
-    """Names of the directories (prefixes) directly under *uri*."""
+def _entries(uri: str) -> tuple[fsspec.AbstractFileSystem, list[dict]]:
+    """The filesystem and the fresh (uncached) listing of what is directly under *uri*."""
     fs, path = filesystem_for(uri)
     invalidate(fs, path)
-    if not fs.exists(path):
-        return []
-    entries = fs.ls(path, detail=True)
+    return fs, (fs.ls(path, detail=True) if fs.exists(path) else [])
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the directories (prefixes) directly under *uri*."""
+    _, entries = _entries(uri)
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 
 
@@ -246,9 +249,5 @@ def remove_tree(uri: str) -> None:
 
 def list_files(uri: str) -> list[str]:
     """Plain files directly under *uri*, sorted, as URIs."""
-    fs, path = filesystem_for(uri)
-    invalidate(fs, path)
-    if not fs.exists(path):
-        return []
-    entries = fs.ls(path, detail=True)
+    fs, entries = _entries(uri)
     return sorted(to_uri(fs, e["name"]) for e in entries if e["type"] == "file")

@@ -62,16 +62,18 @@ def test_a_new_plan_replaces_the_table_content_and_the_old_one_stays_reachable(t
     assert table.scan(snapshot_id=first.snapshot_id).to_arrow().num_rows == 120
 
 
+def _commit_all(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i)
+    return plan
+
+
 def test_a_run_over_another_manifest_never_removes_this_manifests_rows(tmp_path):
     uri = f"sqlite:///{tmp_path}/catalog.db"
-    products = _plan(tmp_path)
-    for i in range(len(products.partitions)):
-        _commit(products, i)
+    products = _commit_all(_plan(tmp_path))
     first = register_plan(products, MODEL, uri, run_id="products-1")
     m2 = write_manifest(tmp_path / "other" / "m", n_files=1, start=5000)
-    other = run_plan(m2, str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="o1").plan
-    for i in range(len(other.partitions)):
-        _commit(other, i)
+    other = _commit_all(run_plan(m2, str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="o1").plan)
     second = register_plan(other, MODEL, uri, run_id="other-1")
     assert second.table != first.table
     table = _table(uri, tmp_path, products)

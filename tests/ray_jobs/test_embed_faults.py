@@ -16,9 +16,10 @@ from ray_jobs import storage
 from ray_jobs.contract import SUCCESS_FILE
 from ray_jobs.datasink import EmbeddingDatasink
 from ray_jobs.demo_assets import write_demo_assets
-from ray_jobs.embed_job import EmbedConfig, prepare, run_prepared
+from ray_jobs.embed_job import prepare, run_prepared
 from ray_jobs.model.staged import ModelStage
 from ray_jobs.sink import Attempt, committed_marker, read_marker
+from tests.ray_jobs.test_embed_job import _cfg
 from tests.s3_faults import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -165,15 +166,7 @@ class OutOfMemoryFirstBatches(ModelStage):
 
 def test_a_stage_out_of_memory_for_its_first_batches_rejects_nothing(ray_session, demo_assets, tmp_path, monkeypatch):
     monkeypatch.setattr("ray_jobs.model.staged.ModelStage", OutOfMemoryFirstBatches)
-    cfg = EmbedConfig(
-        manifest_uri=demo_assets.manifest,
-        output_uri=str(tmp_path),
-        model_uri=demo_assets.model,
-        num_stages=2,
-        batch_size=16,
-        preprocess_pool=(1, 1),
-    )
-    result = run_prepared(prepare(cfg))
+    result = run_prepared(prepare(_cfg(demo_assets, tmp_path, num_stages=2)))
     assert (result.rows_ok, result.rows_rejected) == (108, 12)
     assert set(result.rejects_by_reason) == DEMO_REASONS, "no 'model error' reject"
 
