@@ -1,10 +1,13 @@
 """Register a validated plan's committed files in an Apache Iceberg table (pyiceberg).
 
-The table ``embeddings.<model_id>`` gets one snapshot per registration that makes it hold
-exactly this plan's embeddings: an overwrite that removes the previous files and adds the
-committed ``part-*.parquet`` files in place (no data is copied). Earlier runs stay reachable
-by time travel. Registering the same files again creates no snapshot, so a re-run never
-adds rows twice. The snapshot summary carries the run id, plan id, model id and counts.
+The table ``embeddings.<dataset>__<model_id>`` (one per dataset: the DAG's ``dataset`` param,
+by default derived from the manifest URI) is created with its properties in one commit, and
+gets one snapshot per registration that makes it hold exactly this plan's embeddings: an
+overwrite that removes the previous files and adds the committed part files in place (no
+data is copied; only files a valid commit marker lists). Earlier runs stay reachable by time
+travel, and a run over another manifest writes another table. Registering the same files
+again creates no snapshot, so a re-run never adds rows twice. The snapshot summary carries
+the run id, dataset, manifest, plan id, model id and counts.
 
 ``catalog_uri`` is a SQLAlchemy URL for pyiceberg's SQL catalog (``sqlite:///…`` by
 default, PostgreSQL in production), or ``pyiceberg:<name>`` to use a catalog configured the
@@ -17,15 +20,24 @@ import os
 from dataclasses import dataclass
 
 from ray_jobs import storage
-from ray_jobs.contract import Plan, embeddings_schema, join_uri, partition_dir, sanitize_name
+from ray_jobs.contract import (
+    Plan,
+    default_dataset_name,
+    embeddings_schema,
+    join_uri,
+    partition_dir,
+    sanitize_name,
+)
 from ray_jobs.errors import OutputError, UsageError
-from ray_jobs.sink import read_marker
+from ray_jobs.sink import check_commit
 
 NAMESPACE = "embeddings"
 
 
-def table_identifier(model_id: str) -> str:
-    return f"{NAMESPACE}.{sanitize_name(model_id)}"
+def table_identifier(model_id: str, dataset: str) -> str:
+    """``embeddings.<dataset>__<model_id>``: one table per dataset and model, so a run over
+    another manifest never touches this one's rows."""
+    return f"{NAMESPACE}.{sanitize_name(dataset)}__{sanitize_name(model_id)}"
 
 
 def _io_properties() -> dict[str, str]:
@@ -80,14 +92,20 @@ class CatalogResult:
 
 
 def committed_files(plan: Plan, model_id: str) -> tuple[list[str], int, int, int, int]:
-    """Data file URIs listed by every partition's marker, the summed rows in/ok/rejected, and the dim."""
+    """Data file URIs listed by every partition's marker, the summed rows in/ok/rejected, and the dim.
+
+    Only files a valid marker lists are returned (:func:`ray_jobs.sink.check_commit`)."""
     files, rows_in, rows_ok, rejected, dims = [], 0, 0, 0, set()
     for p in plan.partitions:
         uri = partition_dir(plan.output_uri, model_id, plan.plan_id, p.index)
-        marker = read_marker(uri)
-        if marker is None or not marker.reconciles():
-            raise OutputError(f"partition {p.index:05d} is not committed ({uri}); validate the plan first")
-        files += [join_uri(uri, f.path) for f in marker.files]
+        marker, problems = check_commit(
+            uri, model_id=model_id, plan_id=plan.plan_id, partition=p.index, rows_planned=p.rows
+        )
+        if problems:
+            raise OutputError(
+                f"partition {p.index:05d} is not committed ({uri}: {problems[0]}); validate the plan first"
+            )
+        files += marker.data_uris(uri)
         rows_in, rows_ok, rejected = rows_in + marker.rows_in, rows_ok + marker.rows_ok, rejected + marker.rows_rejected
         dims.add((marker.text_dim, marker.image_dim))
     if len(dims) > 1:
@@ -100,26 +118,44 @@ def _location(uri: str) -> str:
     return uri if storage.is_remote(uri) else "file://" + storage.filesystem_for(uri)[1]
 
 
-def register_plan(
-    plan: Plan, model_id: str, catalog_uri: str, run_id: str, warehouse: str | None = None
-) -> CatalogResult:
-    from pyiceberg.exceptions import NoSuchTableError
-    from pyiceberg.io.pyarrow import parquet_files_to_data_files
+def _load_or_create(catalog, ident: str, embed_dim: int, properties: dict[str, str]):
+    """The table, created with its schema and properties in one commit if it does not exist."""
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
+    from pyiceberg.schema import assign_fresh_schema_ids
     from pyiceberg.table.name_mapping import create_mapping_from_schema
 
+    try:
+        return catalog.load_table(ident)
+    except NoSuchTableError:
+        pass
+    schema = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(embeddings_schema(embed_dim, embed_dim)))
+    # our Parquet files carry no field ids: the name mapping lets readers map columns by name
+    props = {**properties, "schema.name-mapping.default": create_mapping_from_schema(schema).model_dump_json()}
+    try:
+        return catalog.create_table(ident, schema=schema, properties=props)
+    except TableAlreadyExistsError:  # another registration created it first
+        return catalog.load_table(ident)
+
+
+def register_plan(
+    plan: Plan,
+    model_id: str,
+    catalog_uri: str,
+    run_id: str,
+    warehouse: str | None = None,
+    dataset: str | None = None,
+) -> CatalogResult:
+    """Make the table of *dataset* (default: derived from the plan's manifest URI) and the
+    model hold exactly this plan's committed embeddings, as one new snapshot."""
+    from pyiceberg.io.pyarrow import parquet_files_to_data_files
+
+    dataset = dataset or default_dataset_name(plan.manifest_uri)
     files, rows_in, rows_ok, rejected, embed_dim = committed_files(plan, model_id)
     catalog = open_catalog(catalog_uri, warehouse or join_uri(plan.output_uri, "warehouse"))
-    ident = table_identifier(model_id)
+    ident = table_identifier(model_id, dataset)
     catalog.create_namespace_if_not_exists(NAMESPACE)
-    try:
-        table = catalog.load_table(ident)
-    except NoSuchTableError:
-        table = catalog.create_table(ident, schema=embeddings_schema(embed_dim, embed_dim))
-        with table.transaction() as tx:  # our Parquet files carry no field ids: map columns by name
-            tx.set_properties(
-                {"schema.name-mapping.default": create_mapping_from_schema(table.schema()).model_dump_json()}
-            )
-        table = catalog.load_table(ident)
+    table = _load_or_create(catalog, ident, embed_dim, {"embeddings.dataset": dataset, "embeddings.model_id": model_id})
     locations = sorted(_location(f) for f in files)
     current = table.current_snapshot()
     if current is not None:
@@ -128,6 +164,8 @@ def register_plan(
             return CatalogResult(ident, current.snapshot_id, rows_ok, len(files), new_snapshot=False)
     properties = {
         "airflow.run_id": run_id,
+        "embeddings.dataset": dataset,
+        "embeddings.manifest_uri": plan.manifest_uri,
         "embeddings.plan_id": plan.plan_id,
         "embeddings.model_id": model_id,
         "embeddings.rows_in": str(rows_in),

@@ -81,6 +81,18 @@ def _add_embed(sub) -> None:
     tune.add_argument("--preprocess-cpus", type=float, default=1.0, help="CPUs per preprocessing actor")
     tune.add_argument("--preprocess-pool", type=_pair, default=(1, 2), help="preprocessing actor pool, MIN-MAX")
     tune.add_argument("--fetch-threads", type=_positive_int, default=16, help="concurrent image fetches per actor")
+    tune.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one image fetch may take before its batch fails and is retried (never a reject)",
+    )
+    tune.add_argument(
+        "--task-retries",
+        type=int,
+        default=4,
+        help="retries of a batch that failed transiently (throttling, timeouts, out of memory) before the job fails",
+    )
     tune.add_argument("--rows-per-file", type=_positive_int, default=100_000)
     tune.add_argument("--max-image-pixels", type=_positive_int, default=None)
     tune.add_argument("--max-object-bytes", type=_positive_int, default=None)
@@ -107,7 +119,12 @@ def _add_embed(sub) -> None:
         help="CPUs the submitter gives the driver (entrypoint_num_cpus); counted in the footprint",
     )
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--force", action="store_true", help="re-embed even if the partition is committed")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-embed even if the partition is committed: a new attempt, then the marker is swapped atomically "
+        "(the old files stay, for snapshots that reference them)",
+    )
     p.add_argument("--summary-json", help="also write the result as JSON to this local path")
 
 
@@ -174,6 +191,11 @@ def _add_validate(sub) -> None:
         help="with --report: register the committed files in this Iceberg catalog "
         "(SQLAlchemy URL, e.g. sqlite:////path/catalog.db) when validation passes",
     )
+    p.add_argument(
+        "--dataset",
+        help="with --catalog-uri: the dataset whose table embeddings.<dataset>__<model_id> gets the files "
+        "(default: derived from the plan's manifest URI)",
+    )
 
 
 def _add_model_id(sub) -> None:
@@ -226,6 +248,8 @@ def _cmd_embed(args) -> int:
         preprocess_cpus=args.preprocess_cpus,
         preprocess_pool=args.preprocess_pool,
         fetch_threads=args.fetch_threads,
+        fetch_timeout_s=args.fetch_timeout,
+        task_retries=args.task_retries,
         rows_per_file=args.rows_per_file,
         limits=ImageLimits(
             args.max_image_pixels or DEFAULT_MAX_PIXELS, args.max_object_bytes or DEFAULT_MAX_OBJECT_BYTES
@@ -305,7 +329,7 @@ def _cmd_validate(args) -> int:
         if args.catalog_uri and report.ok:
             from ray_jobs.catalog import register_plan
 
-            result = register_plan(plan, model_id, args.catalog_uri, run_id=plan.run_id)
+            result = register_plan(plan, model_id, args.catalog_uri, run_id=plan.run_id, dataset=args.dataset)
             print(result.summary(), flush=True)
             catalog = {"table": result.table, "snapshot_id": result.snapshot_id}
         run_report = build_report(plan, report, catalog=catalog)

@@ -7,9 +7,11 @@ import it at parse time; everything that touches storage lives elsewhere.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -73,17 +75,31 @@ def make_model_id(name: str, content_digest: str) -> str:
 
 @dataclass(frozen=True)
 class FileFingerprint:
-    """One manifest file as planning sees it: its path, byte size and row count."""
+    """One manifest file as planning sees it: its path, byte size, row count and version.
+
+    ``version`` is what the listing says about the content: the object's ETag (or version
+    id) on S3, the modification time in nanoseconds locally. A file rewritten with the same
+    size and row count gets another version, so the manifest plans anew."""
 
     path: str
     size: int
     rows: int
+    version: str = ""
 
 
 def manifest_fingerprint(files: Iterable[FileFingerprint]) -> str:
     """A digest of the manifest's files (sorted), independent of listing order."""
-    rows = sorted((f.path, f.size, f.rows) for f in files)
+    rows = sorted((f.path, f.size, f.rows, f.version) for f in files)
     return short_hash("manifest", rows, length=16)
+
+
+def default_dataset_name(manifest_uri: str) -> str:
+    """The dataset a manifest belongs to when none is named: its last path segment (without
+    ``.parquet``), sanitised, plus a short hash of the whole URI, so two manifests that share
+    a directory name never share a table (``s3://b/nightly/products/`` -> ``products_1a2b3c4d``)."""
+    normalized = manifest_uri.rstrip("/")
+    last = normalized.rsplit("/", 1)[-1].removesuffix(".parquet")
+    return f"{sanitize_name(last)[:40]}_{short_hash('dataset', normalized, length=8)}"
 
 
 def make_plan_id(fingerprint: str, settings: Mapping[str, object]) -> str:
@@ -94,8 +110,7 @@ def make_plan_id(fingerprint: str, settings: Mapping[str, object]) -> str:
 # --------------------------------------------------------------------------- layout
 
 SUCCESS_FILE = "_SUCCESS"
-REJECTS_FILE = "rejects.parquet"
-COMMIT_FORMAT = "multimodal-embeddings-commit/1"
+COMMIT_FORMAT = "multimodal-embeddings-commit/2"
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -124,8 +139,31 @@ def partition_dir(output: str, model_id: str, plan_id: str, index: int) -> str:
     return join_uri(plan_root(output, model_id, plan_id), f"partition={index:05d}")
 
 
-def part_file_name(n: int) -> str:
-    return f"part-{n:05d}.parquet"
+ATTEMPT_PREFIX = "attempt="
+#: Lease of a running attempt (JSON, refreshed while it runs): whoever finds it stale may clean the attempt up.
+LEASE_FILE = "_ATTEMPT"
+#: Markers replaced by ``--force`` are kept here (``_history/<attempt>.json``): their files stay forever.
+HISTORY_DIR = "_history"
+
+
+def new_attempt_id() -> str:
+    """A fresh, time-ordered attempt id: ``20261129T082300Z-1a2b3c4d``."""
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def attempt_dir_name(attempt: str) -> str:
+    if not attempt or "/" in attempt:
+        raise ValueError(f"invalid attempt id {attempt!r}")
+    return f"{ATTEMPT_PREFIX}{attempt}"
+
+
+def part_file_name(task: int, n: int = 0) -> str:
+    """Part file *n* of write task *task* (unique within an attempt; a retried task rewrites its own)."""
+    return f"part-{task:05d}-{n:03d}.parquet"
+
+
+def rejects_file_name(task: int) -> str:
+    return f"rejects-{task:05d}.parquet"
 
 
 def embeddings_schema(text_dim: int, image_dim: int) -> pa.Schema:
@@ -150,10 +188,13 @@ REJECTS_SCHEMA = pa.schema(
 
 # --------------------------------------------------------------------------- commit marker
 
+COMMIT_FORMAT_V1 = "multimodal-embeddings-commit/1"  # files at the partition root, one rejects file
+
 
 @dataclass(frozen=True)
 class CommittedFile:
-    """A data file listed by a commit marker, relative to the partition directory."""
+    """A file listed by a commit marker, relative to the partition directory
+    (``attempt=<id>/part-00000-000.parquet``)."""
 
     path: str
     rows: int
@@ -162,7 +203,10 @@ class CommittedFile:
 
 @dataclass(frozen=True)
 class CommitMarker:
-    """The JSON content of ``_SUCCESS``: the only thing readers trust."""
+    """The JSON content of ``_SUCCESS``: the only thing readers trust.
+
+    It names the attempt that wrote the partition and lists every file of it; files of other
+    attempts under the partition directory do not exist as far as any reader is concerned."""
 
     model_id: str
     plan_id: str
@@ -173,10 +217,14 @@ class CommitMarker:
     text_dim: int
     image_dim: int
     files: tuple[CommittedFile, ...]
-    rejects: CommittedFile
+    rejects: tuple[CommittedFile, ...]
+    attempt: str = ""
     rejects_by_reason: Mapping[str, int] = field(default_factory=dict)
     timings: Mapping[str, float] = field(default_factory=dict)
     stages: str = ""
+    committed_at: str = ""
+    #: the attempt whose marker this one replaced (``--force``), kept in ``_history/``
+    supersedes: str = ""
     format: str = COMMIT_FORMAT
 
     def reconciles(self) -> bool:
@@ -184,25 +232,77 @@ class CommitMarker:
         return (
             self.rows_ok + self.rows_rejected == self.rows_in
             and sum(f.rows for f in self.files) == self.rows_ok
-            and self.rejects.rows == self.rows_rejected
+            and sum(f.rows for f in self.rejects) == self.rows_rejected
         )
+
+    @property
+    def listed(self) -> tuple[CommittedFile, ...]:
+        """Every file the marker commits: embeddings, then rejects."""
+        return (*self.files, *self.rejects)
+
+    def data_uris(self, partition_uri: str) -> list[str]:
+        """The embedding files to read: the only ones a reader may trust."""
+        return [join_uri(partition_uri, f.path) for f in self.files]
+
+    def rejects_uris(self, partition_uri: str) -> list[str]:
+        return [join_uri(partition_uri, f.path) for f in self.rejects]
 
     def to_json(self) -> str:
         data = asdict(self)
         data["files"] = [asdict(f) for f in self.files]
+        data["rejects"] = [asdict(f) for f in self.rejects]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "_SUCCESS") -> CommitMarker:
         try:
             data = json.loads(text)
+            if data.get("format") == COMMIT_FORMAT_V1:  # one rejects file, no attempt
+                data["rejects"], data["format"] = [data["rejects"]], COMMIT_FORMAT
             if data.get("format") != COMMIT_FORMAT:
                 raise ValueError(f"unknown format {data.get('format')!r}")
             data["files"] = tuple(CommittedFile(**f) for f in data["files"])
-            data["rejects"] = CommittedFile(**data["rejects"])
+            data["rejects"] = tuple(CommittedFile(**f) for f in data["rejects"])
             return cls(**data)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OutputError(f"commit marker {source} is not a valid {COMMIT_FORMAT}: {exc}") from exc
+
+
+def marker_problems(
+    marker: CommitMarker,
+    sizes: Mapping[str, int],
+    *,
+    model_id: str | None = None,
+    plan_id: str | None = None,
+    partition: int | None = None,
+    rows_planned: int | None = None,
+    embed_dim: int | None = None,
+) -> list[str]:
+    """Why a partition committed by *marker* cannot be trusted (empty: it can).
+
+    *sizes* maps paths relative to the partition directory to the byte sizes found in
+    storage; only the files the marker lists are looked up. This one function decides for
+    ``embed`` (skip a committed partition), ``validate``, the catalog and the report."""
+    problems = []
+    if rows_planned is not None and marker.rows_in != rows_planned:
+        problems.append(f"rows_in {marker.rows_in} != planned {rows_planned}")
+    if not marker.reconciles():
+        problems.append(
+            f"counts do not reconcile: rows_ok {marker.rows_ok} + rows_rejected {marker.rows_rejected} "
+            f"vs rows_in {marker.rows_in} and files {sum(f.rows for f in marker.files)}"
+        )
+    expected = (model_id, plan_id, partition)
+    found = (marker.model_id, marker.plan_id, marker.partition)
+    if any(e is not None and e != f for e, f in zip(expected, found, strict=True)):
+        problems.append(f"marker names model {marker.model_id} plan {marker.plan_id} partition {marker.partition}")
+    if embed_dim is not None and (marker.text_dim, marker.image_dim) != (embed_dim, embed_dim):
+        problems.append(f"embedding dims {marker.text_dim}/{marker.image_dim} != model's {embed_dim}")
+    for f in marker.listed:
+        if f.path not in sizes:
+            problems.append(f"listed file {f.path} is missing")
+        elif sizes[f.path] != f.bytes:
+            problems.append(f"listed file {f.path} has {sizes[f.path]} bytes, marker says {f.bytes}")
+    return problems
 
 
 # --------------------------------------------------------------------------- plan
@@ -233,6 +333,7 @@ class PlannedFile:
     size: int
     rows: int
     row_groups: int
+    version: str = ""  # ETag / version / mtime at planning: embed refuses a file rewritten since
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class EmbedConfig:
     preprocess_cpus: float = 1.0
     preprocess_pool: tuple[int, int] = (1, 2)
     fetch_threads: int = 16
+    fetch_timeout_s: float = 60.0
+    task_retries: int = 4
     rows_per_file: int = 100_000
     limits: ImageLimits = field(default_factory=ImageLimits)
     ray_address: str | None = None
@@ -97,6 +99,10 @@ class EmbedConfig:
         lo, hi = self.preprocess_pool
         if not 1 <= lo <= hi:
             raise UsageError(f"--preprocess-pool needs 1 <= min <= max, got {lo}-{hi}")
+        if self.fetch_timeout_s <= 0:
+            raise UsageError(f"--fetch-timeout must be > 0, got {self.fetch_timeout_s}")
+        if self.task_retries < 0:
+            raise UsageError(f"--task-retries must be >= 0, got {self.task_retries}")
         if self.preprocess_cpus <= 0:
             raise UsageError(f"--preprocess-cpus must be > 0, got {self.preprocess_cpus}")
         if self.limits.max_pixels <= 0 or self.limits.max_object_bytes <= 0:
@@ -161,12 +167,26 @@ class EmbedResult:
     rows_per_s: float
     time_to_first_batch_s: float | None
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    attempt: str = ""
+    #: another attempt committed the partition while this one ran; this one discarded its files
+    lost_race: bool = False
 
     @classmethod
-    def from_marker(cls, uri: str, marker, *, skipped: bool, wall_s: float = 0.0, first_batch_s: float | None = None):
+    def from_marker(
+        cls,
+        uri: str,
+        marker,
+        *,
+        skipped: bool,
+        wall_s: float = 0.0,
+        first_batch_s: float | None = None,
+        lost_race: bool = False,
+    ):
         return cls(
             partition_uri=uri,
             skipped=skipped,
+            attempt=marker.attempt,
+            lost_race=lost_race,
             rows_in=marker.rows_in,
             rows_ok=marker.rows_ok,
             rows_rejected=marker.rows_rejected,
@@ -177,10 +197,13 @@ class EmbedResult:
         )
 
     def summary(self) -> str:
-        head = "already committed, skipped" if self.skipped else "committed"
+        if self.lost_race:
+            head = "committed by another attempt while this one ran; this attempt discarded its files"
+        else:
+            head = "already committed, skipped" if self.skipped else "committed"
         line = (
             f"embed: {head}: rows_in={self.rows_in} rows_ok={self.rows_ok} rows_rejected={self.rows_rejected} "
-            f"rows/s={self.rows_per_s:.1f} wall={self.wall_s:.1f}s output={self.partition_uri}"
+            f"rows/s={self.rows_per_s:.1f} wall={self.wall_s:.1f}s attempt={self.attempt} output={self.partition_uri}"
         )
         if self.rejects_by_reason:
             line += "\nembed: rejects by reason: " + ", ".join(f"{k}={v}" for k, v in self.rejects_by_reason.items())
@@ -206,15 +229,11 @@ def _plan_partition(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str
     refs = tuple(FragmentRef(plan.files[f.file].uri, f.row_groups, f.rows) for f in part.fragments)
 
     def check(ref_file) -> None:
-        fs, path = storage.filesystem_for(ref_file.uri)
-        try:
-            size = fs.size(path)
-        except FileNotFoundError:
-            size = None
-        if size != ref_file.size:
+        size, version = storage.stat_file(ref_file.uri) or (None, None)
+        if size != ref_file.size or (ref_file.version and version != ref_file.version):
             raise ManifestError(
-                f"manifest file {ref_file.uri} changed since planning (size {size}, planned {ref_file.size}); "
-                "plan the run again"
+                f"manifest file {ref_file.uri} changed since planning (size {size}, planned {ref_file.size}; "
+                f"version {version}, planned {ref_file.version}); plan the run again"
             )
 
     used = {f.file for f in part.fragments}
@@ -270,9 +289,10 @@ def _ensure_ray(job: PreparedJob) -> None:
         return
     footprint = job.footprint
     needed = footprint.total()["CPU"] - footprint.driver_cpus  # this process is the driver
-    # Logical CPUs: enough for the whole minimum footprint, so a small machine oversubscribes
-    # instead of queueing forever; GPUs as the machine has them.
-    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 1)
+    # Logical CPUs: the whole minimum footprint (pools at their minimum, read/write tasks) plus
+    # headroom for Ray Data's per-operator reservations, so a small machine oversubscribes
+    # instead of queueing forever or pinning the preprocessing pool at its minimum.
+    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 2)
     for k, v in env.items():
         os.environ.setdefault(k, v)
     ray.init(
@@ -282,6 +302,12 @@ def _ensure_ray(job: PreparedJob) -> None:
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+
+
+#: Logical CPUs of a write task. Writing Parquet is light next to decoding and the model; a
+#: whole CPU would hold back a preprocessing or stage actor (Ray Data reserves resources per
+#: operator). Not 0: a zero-CPU task may land on a head node that takes no work.
+WRITE_TASK_CPUS = 0.1
 
 
 def no_remote_args(op: str) -> dict:
@@ -323,22 +349,33 @@ def add_model_stages(
 
 
 def build_dataset(job: PreparedJob, remote_args=no_remote_args):
-    """The lazy Ray Data pipeline for *job* (nothing runs until it is iterated).
+    """The lazy Ray Data pipeline for *job* (nothing runs until it is written).
 
     Every operator merges ``remote_args(name)`` into its Ray options; names: ``read``,
-    ``preprocess``, ``stage0`` .. ``stage{K-1}`` (and ``write`` for the sink)."""
+    ``preprocess``, ``stage0`` .. ``stage{K-1}`` (and ``write`` for the sink, in :func:`execute`)."""
     import ray
     from ray.data import ActorPoolStrategy
 
+    from ray_jobs.errors import TRANSIENT_MARKER
     from ray_jobs.preprocess import Preprocessor
 
     cfg = job.config
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic part files
+    # Part files are named by attempt and write task and listed in the marker: order is not needed.
+    ctx.execution_options.preserve_order = False
+    # A batch that failed for a transient reason (throttling, timeout, out-of-memory stage) is
+    # retried in its task with exponential backoff and jitter; once these run out the job fails.
+    ctx.retried_map_errors = [TRANSIENT_MARKER]
+    ctx.max_map_retries = cfg.task_retries
     ds = ray.data.read_datasource(make_datasource(job.fragments), ray_remote_args=remote_args("read") or None)
     ds = ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs={"model_uri": job.model_uri, "limits": cfg.limits, "fetch_threads": cfg.fetch_threads},
+        fn_constructor_kwargs={
+            "model_uri": job.model_uri,
+            "limits": cfg.limits,
+            "fetch_threads": cfg.fetch_threads,
+            "fetch_timeout_s": cfg.fetch_timeout_s,
+        },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=cfg.preprocess_pool[0], max_size=cfg.preprocess_pool[1]),
@@ -374,39 +411,61 @@ def admitted(job: PreparedJob):
         yield with_fixed_pools(job), reservation.remote_args
 
 
+def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
+    """Build *job*'s pipeline and run it into *sink*: the one place a partition's dataset runs.
+
+    Part files are written by Ray Data write tasks; ``sink.on_write_complete`` commits on the
+    driver with the tasks' small results only."""
+    ds = build_dataset(job, remote_args)
+    sink.pipeline_started_at = time.time()
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")})
+
+
 def run_prepared(job: PreparedJob) -> EmbedResult:
-    from ray_jobs.sink import PartitionSink, committed_marker
+    from ray_jobs.datasink import EmbeddingDatasink
+    from ray_jobs.sink import Attempt, clean_dead_attempts, committed_marker, read_marker_or_refuse
 
     start = time.perf_counter()
+    read_marker_or_refuse(job.partition_uri)  # fail now, not after the whole pipeline ran
     if not job.config.force:
         marker = committed_marker(job.partition_uri, job.model_id)
         if marker is not None:
             return EmbedResult.from_marker(job.partition_uri, marker, skipped=True)
-    sink = PartitionSink(job.partition_uri, job.embed_dim, job.embed_dim, job.config.rows_per_file)
-    sink.begin()
-    first = None
-    if job.rows_in:  # an empty manifest commits an empty partition without starting Ray
-        _ensure_ray(job)
-        with admitted(job) as (admitted_job, remote_args):
-            ds = build_dataset(admitted_job, remote_args)
-            pipeline_start = time.perf_counter()
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-                if first is None:
-                    first = time.perf_counter() - pipeline_start
-                sink.add(batch)
+    with Attempt(job.partition_uri) as attempt:
+        clean_dead_attempts(job.partition_uri, keep=attempt.id)
+        sink = EmbeddingDatasink(
+            attempt,
+            rows_in=job.rows_in,
+            text_dim=job.embed_dim,
+            image_dim=job.embed_dim,
+            rows_per_file=job.config.rows_per_file,
+            force=job.config.force,
+            commit_meta={
+                "model_id": job.model_id,
+                "plan_id": job.plan_id,
+                "partition": job.partition,
+                "stages": job.layout.spec(),
+            },
+        )
+        try:
+            if job.rows_in:
+                _ensure_ray(job)
+                with admitted(job) as (admitted_job, remote_args):
+                    execute(admitted_job, sink, remote_args)
+            else:  # an empty manifest commits an empty partition without starting Ray
+                sink.complete([])
+        except BaseException:
+            attempt.discard()
+            raise
     wall = time.perf_counter() - start
-    marker = sink.commit(
-        rows_in=job.rows_in,
-        model_id=job.model_id,
-        plan_id=job.plan_id,
-        partition=job.partition,
-        stages=job.layout.spec(),
-        timings={
-            "wall_s": round(wall, 3),
-            "time_to_first_batch_s": round(first or 0.0, 3),
-            "rows_per_s": round(job.rows_in / wall, 3) if wall > 0 else 0.0,
-        },
-    )
+    if sink.conflict is not None:
+        winner = committed_marker(job.partition_uri, job.model_id)
+        if winner is None:
+            raise sink.conflict
+        return EmbedResult.from_marker(job.partition_uri, winner, skipped=True, lost_race=True)
+    clean_dead_attempts(job.partition_uri, keep=attempt.id)
+    marker = sink.marker
+    first = marker.timings.get("time_to_first_batch_s")
     return EmbedResult.from_marker(job.partition_uri, marker, skipped=False, wall_s=wall, first_batch_s=first)
 
 

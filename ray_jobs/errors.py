@@ -37,3 +37,20 @@ class PlanError(JobInputError):
 class AdmissionTimeout(Exception):
     """The cluster did not grant a job its whole minimum footprint in time (not an input error:
     the same job can succeed on a larger or less busy cluster). The message names what is missing."""
+
+
+#: Every :class:`TransientFailure` message starts with this, so Ray Data's in-task retry
+#: (``DataContext.retried_map_errors``, matched on the message) retries exactly these.
+TRANSIENT_MARKER = "transient failure:"
+
+
+class TransientFailure(Exception):
+    """Infrastructure, not data: throttling, a timeout, a lost connection, an out-of-memory
+    stage. The batch fails and is retried; it is never committed as a reject."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{TRANSIENT_MARKER} {message}")
+
+
+class CommitConflict(Exception):
+    """Another attempt committed this partition first; this attempt's files were removed."""

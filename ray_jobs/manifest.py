@@ -38,9 +38,11 @@ class ManifestFile:
     row_group_rows: tuple[int, ...]
     #: estimated image bytes per row group, None where the footer gives no hint
     row_group_bytes: tuple[int | None, ...] = ()
+    #: ETag / version id / mtime from the listing (see :func:`ray_jobs.storage.version_of`)
+    version: str = ""
 
     def fingerprint(self) -> FileFingerprint:
-        return FileFingerprint(self.uri, self.size, self.rows)
+        return FileFingerprint(self.uri, self.size, self.rows, self.version)
 
 
 def _is_data_file(path: str) -> bool:
@@ -48,29 +50,37 @@ def _is_data_file(path: str) -> bool:
     return name.endswith(".parquet") and not name.startswith(("_", "."))
 
 
-def _walk_local(root: str) -> list[tuple[str, int]]:
+def _walk_local(root: str) -> list[tuple[str, int, str]]:
     out = []
     for dirpath, _, names in os.walk(root):
         for name in names:
             if _is_data_file(name):
                 full = os.path.join(dirpath, name)
-                out.append((full, os.stat(full).st_size))
+                st = os.stat(full)
+                out.append((full, st.st_size, storage.local_version(full, st)))
     return out
 
 
-def list_manifest(uri: str) -> list[tuple[str, int]]:
-    """``(uri, size)`` of every Parquet file of the manifest, sorted by path."""
+def list_manifest(uri: str) -> list[tuple[str, int, str]]:
+    """``(uri, size, version)`` of every Parquet file of the manifest, sorted by path.
+
+    The version (ETag / version id on object stores, mtime locally) comes with the listing
+    at no extra request; it makes the fingerprint change when a file is rewritten in place."""
     try:
         fs, path = storage.filesystem_for(uri)
-        if fs.isfile(path):
-            return [(storage.to_uri(fs, path), fs.size(path))]
         if type(fs) is storage.LocalFileSystem:
-            found = _walk_local(path)
+            found = [(path, *storage.stat_file(path))] if os.path.isfile(path) else _walk_local(path)
+        elif fs.isfile(path):
+            info = fs.info(path)
+            found = [(storage.to_uri(fs, path), info["size"], storage.version_of(info))]
         else:
-            found = [(storage.to_uri(fs, p), info["size"]) for p, info in fs.find(path, detail=True).items()]
-    except (FileNotFoundError, PermissionError, OSError, ValueError) as exc:
+            found = [
+                (storage.to_uri(fs, p), info["size"], storage.version_of(info))
+                for p, info in fs.find(path, detail=True).items()
+            ]
+    except (FileNotFoundError, PermissionError, OSError, ValueError, TypeError) as exc:
         raise ManifestError(f"manifest {uri} is not readable: {exc}") from exc
-    files = sorted((u, size) for u, size in found if _is_data_file(u))
+    files = sorted(f for f in found if _is_data_file(f[0]))
     if not files:
         raise ManifestError(f"manifest {uri} does not exist or holds no .parquet files")
     return files
@@ -146,7 +156,7 @@ def _check_schema_cached(schema: pq.ParquetSchema, uri: str) -> None:
 
 
 def read_footer(
-    uri: str, size: int, tail_bytes: int = DEFAULT_TAIL_BYTES, byte_statistics: bool = True
+    uri: str, size: int, tail_bytes: int = DEFAULT_TAIL_BYTES, byte_statistics: bool = True, version: str = ""
 ) -> ManifestFile:
     try:
         meta = read_footer_metadata(uri, size, tail_bytes)
@@ -154,11 +164,11 @@ def read_footer(
         raise ManifestError(f"manifest file {uri} disappeared while reading: {exc}") from exc
     _check_schema_cached(meta.schema, uri)
     groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return ManifestFile(uri, size, meta.num_rows, groups, _row_group_bytes(meta, byte_statistics))
+    return ManifestFile(uri, size, meta.num_rows, groups, _row_group_bytes(meta, byte_statistics), version)
 
 
-def _read_chunk(chunk: list[tuple[str, int]], tail_bytes: int, byte_statistics: bool) -> list[ManifestFile]:
-    return [read_footer(u, s, tail_bytes, byte_statistics) for u, s in chunk]
+def _read_chunk(chunk: list[tuple[str, int, str]], tail_bytes: int, byte_statistics: bool) -> list[ManifestFile]:
+    return [read_footer(u, s, tail_bytes, byte_statistics, v) for u, s, v in chunk]
 
 
 def read_manifest(
@@ -186,7 +196,7 @@ def read_manifest(
                 return [f for part in parts for f in part]
     workers = max(1, min(threads if not local else 4, len(listing)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda f: read_footer(f[0], f[1], tail_bytes, byte_statistics), listing))
+        return list(pool.map(lambda f: read_footer(f[0], f[1], tail_bytes, byte_statistics, f[2]), listing))
 
 
 def fingerprint(files: list[ManifestFile]) -> str:

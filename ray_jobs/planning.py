@@ -185,7 +185,7 @@ def make_plan(
         manifest_fingerprint=manifest_fp,
         output_uri=output_uri,
         settings={**requested, "effective_target": target},
-        files=tuple(PlannedFile(f.uri, f.size, f.rows, len(f.row_group_rows)) for f in files),
+        files=tuple(PlannedFile(f.uri, f.size, f.rows, len(f.row_group_rows), f.version) for f in files),
         partitions=partitions,
         model_uri=model_uri,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

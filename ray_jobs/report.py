@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_jobs import storage
-from ray_jobs.contract import Plan, join_uri, partition_dir
-from ray_jobs.sink import read_marker
+from ray_jobs.contract import Plan, join_uri
 from ray_jobs.validate import ValidationReport
 
 
@@ -98,9 +97,10 @@ def build_report(
         if check.rows_in is not None:
             entry.update(rows_in=check.rows_in, rows_ok=check.rows_ok, rows_rejected=check.rows_rejected)
             reasons.update(check.rejects_by_reason)
-            marker = read_marker(partition_dir(plan.output_uri, validation.model_id, plan.plan_id, check.index))
-            if marker is not None and marker.timings.get("rows_per_s"):
-                entry["rows_per_s"] = marker.timings["rows_per_s"]
+            if check.attempt:
+                entry["attempt"] = check.attempt
+            if check.timings.get("rows_per_s"):
+                entry["rows_per_s"] = check.timings["rows_per_s"]
         parts.append(entry)
     return RunReport(
         run_id=plan.run_id,

@@ -3,12 +3,23 @@
 S3 goes through s3fs. Credentials come from the usual AWS environment (or an instance
 role); ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) points it at MinIO, moto or any
 S3-compatible endpoint, which is how the tests reach a real S3 server on loopback.
+
+Commit markers need a write that succeeds only if nothing is there (:func:`create_exclusive`):
+``O_EXCL`` semantics locally (a hard link of a complete temporary file, so no reader ever sees
+half a marker), and on S3 a conditional ``PUT`` with ``If-None-Match: *`` (AWS S3 since 2024,
+MinIO, moto). For a store that answers that header with ``501 NotImplemented`` or is declared
+not to support it (``RAY_JOBS_S3_CONDITIONAL_WRITES=0``, for a store that would silently ignore
+it), the fallback is check, put, read back: correct unless two writers commit within the same
+PUT's latency, in which case both may believe they won; the later marker stands, and since no
+writer deletes files of an attempt named by a marker, nothing committed is lost.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import secrets
 from functools import lru_cache
 
 import fsspec
@@ -34,13 +45,28 @@ def _s3_options() -> dict:
     return opts
 
 
+#: S3 options for a caller that owns its retry policy: one try per call (the connect and read
+#: timeouts of s3fs still bound each request). Without this, botocore's and s3fs's own retry
+#: loops nest (up to 25 tries with sleeps) and hide throttling from the caller.
+_S3_SINGLE_TRY = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+
+
 @lru_cache(maxsize=16)
-def _remote_fs(protocol: str, options_key: tuple) -> fsspec.AbstractFileSystem:
-    return fsspec.filesystem(protocol, **dict(options_key))
+def _remote_fs(protocol: str, options_key: tuple, single_try: bool = False) -> fsspec.AbstractFileSystem:
+    options = dict(options_key)
+    if single_try and protocol == "s3":
+        options.update(_S3_SINGLE_TRY)  # botocore: one attempt
+    fs = fsspec.filesystem(protocol, **options)
+    if single_try and protocol == "s3":
+        fs.retries = 1  # s3fs's own loop (a class attribute, not a constructor argument)
+    return fs
 
 
-def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem holding *uri* and the path inside it."""
+def filesystem_for(uri: str, *, single_try: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem holding *uri* and the path inside it.
+
+    ``single_try=True``: the S3 client makes one attempt per call, for callers that retry with
+    their own bounded backoff (image fetches, :func:`ray_jobs.preprocess.fetch_bytes`)."""
     if uri.startswith("file://"):
         return LocalFileSystem(), os.path.abspath(uri[len("file://") :])
     if is_remote(uri):
@@ -48,7 +74,7 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         protocol = "s3" if protocol == "s3a" else protocol
         opts = _s3_options() if protocol == "s3" else {}
         try:
-            fs = _remote_fs(protocol, tuple(sorted(opts.items())))
+            fs = _remote_fs(protocol, tuple(sorted(opts.items())), single_try)
         except (ValueError, ImportError) as exc:
             raise ValueError(f"no filesystem for {protocol}:// URIs ({uri}): {exc}") from exc
         return fs, rest.rstrip("/")
@@ -70,6 +96,39 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def version_of(info: dict) -> str:
+    """What a listing entry says about the object's content beyond its size: the ETag (or
+    generation / version id) on object stores, the modification time otherwise. The ETag comes
+    first because a LIST and a HEAD both return it (a version id only comes with a HEAD)."""
+    for key in ("ETag", "etag", "generation", "VersionId", "version_id"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return str(mtime) if mtime is not None else ""
+
+
+def local_version(path: str, st: os.stat_result | None = None) -> str:
+    """The version of a local file: its modification time in nanoseconds."""
+    return f"mtime_ns={(st or os.stat(path)).st_mtime_ns}"
+
+
+def stat_file(uri: str) -> tuple[int, str] | None:
+    """``(size, version)`` of the file at *uri*, or None if there is none."""
+    fs, path = filesystem_for(uri)
+    if isinstance(fs, LocalFileSystem):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return st.st_size, local_version(path, st)
+    invalidate(fs, path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return int(info["size"]), version_of(info)
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.exists(path)
@@ -89,21 +148,106 @@ def write_text(uri: str, text: str) -> None:
         fh.write(text.encode())
 
 
+def conditional_writes_supported() -> bool:
+    return os.environ.get("RAY_JOBS_S3_CONDITIONAL_WRITES", "1").strip().lower() not in ("0", "false", "no")
+
+
+def create_exclusive(uri: str, text: str) -> bool:
+    """Write *text* at *uri* only if nothing is there; True if this call created it."""
+    fs, path = filesystem_for(uri)
+    data = text.encode()
+    if isinstance(fs, LocalFileSystem):
+        tmp = _complete_temp_file(path, data)
+        try:
+            os.link(tmp, path)  # atomic, fails if the name exists: O_EXCL for a complete file
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    if conditional_writes_supported():
+        try:
+            fs.pipe_file(path, data, mode="create")  # PUT with If-None-Match: *
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:  # anything but "NotImplemented" is a real failure
+                raise
+    if fs.exists(path):  # fallback: check, put, read back (see the module docstring)
+        return False
+    fs.pipe_file(path, data)
+    invalidate(fs, path)
+    return fs.cat_file(path) == data
+
+
+def replace_text(uri: str, text: str) -> None:
+    """Replace *uri*'s content atomically: a reader sees the old text or the new, never neither."""
+    fs, path = filesystem_for(uri)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, text.encode())  # an S3 PUT replaces an object atomically
+        invalidate(fs, path)
+        return
+    os.replace(_complete_temp_file(path, text.encode()), path)
+
+
+def _complete_temp_file(path: str, data: bytes) -> str:
+    """A fully written, fsynced temporary file next to local *path*, to be linked or renamed."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.{secrets.token_hex(6)}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def invalidate(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(path)
+
+
+def sizes_under(uri: str) -> dict[str, int]:
+    """Byte size of every file below *uri* (recursively), keyed by path relative to *uri*."""
+    fs, path = filesystem_for(uri)
+    invalidate(fs, path)
+    if isinstance(fs, LocalFileSystem):
+        out = {}
+        for dirpath, _, names in os.walk(path):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                try:
+                    out[os.path.relpath(full, path)] = os.stat(full).st_size
+                except FileNotFoundError:  # removed while listing
+                    continue
+        return out
+    prefix = path.rstrip("/") + "/"
+    found = fs.find(path, detail=True) if fs.exists(path) else {}
+    return {name[len(prefix) :]: info["size"] for name, info in found.items() if name.startswith(prefix)}
+
+
+def _entries(uri: str) -> tuple[fsspec.AbstractFileSystem, list[dict]]:
+    """The filesystem and the fresh (uncached) listing of what is directly under *uri*."""
+    fs, path = filesystem_for(uri)
+    invalidate(fs, path)
+    return fs, (fs.ls(path, detail=True) if fs.exists(path) else [])
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the directories (prefixes) directly under *uri*."""
+    _, entries = _entries(uri)
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+
 def remove_tree(uri: str) -> None:
     """Delete *uri* and everything under it; a missing path is not an error."""
     fs, path = filesystem_for(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache(path)
+    invalidate(fs, path)
 
 
 def list_files(uri: str) -> list[str]:
     """Plain files directly under *uri*, sorted, as URIs."""
-    fs, path = filesystem_for(uri)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return []
-    entries = fs.ls(path, detail=True)
+    fs, entries = _entries(uri)
     return sorted(to_uri(fs, e["name"]) for e in entries if e["type"] == "file")

@@ -2,7 +2,9 @@
 
 For each partition: ``_SUCCESS`` present and parseable, its counts reconcile and equal the
 plan's row count, the embedding dims are the model's, and every listed file exists with the
-recorded size. The DAG's validation task calls :func:`validate_plan` too.
+recorded size (:func:`ray_jobs.contract.marker_problems`, the one judge of a commit; files of
+other attempts under the partition are never looked at). The DAG's validation task calls
+:func:`validate_plan` too.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import dataclass, field
 
 from ray_jobs import storage
 from ray_jobs.contract import Plan, join_uri, partition_dir, plan_root
-from ray_jobs.errors import OutputError, PlanError
-from ray_jobs.sink import read_marker
+from ray_jobs.errors import PlanError
+from ray_jobs.sink import check_commit
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class PartitionCheck:
     rows_rejected: int | None = None
     problems: tuple[str, ...] = ()
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    attempt: str = ""  # the committed attempt
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -93,33 +97,11 @@ class ValidationReport:
 def check_partition(plan: Plan, model_id: str, index: int, embed_dim: int | None) -> PartitionCheck:
     planned = plan.partitions[index]
     uri = partition_dir(plan.output_uri, model_id, plan.plan_id, index)
-    try:
-        marker = read_marker(uri)
-    except OutputError as exc:
-        return PartitionCheck(index, planned.rows, problems=(str(exc),))
+    marker, problems = check_commit(
+        uri, model_id=model_id, plan_id=plan.plan_id, partition=index, rows_planned=planned.rows, embed_dim=embed_dim
+    )
     if marker is None:
-        return PartitionCheck(index, planned.rows, problems=("missing: no _SUCCESS",))
-    problems = []
-    if marker.rows_in != planned.rows:
-        problems.append(f"rows_in {marker.rows_in} != planned {planned.rows}")
-    if not marker.reconciles():
-        problems.append(
-            f"counts do not reconcile: rows_ok {marker.rows_ok} + rows_rejected {marker.rows_rejected} "
-            f"vs rows_in {marker.rows_in} and files {sum(f.rows for f in marker.files)}"
-        )
-    if (marker.model_id, marker.plan_id, marker.partition) != (model_id, plan.plan_id, index):
-        problems.append(f"marker names model {marker.model_id} plan {marker.plan_id} partition {marker.partition}")
-    if embed_dim is not None and (marker.text_dim, marker.image_dim) != (embed_dim, embed_dim):
-        problems.append(f"embedding dims {marker.text_dim}/{marker.image_dim} != model's {embed_dim}")
-    fs, path = storage.filesystem_for(uri)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache(path)
-    sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(path, detail=True)}
-    for f in (*marker.files, marker.rejects):
-        if f.path not in sizes:
-            problems.append(f"listed file {f.path} is missing")
-        elif sizes[f.path] != f.bytes:
-            problems.append(f"listed file {f.path} has {sizes[f.path]} bytes, marker says {f.bytes}")
+        return PartitionCheck(index, planned.rows, problems=tuple(problems))
     return PartitionCheck(
         index,
         planned.rows,
@@ -128,6 +110,8 @@ def check_partition(plan: Plan, model_id: str, index: int, embed_dim: int | None
         marker.rows_rejected,
         tuple(problems),
         dict(marker.rejects_by_reason),
+        marker.attempt,
+        dict(marker.timings),
     )
 
 

@@ -288,7 +288,7 @@ def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: 
 
     plan = load_plan(planned["plan_uri"])
     target = catalog_target(params)
-    result = register_plan(plan, model_id, target.uri, run_id=airflow_run_id)
+    result = register_plan(plan, model_id, target.uri, run_id=airflow_run_id, dataset=params.get("dataset"))
     print(result.summary())
     return {
         "table": result.table,

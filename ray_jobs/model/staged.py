@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ray_jobs.errors import TransientFailure
 from ray_jobs.model.checkpoint import Checkpoint, open_checkpoint
 from ray_jobs.model.image_ops import pixels_to_tensor
 from ray_jobs.model.precision import check_device, from_numpy, to_numpy, torch_dtype
@@ -258,6 +259,13 @@ class ModelStage:
         log.info("%s loaded %d parameters on %s", self.name, self.module.num_parameters(), device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the stage on the batch's valid rows.
+
+        An out-of-memory error halves the rows and tries again, down to one row. Any other
+        error is retried row by row: a row that fails alone while others succeed is rejected
+        (``model error``); when every row fails alone, the stage itself is broken and the batch
+        fails with :class:`~ray_jobs.errors.TransientFailure` (Ray Data retries the task, then
+        the job fails): infrastructure faults are never committed as rejects."""
         batch = dict(batch)
         for col in ("ok", "reject_stage", "reject_reason"):  # Arrow-backed arrays are read-only
             batch[col] = np.array(batch[col], copy=True)
@@ -265,10 +273,21 @@ class ModelStage:
         rows = np.flatnonzero(ok)
         n = len(ok)
         try:
-            produced = self.module.run(_select(batch, rows if len(rows) else [0]))
-        except Exception as exc:  # isolate the bad row(s): retry one by one
-            log.warning("%s: batch failed (%s); retrying row by row", self.name, exc)
-            produced, rows = self._row_by_row(batch, rows)
+            if len(rows):
+                try:
+                    produced = self._run_halving(batch, rows)
+                except Exception as exc:
+                    if _is_oom(exc):
+                        raise
+                    log.warning("%s: batch failed (%s); retrying row by row", self.name, exc)
+                    produced, rows = self._row_by_row(batch, rows, exc)
+            else:  # nothing valid: shapes from one placeholder row, values discarded
+                produced = self.module.run(_select(batch, [0]))
+        except TransientFailure:
+            raise
+        except Exception as exc:
+            kind = "out of memory even for one row" if _is_oom(exc) else "failed"
+            raise TransientFailure(f"{self.name}: {kind}: {type(exc).__name__}: {exc}"[:500]) from exc
         out = {k: v for k, v in batch.items() if k not in self.drop}
         for col, values in produced.items():
             full = np.zeros((n, *values.shape[1:]), dtype=values.dtype)
@@ -277,20 +296,55 @@ class ModelStage:
             out[col] = full
         return out
 
-    def _row_by_row(self, batch, rows):
-        good, results = [], []
+    def _run_halving(self, batch, rows) -> dict[str, np.ndarray]:
+        try:
+            return self.module.run(_select(batch, rows))
+        except Exception as exc:
+            if not _is_oom(exc) or len(rows) == 1:
+                raise
+            _free_device_memory()
+            half = len(rows) // 2
+            log.warning("%s: out of memory on %d rows (%s); halving", self.name, len(rows), exc)
+            first, second = self._run_halving(batch, rows[:half]), self._run_halving(batch, rows[half:])
+            return {k: np.concatenate([first[k], second[k]]) for k in first}
+
+    def _row_by_row(self, batch, rows, batch_error: Exception):
+        good, results, failed = [], [], []
         for r in rows:
             try:
                 results.append(self.module.run(_select(batch, [r])))
                 good.append(r)
             except Exception as exc:
-                batch["ok"][r] = False
-                batch["reject_stage"][r] = self.name
-                batch["reject_reason"][r] = f"model error: {type(exc).__name__}: {exc}"[:500]
-        if not results:  # every row failed: shapes from a zero row, values discarded
-            shape_only = self.module.run(
-                {k: np.zeros_like(v[:1]) if v.dtype != object else v[:1] for k, v in batch.items()}
+                if _is_oom(exc):
+                    raise
+                failed.append((r, exc))
+        if not results:
+            raise TransientFailure(
+                f"{self.name}: the batch and each of its {len(rows)} rows failed alone, so the stage is at fault, "
+                f"not the rows: {type(batch_error).__name__}: {batch_error}"[:500]
             )
-            return shape_only, np.array([], dtype=np.int64)
+        for r, exc in failed:
+            batch["ok"][r] = False
+            batch["reject_stage"][r] = self.name
+            batch["reject_reason"][r] = f"model error: {type(exc).__name__}: {exc}"[:500]
         merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
         return merged, np.array(good, dtype=np.int64)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """A CUDA / CPU allocator out-of-memory error (a property of the batch size, not of a row)."""
+    if isinstance(exc, MemoryError):
+        return True
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return "out of memory" in msg or "not enough memory" in msg
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -30,7 +30,13 @@ def test_wrong_type_names_column_and_expected_type():
 def test_layout_is_deterministic_and_zero_padded():
     d = contract.partition_dir("s3://b/out/", "tiny-abc", "p123", 7)
     assert d == "s3://b/out/embeddings/model=tiny-abc/plan=p123/partition=00007"
-    assert contract.part_file_name(3) == "part-00003.parquet"
+    assert contract.part_file_name(3) == "part-00003-000.parquet"
+    assert contract.part_file_name(3, 12) == "part-00003-012.parquet"
+    assert contract.rejects_file_name(7) == "rejects-00007.parquet"
+    assert contract.attempt_dir_name("20261129T082300Z-1a2b3c4d") == "attempt=20261129T082300Z-1a2b3c4d"
+    assert contract.new_attempt_id() != contract.new_attempt_id()
+    with pytest.raises(ValueError):
+        contract.attempt_dir_name("a/../b")
     assert contract.plan_uri("/o", "run1") == "/o/runs/run1/plan.json"
     with pytest.raises(ValueError):
         contract.partition_dir("/o", "m", "p", -1)
@@ -41,6 +47,8 @@ def test_ids_are_stable_and_sensitive_to_inputs():
     fp = contract.manifest_fingerprint(files)
     assert fp == contract.manifest_fingerprint(list(reversed(files)))
     assert fp != contract.manifest_fingerprint(files[:1])
+    rewritten = [contract.FileFingerprint("b", 2, 20, version="etag-2"), files[1]]
+    assert contract.manifest_fingerprint(rewritten) != fp, "same size and rows, new content: a new plan"
     assert contract.make_plan_id(fp, {"rows": 10}) == contract.make_plan_id(fp, {"rows": 10})
     assert contract.make_plan_id(fp, {"rows": 10}) != contract.make_plan_id(fp, {"rows": 11})
     assert contract.make_model_id("Tiny ALBERT/ViT", "abcdef0123456789") == "tiny_albert_vit-abcdef0123"
@@ -56,8 +64,9 @@ def _marker(**over):
         rows_rejected=2,
         text_dim=4,
         image_dim=4,
-        files=(contract.CommittedFile("part-00000.parquet", 8, 100),),
-        rejects=contract.CommittedFile("rejects.parquet", 2, 50),
+        files=(contract.CommittedFile("attempt=a1/part-00000-000.parquet", 8, 100),),
+        rejects=(contract.CommittedFile("attempt=a1/rejects-00000.parquet", 2, 50),),
+        attempt="a1",
     )
     return contract.CommitMarker(**{**base, **over})
 
@@ -70,7 +79,12 @@ def test_marker_round_trips_and_reconciles():
 
 @pytest.mark.parametrize(
     "over",
-    [{"rows_ok": 7}, {"rows_in": 11}, {"files": (contract.CommittedFile("part-00000.parquet", 7, 100),)}],
+    [
+        {"rows_ok": 7},
+        {"rows_in": 11},
+        {"files": (contract.CommittedFile("attempt=a1/part-00000-000.parquet", 7, 100),)},
+        {"rejects": ()},
+    ],
 )
 def test_marker_that_does_not_add_up_does_not_reconcile(over):
     assert not _marker(**over).reconciles()
@@ -81,3 +95,29 @@ def test_invalid_marker_is_an_output_error():
         contract.CommitMarker.from_json('{"format": "other"}', "x/_SUCCESS")
     with pytest.raises(OutputError):
         contract.CommitMarker.from_json("not json", "x/_SUCCESS")
+
+
+def test_marker_problems_is_the_one_judge_of_a_commit():
+    m = _marker()
+    sizes = {"attempt=a1/part-00000-000.parquet": 100, "attempt=a1/rejects-00000.parquet": 50, "attempt=zz/x": 1}
+    assert (
+        contract.marker_problems(m, sizes, model_id="m", plan_id="p", partition=0, rows_planned=10, embed_dim=4) == []
+    )
+    assert m.data_uris("s3://b/p=0") == ["s3://b/p=0/attempt=a1/part-00000-000.parquet"]
+    problems = contract.marker_problems(
+        m, {"attempt=a1/rejects-00000.parquet": 49}, model_id="other", rows_planned=9, embed_dim=8
+    )
+    assert problems == [
+        "rows_in 10 != planned 9",
+        "marker names model m plan p partition 0",
+        "embedding dims 4/4 != model's 8",
+        "listed file attempt=a1/part-00000-000.parquet is missing",
+        "listed file attempt=a1/rejects-00000.parquet has 49 bytes, marker says 50",
+    ]
+
+
+def test_default_dataset_name_is_readable_and_tells_manifests_apart():
+    a = contract.default_dataset_name("s3://bucket/nightly/Products/")
+    assert a == contract.default_dataset_name("s3://bucket/nightly/Products") and a.startswith("products_")
+    assert contract.default_dataset_name("s3://other/nightly/Products") != a
+    assert contract.default_dataset_name("/data/manifest.parquet").startswith("manifest_")

@@ -6,9 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs.contract import SUCCESS_FILE
+from ray_jobs import storage
+from ray_jobs.contract import LEASE_FILE, SUCCESS_FILE
 from ray_jobs.embed_job import EmbedConfig, prepare, run_prepared
-from ray_jobs.sink import PartitionSink, read_marker
+from ray_jobs.sink import read_marker
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def _cfg(assets, output, **over):
 
 
 def _files(partition_uri):
-    return {name: os.path.getsize(os.path.join(partition_uri, name)) for name in sorted(os.listdir(partition_uri))}
+    return storage.sizes_under(partition_uri)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,9 @@ def test_every_row_is_embedded_or_rejected_with_a_reason(first_run, demo_assets)
     assert not result.skipped and result.rows_in == demo_assets.rows == 120
     marker = read_marker(job.partition_uri)
     assert marker.reconciles() and marker.rows_rejected == sum(demo_assets.broken.values()) == 12
-    assert [f.rows for f in marker.files] == [50, 50, 8]
-    rejects = pq.read_table(os.path.join(job.partition_uri, "rejects.parquet")).to_pylist()
+    assert sum(f.rows for f in marker.files) == 108 and all(0 < f.rows <= 50 for f in marker.files)
+    assert all(f.path.startswith(f"attempt={marker.attempt}/part-") for f in marker.files)
+    rejects = pq.read_table(marker.rejects_uris(job.partition_uri)).to_pylist()
     assert all(r["reason"] and r["stage"] in ("fetch", "decode") for r in rejects)
     assert set(marker.rejects_by_reason) == {
         "missing object",
@@ -53,12 +55,12 @@ def test_every_row_is_embedded_or_rejected_with_a_reason(first_run, demo_assets)
         "decompression bomb",
         "undecodable image",
     }
-    parts = pq.read_table([os.path.join(job.partition_uri, f.path) for f in marker.files])
+    parts = pq.read_table(marker.data_uris(job.partition_uri))
     ids = parts["id"].to_pylist() + [r["id"] for r in rejects]
     assert sorted(ids) == [f"row-{n:06d}" for n in range(120)], "each input row exactly once"
-    rejected = {r["id"] for r in rejects}
-    expected_order = [f"row-{n:06d}" for n in range(120) if f"row-{n:06d}" not in rejected]
-    assert parts["id"].to_pylist() == expected_order, "part files keep manifest order: re-runs write the same files"
+    assert sorted(_files(job.partition_uri)) == sorted(
+        [SUCCESS_FILE, f"attempt={marker.attempt}/{LEASE_FILE}", *(f.path for f in marker.listed)]
+    ), "nothing but the committed attempt is left"
     for col in ("text_embedding", "image_embedding"):
         emb = np.stack(parts[col].to_numpy(zero_copy_only=False))
         assert emb.shape == (108, 32) and np.isfinite(emb).all()
@@ -80,7 +82,7 @@ def test_pipeline_output_equals_the_unsplit_model(first_run, demo_assets):
         pre["input_ids"][ok], pre["attention_mask"][ok], pre["pixels"][ok]
     )
     marker = read_marker(job.partition_uri)
-    got = pq.read_table([os.path.join(job.partition_uri, f.path) for f in marker.files]).to_pydict()
+    got = pq.read_table(marker.data_uris(job.partition_uri)).to_pydict()
     row = {i: n for n, i in enumerate(got["id"])}
     for j, rid in enumerate(pre["id"][ok]):
         for col in ("text_embedding", "image_embedding"):
@@ -96,30 +98,47 @@ def test_rerun_of_a_committed_partition_skips_and_changes_nothing(first_run, dem
     assert _files(job.partition_uri) == before and read_marker(job.partition_uri) == marker_before
 
 
-def test_crash_before_commit_is_cleaned_up_by_the_next_run(ray_session, demo_assets, tmp_path, monkeypatch):
-    """First attempt dies after writing part files but before _SUCCESS; the retry replaces it."""
+def test_force_re_embeds_into_a_new_attempt_and_keeps_the_old_files(first_run, demo_assets):
+    job, _ = first_run
+    old = read_marker(job.partition_uri)
+    forced = run_prepared(prepare(_cfg(demo_assets, job.config.output_uri, num_stages=1, force=True)))
+    new = read_marker(job.partition_uri)
+    assert not forced.skipped and new.attempt == forced.attempt != old.attempt and new.supersedes == old.attempt
+    sizes = _files(job.partition_uri)
+    assert all(sizes[f.path] == f.bytes for f in (*old.listed, *new.listed)), "snapshots of the old files stay readable"
+    assert pq.read_table(old.data_uris(job.partition_uri)).num_rows == old.rows_ok
+
+
+def test_a_failed_attempt_removes_its_files_and_a_dead_one_is_cleaned_up(
+    ray_session, demo_assets, tmp_path, monkeypatch
+):
+    """The first attempt dies in its commit; a crashed attempt from an earlier run lies around."""
+    import ray_jobs.datasink
+
     cfg = _cfg(demo_assets, tmp_path, num_stages=2)
     job = prepare(cfg)
-    real_commit = PartitionSink.commit
-
-    def crash(self, rows_in, **meta):
-        self._flush()
-        raise RuntimeError("worker node lost")
-
-    monkeypatch.setattr(PartitionSink, "commit", crash)
-    with pytest.raises(RuntimeError, match="worker node lost"):
-        run_prepared(job)
-    leftovers = _files(job.partition_uri)
-    assert SUCCESS_FILE not in leftovers and "part-00000.parquet" in leftovers
-    with open(os.path.join(job.partition_uri, "part-00099.parquet"), "wb") as fh:
+    crashed = os.path.join(job.partition_uri, "attempt=20200101T000000Z-deadbeef")
+    os.makedirs(crashed)
+    with open(os.path.join(crashed, LEASE_FILE), "w") as fh:
+        fh.write('{"attempt": "20200101T000000Z-deadbeef", "heartbeat_at": 0}')
+    with open(os.path.join(crashed, "part-00000-000.parquet"), "wb") as fh:
         fh.write(b"debris from an older attempt")
 
-    monkeypatch.setattr(PartitionSink, "commit", real_commit)
+    def crash(*args, **kwargs):
+        raise RuntimeError("driver lost its connection while committing")
+
+    monkeypatch.setattr(ray_jobs.datasink, "commit_attempt", crash)
+    with pytest.raises(RuntimeError, match="lost its connection"):
+        run_prepared(job)
+    assert sorted(_files(job.partition_uri)) == [], "the failed attempt removed itself, the dead one too"
+
+    monkeypatch.undo()
     result = run_prepared(job)
-    assert not result.skipped
-    names = sorted(_files(job.partition_uri))
-    assert names == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "rejects.parquet"]
-    assert read_marker(job.partition_uri).reconciles()
+    marker = read_marker(job.partition_uri)
+    assert not result.skipped and marker.reconciles() and marker.attempt == result.attempt
+    assert sorted(_files(job.partition_uri)) == sorted(
+        [SUCCESS_FILE, f"attempt={marker.attempt}/{LEASE_FILE}", *(f.path for f in marker.listed)]
+    )
 
 
 def test_plan_partition_embeds_exactly_its_row_groups(ray_session, demo_assets, tmp_path):
@@ -148,8 +167,8 @@ def test_plan_partition_embeds_exactly_its_row_groups(ray_session, demo_assets, 
     result = run_prepared(job)
     assert result.rows_in == part.rows == len(expected_ids)
     marker = read_marker(job.partition_uri)
-    got = pq.read_table([os.path.join(job.partition_uri, f.path) for f in marker.files])["id"].to_pylist()
-    rejected = pq.read_table(os.path.join(job.partition_uri, "rejects.parquet"))["id"].to_pylist()
+    got = pq.read_table(marker.data_uris(job.partition_uri))["id"].to_pylist()
+    rejected = pq.read_table(marker.rejects_uris(job.partition_uri))["id"].to_pylist()
     assert sorted(got + rejected) == sorted(expected_ids)
     report = validate_plan(planned, job.model_id, job.embed_dim)
     assert [c.index for c in report.checks if c.ok] == [1]
@@ -165,10 +184,14 @@ def test_plan_form_refuses_a_manifest_changed_since_planning(demo_assets, tmp_pa
     shutil.copytree(demo_assets.manifest, manifest)
     run_plan(str(manifest), str(tmp_path), PlanSettings(partition_rows=40), run_id="r")
     first = sorted(manifest.iterdir())[0]
-    table = pq.read_table(first)
-    pq.write_table(table.slice(0, 10), first)
     cfg = EmbedConfig(
         output_uri=None, model_uri=demo_assets.model, plan_uri=f"{tmp_path}/runs/r/plan.json", partition=0
     )
+    st = os.stat(first)
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten, same size
+    with pytest.raises(ManifestError, match="changed since planning"):
+        prepare(cfg)
+    table = pq.read_table(first)
+    pq.write_table(table.slice(0, 10), first)
     with pytest.raises(ManifestError, match="changed since planning"):
         prepare(cfg)

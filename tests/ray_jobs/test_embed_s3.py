@@ -4,6 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs import storage
+from ray_jobs.contract import LEASE_FILE, SUCCESS_FILE
 from ray_jobs.demo_assets import write_demo_assets
 from ray_jobs.embed_job import EmbedConfig, prepare, run_prepared
 from ray_jobs.model.checkpoint import TwinTowerCheckpoint, open_checkpoint
@@ -38,10 +39,9 @@ def test_manifest_images_model_and_output_all_on_s3(ray_session, s3_bucket, demo
 
     marker = read_marker(job.partition_uri)
     assert marker.reconciles() and marker.rejects_by_reason["missing object"] == 1
-    listed = {u.rsplit("/", 1)[1] for u in storage.list_files(job.partition_uri)}
-    assert listed == {"_SUCCESS", "rejects.parquet", *(f.path for f in marker.files)}
-    fs, path = storage.filesystem_for(job.partition_uri)
-    for f in marker.files:
-        assert fs.size(f"{path}/{f.path}") == f.bytes
+    sizes = storage.sizes_under(job.partition_uri)
+    assert set(sizes) == {SUCCESS_FILE, f"attempt={marker.attempt}/{LEASE_FILE}", *(f.path for f in marker.listed)}
+    for f in marker.listed:
+        assert sizes[f.path] == f.bytes
 
     assert run_prepared(prepare(cfg)).skipped

@@ -94,6 +94,27 @@ def test_same_manifest_and_settings_give_the_same_plan(tmp_path):
     assert d.plan_id != a.plan_id and d.manifest_fingerprint != a.manifest_fingerprint
 
 
+def _rewrite_same_shape(src, dst):
+    """Rewrite a manifest file with other text of the same length, row group by row group."""
+    pf = pq.ParquetFile(src)
+    groups = [pf.read_row_group(i) for i in range(pf.num_row_groups)]
+    with pq.ParquetWriter(dst, pf.schema_arrow) as writer:
+        for g in groups:
+            writer.write_table(g.set_column(1, "text", pa.array(["T"] * g.num_rows, g.schema.field("text").type)))
+
+
+def test_a_manifest_rewritten_with_the_same_sizes_and_rows_plans_anew(tmp_path):
+    m = write_manifest(tmp_path / "m", n_files=2)
+    a, _ = make_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=45))
+    first = os.path.join(m, sorted(os.listdir(m))[0])
+    _rewrite_same_shape(first, first)
+    st = os.stat(first)
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a clock that did not tick
+    b, _ = make_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=45))
+    assert [(f.size, f.rows) for f in b.files] == [(f.size, f.rows) for f in a.files]
+    assert b.files[0].version != a.files[0].version and b.plan_id != a.plan_id
+
+
 def test_max_partitions_clamp_grows_partitions_and_says_so(tmp_path):
     m = write_manifest(tmp_path / "m", n_files=10)
     plan, _ = make_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=10, max_partitions=7))
@@ -189,3 +210,13 @@ def test_planning_on_s3(s3_bucket, tmp_path):
     assert all(f.uri.startswith("s3://embeddings-test/plan-test/manifest/") for f in result.plan.files)
     local_plan, _ = make_plan(local, str(tmp_path / "o"), PlanSettings(partition_rows=45))
     assert [p.rows for p in local_plan.partitions] == [p.rows for p in result.plan.partitions]
+    etags = {f.uri: f.version for f in result.plan.files}
+    assert all(etags.values()), "the listing's ETag is each file's version"
+    first = result.plan.files[0]
+    _rewrite_same_shape(os.path.join(local, sorted(os.listdir(local))[0]), str(tmp_path / "x.parquet"))
+    fs.put(str(tmp_path / "x.parquet"), first.uri.removeprefix("s3://"))
+    again, _ = make_plan(
+        f"{s3_bucket}/plan-test/manifest", f"{s3_bucket}/plan-test/out", PlanSettings(partition_rows=45)
+    )
+    assert (again.files[0].size, again.files[0].rows) == (first.size, first.rows)
+    assert again.files[0].version != first.version and again.plan_id != result.plan.plan_id

@@ -1,11 +1,17 @@
+import errno
 import io
+import os
 import random
+from typing import ClassVar
 
+import fsspec
 import numpy as np
 import pytest
+from fsspec import AbstractFileSystem
 from PIL import Image
 
 from ray_jobs.demo_assets import _bomb_png, _broken, _image_bytes
+from ray_jobs.errors import TransientFailure
 from ray_jobs.model.image_ops import ImageProcessing
 from ray_jobs.preprocess import Preprocessor, RowRejected, decode_image, fetch_bytes
 
@@ -116,3 +122,133 @@ def test_a_config_that_cannot_batch_is_refused():
 
     with pytest.raises(ModelError, match="cannot be batched"):
         ImageProcessing(resize=("shortest_edge", 224, 0), crop=None)
+
+
+# ----------------------------------------------------------------------------- fetch classification
+
+
+class ScriptedFS(AbstractFileSystem):
+    """A stand-in object store whose every open follows a script (S3-like failures on demand)."""
+
+    protocol = "scripted"
+    script: ClassVar[dict[str, list]] = {}
+    opens: ClassVar[dict[str, int]] = {}
+
+    def _open(self, path, mode="rb", **kwargs):
+        path = path.removeprefix("scripted://")
+        self.opens[path] = self.opens.get(path, 0) + 1
+        steps = self.script[path]
+        outcome = steps.pop(0) if len(steps) > 1 else steps[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if callable(outcome):
+            return outcome()
+        return io.BytesIO(outcome)
+
+
+fsspec.register_implementation("scripted", ScriptedFS, clobber=True)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr("ray_jobs.preprocess.time.sleep", sleeps.append)
+    ScriptedFS.script.clear()
+    ScriptedFS.opens.clear()
+    return sleeps
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (FileNotFoundError("NoSuchKey"), "missing object"),
+        (PermissionError("AccessDenied"), "access denied"),
+        (IsADirectoryError("a prefix"), "not a regular file"),
+        (OSError(errno.EINVAL, "InvalidRange"), "unreadable object"),
+        (ValueError("Bucket name must match the regex"), "unreadable object"),
+    ],
+)
+def test_permanent_fetch_errors_are_rejects_at_once(scripted, error, reason):
+    ScriptedFS.script["b/k.jpg"] = [error]
+    with pytest.raises(RowRejected) as exc:
+        fetch_bytes("scripted://b/k.jpg", 100)
+    assert exc.value.stage == "fetch" and exc.value.reason.startswith(f"{reason}: scripted://b/k.jpg")
+    assert ScriptedFS.opens["b/k.jpg"] == 1 and scripted == [], "never retried"
+
+
+def test_transient_fetch_errors_are_retried_with_backoff_and_jitter(scripted):
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+    ScriptedFS.script["b/k.jpg"] = [
+        OSError(errno.EBUSY, "SlowDown: Please reduce your request rate."),
+        ConnectionClosedError(endpoint_url="http://s3"),
+        ReadTimeoutError(endpoint_url="http://s3"),
+        b"image bytes",
+    ]
+    assert fetch_bytes("scripted://b/k.jpg", 100, attempts=4, backoff_s=0.2) == b"image bytes"
+    assert len(scripted) == 3
+    for n, delay in enumerate(scripted):  # exponential, jittered into [50 %, 100 %] of the step
+        assert 0.5 * 0.2 * 2**n <= delay <= 0.2 * 2**n
+
+
+def test_a_fetch_that_keeps_failing_transiently_fails_the_batch_not_the_row(scripted):
+    ScriptedFS.script["b/k.jpg"] = [ConnectionResetError(104, "Connection reset by peer")]
+    with pytest.raises(TransientFailure, match=r"^transient failure: fetching scripted://b/k.jpg failed 4 times"):
+        fetch_bytes("scripted://b/k.jpg", 100, attempts=4)
+    assert ScriptedFS.opens["b/k.jpg"] == 4
+
+
+def test_a_connection_cut_mid_body_is_transient_not_a_truncated_image(scripted):
+    class Short(io.BytesIO):
+        size = 50  # the object's size from its HEAD; the body stopped after 10 bytes
+
+    ScriptedFS.script["b/k.jpg"] = [lambda: Short(b"x" * 10), b"y" * 50]
+    assert fetch_bytes("scripted://b/k.jpg", 100) == b"y" * 50
+    assert len(scripted) == 1
+
+
+def test_only_regular_files_are_read_a_fifo_is_a_reject_never_a_hang(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(RowRejected, match=r"not a regular file: .* is a FIFO"):
+        fetch_bytes(str(fifo), 100)
+    with pytest.raises(RowRejected, match="not a regular file: /dev/zero is a special file"):
+        fetch_bytes("/dev/zero", 100)
+    with pytest.raises(RowRejected, match=r"not a regular file: .* is a directory"):
+        fetch_bytes(str(tmp_path), 100)
+
+
+def test_preprocessor_fails_the_batch_on_a_transient_fetch_and_rejects_only_real_problems(demo_checkpoint, scripted):
+    good, _ = _image_bytes(random.Random(0), 0)
+    ScriptedFS.script.update({"b/good.jpg": [good], "b/gone.jpg": [FileNotFoundError("NoSuchKey")]})
+    pre = Preprocessor(demo_checkpoint)
+    batch = {
+        "id": np.array(["a", "b"], dtype=object),
+        "text": np.array(["x", "y"], dtype=object),
+        "image_uri": np.array(["scripted://b/good.jpg", "scripted://b/gone.jpg"], dtype=object),
+    }
+    out = pre(batch)
+    assert out["ok"].tolist() == [True, False] and out["reject_reason"][1].startswith("missing object")
+    ScriptedFS.script["b/gone.jpg"] = [OSError(errno.EBUSY, "SlowDown")]
+    with pytest.raises(TransientFailure, match="SlowDown"):
+        pre(batch)
+
+
+def test_preprocessor_times_out_a_fetch_that_hangs(demo_checkpoint, scripted):
+    import threading
+
+    release = threading.Event()
+
+    def hang():
+        release.wait(30)
+        return io.BytesIO(b"late")
+
+    ScriptedFS.script["b/slow.jpg"] = [hang]
+    pre = Preprocessor(demo_checkpoint, fetch_timeout_s=0.5)
+    batch = {"id": np.array(["a"], dtype=object), "text": np.array(["x"], dtype=object)}
+    batch["image_uri"] = np.array(["scripted://b/slow.jpg"], dtype=object)
+    try:
+        with pytest.raises(TransientFailure, match=r"scripted://b/slow.jpg took more than 0.5s"):
+            pre(batch)
+    finally:
+        release.set()

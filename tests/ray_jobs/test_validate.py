@@ -9,30 +9,30 @@ from ray_jobs.cli import main
 from ray_jobs.contract import partition_dir
 from ray_jobs.errors import PlanError
 from ray_jobs.planning import PlanSettings, run_plan
-from ray_jobs.sink import PartitionSink
+from ray_jobs.sink import read_marker
 from ray_jobs.validate import resolve_model_id, validate_plan
 from tests.ray_jobs.test_planning import write_manifest
+from tests.ray_jobs.test_sink import commit_batches
 
 MODEL = "tiny-0123456789"
 
 
 def _commit(plan, index, rows=None, rejected=0, model_id=MODEL):
     rows = plan.partitions[index].rows if rows is None else rows
-    sink = PartitionSink(partition_dir(plan.output_uri, model_id, plan.plan_id, index), 4, 4, rows_per_file=40)
-    sink.begin()
     ok = np.arange(rows) >= rejected
     emb = np.full((rows, 4), 0.5, dtype=np.float32)
-    sink.add(
-        {
-            "id": np.array([f"p{index}-{i}" for i in range(rows)], dtype=object),
-            "ok": ok,
-            "reject_stage": np.array(["" if o else "decode" for o in ok], dtype=object),
-            "reject_reason": np.array(["" if o else "not an image: x" for o in ok], dtype=object),
-            "text_embedding": emb,
-            "image_embedding": emb,
-        }
+    batch = {
+        "id": np.array([f"p{index}-{i}" for i in range(rows)], dtype=object),
+        "ok": ok,
+        "reject_stage": np.array(["" if o else "decode" for o in ok], dtype=object),
+        "reject_reason": np.array(["" if o else "not an image: x" for o in ok], dtype=object),
+        "text_embedding": emb,
+        "image_embedding": emb,
+    }
+    uri = partition_dir(plan.output_uri, model_id, plan.plan_id, index)
+    return commit_batches(
+        uri, [[batch]], rows, rows_per_file=40, force=True, model_id=model_id, plan_id=plan.plan_id, partition=index
     )
-    return sink.commit(rows_in=rows, model_id=model_id, plan_id=plan.plan_id, partition=index)
 
 
 @pytest.fixture
@@ -65,12 +65,19 @@ def test_count_mismatch_with_the_plan(plan):
     assert "rows_in" in report.failed[0].problems[0] and "!= planned" in report.failed[0].problems[0]
 
 
-def test_deleted_data_file_and_wrong_dims(plan):
+def test_deleted_or_changed_listed_file_and_wrong_dims(plan):
     for i in range(len(plan.partitions)):
-        _commit(plan, i)
-    os.remove(os.path.join(partition_dir(plan.output_uri, MODEL, plan.plan_id, 0), "part-00000.parquet"))
+        _commit(plan, i, rejected=1)
+    part = partition_dir(plan.output_uri, MODEL, plan.plan_id, 0)
+    marker = read_marker(part)
+    os.remove(os.path.join(part, marker.files[0].path))
+    with open(os.path.join(part, marker.rejects[0].path), "ab") as fh:
+        fh.write(b"x")
     report = validate_plan(plan, MODEL, embed_dim=8)
-    assert any("part-00000.parquet is missing" in p for p in report.failed[0].problems)
+    assert any(f"{marker.files[0].path} is missing" in p for p in report.failed[0].problems)
+    assert any(
+        f"{marker.rejects[0].path} has {marker.rejects[0].bytes + 1} bytes" in p for p in report.failed[0].problems
+    )
     assert all(any("dims 4/4 != model's 8" in p for p in c.problems) for c in report.checks)
 
 
@@ -100,7 +107,8 @@ def test_validate_report_and_catalog_from_the_cli(plan, capsys, tmp_path):
     plan_uri = os.path.join(plan.output_uri, "runs", "r", "plan.json")
     for i in range(len(plan.partitions)):
         _commit(plan, i, rejected=1)
-    rc = main(["validate", "--plan", plan_uri, "--report", "--catalog-uri", f"sqlite:///{tmp_path}/cat.db"])
+    catalog = ["--catalog-uri", f"sqlite:///{tmp_path}/cat.db", "--dataset", "Products"]
+    rc = main(["validate", "--plan", plan_uri, "--report", *catalog])
     out = capsys.readouterr().out
     assert rc == 0 and "catalog: registered" in out and "report: OK" in out
     run_dir = os.path.join(plan.output_uri, "runs", "r")
@@ -108,7 +116,8 @@ def test_validate_report_and_catalog_from_the_cli(plan, capsys, tmp_path):
         report = json.load(fh)
     assert report["rows_in"] == 120 and report["rows_rejected"] == len(plan.partitions)
     assert report["rejects_by_reason"] == {"not an image": len(plan.partitions)}
-    assert report["catalog"]["table"] == "embeddings.tiny_0123456789"
+    assert report["catalog"]["table"] == "embeddings.products__tiny_0123456789"
+    assert {p["attempt"] for p in report["partitions"]} and all(p["attempt"] for p in report["partitions"])
     with open(os.path.join(run_dir, "report.md")) as fh:
         md = fh.read()
     assert md.startswith("# Embedding run `r`") and "| not an image |" in md
