@@ -13,16 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 
 from ray_jobs import storage
 from ray_jobs.contract import make_model_id
 from ray_jobs.errors import ModelError
+from ray_jobs.model.safetensors_io import header_bytes
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 #: A small file bigger than this is named by size (and ETag) instead of content.
 MAX_HASHED_FILE = 64 * 1024 * 1024
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 def list_checkpoint(uri: str) -> list[tuple[str, str, dict]]:
@@ -45,17 +44,6 @@ def list_checkpoint(uri: str) -> list[tuple[str, str, dict]]:
     return out
 
 
-def safetensors_header(fs, path: str) -> bytes:
-    """The raw JSON header of a safetensors file, read by byte range."""
-    raw = fs.cat_file(path, start=0, end=8)
-    if len(raw) != 8:
-        raise ModelError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-    (n,) = struct.unpack("<Q", raw)
-    if n > _MAX_HEADER:
-        raise ModelError(f"{path}: not a safetensors file (header length {n})")
-    return fs.cat_file(path, start=8, end=8 + n)
-
-
 def _etag(info: dict) -> str:
     return str(info.get("ETag") or info.get("etag") or "").strip('"')
 
@@ -68,7 +56,7 @@ def metadata_digest(uri: str) -> str:
         size = int(info.get("size") or 0)
         entry = {"path": rel, "size": size, "etag": _etag(info)}
         if rel.endswith(".safetensors"):
-            entry["header"] = hashlib.sha256(safetensors_header(fs, path)).hexdigest()
+            entry["header"] = hashlib.sha256(header_bytes(fs, path)).hexdigest()
         elif not rel.endswith(WEIGHT_SUFFIXES) and size <= MAX_HASHED_FILE:
             entry["content"] = hashlib.sha256(fs.cat_file(path)).hexdigest()
         digest.update(json.dumps(entry, sort_keys=True).encode() + b"\n")

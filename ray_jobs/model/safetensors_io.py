@@ -42,17 +42,28 @@ class TensorEntry:
     stop: int
 
 
+def header_bytes(fs, path: str, name: str | None = None) -> bytes:
+    """The raw JSON header of a safetensors file, by two exact byte-range reads (never weight bytes)."""
+    name = name or path
+    raw = fs.cat_file(path, start=0, end=8)
+    if len(raw) != 8:
+        raise ModelError(f"{name}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > _MAX_HEADER:
+        raise ModelError(f"{name}: not a safetensors file (header length {n})")
+    header = fs.cat_file(path, start=8, end=8 + n)
+    if len(header) != n:
+        raise ModelError(f"{name}: not a safetensors file (header shorter than its length {n})")
+    return header
+
+
 def _read_header(uri: str) -> dict[str, TensorEntry]:
     """The tensor table of one file, read by two exact byte ranges (no read-ahead of weight bytes)."""
     fs, path = storage.filesystem_for(uri)
     try:
-        raw = fs.cat_file(path, start=0, end=8)
-        if len(raw) != 8:
-            raise ModelError(f"{uri}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER:
-            raise ModelError(f"{uri}: not a safetensors file (header length {n})")
-        header = json.loads(fs.cat_file(path, start=8, end=8 + n))
+        raw_header = header_bytes(fs, path, uri)
+        n = len(raw_header)
+        header = json.loads(raw_header)
     except FileNotFoundError as exc:
         raise ModelError(f"model weights file {uri} does not exist") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -92,16 +92,16 @@ def test_more_partitions_than_gpus_all_commit_without_deadlock(gpu_cluster, plan
         logs.append(out)
         assert p.returncode == 0, out[-3000:]
 
-    from ray_jobs.model.checkpoint import TwinTowerCheckpoint
+    from ray_jobs.model.checkpoint import open_checkpoint
 
-    model_id = TwinTowerCheckpoint(assets.model).model_id
+    model_id = open_checkpoint(assets.model).model_id
     ids = []
     for part in plan.partitions:
         pdir = partition_dir(plan.output_uri, model_id, plan.plan_id, part.index)
         marker = committed_marker(pdir, model_id)
         assert marker is not None and marker.reconciles() and marker.rows_in == part.rows
-        ids += pq.read_table([os.path.join(pdir, f.path) for f in marker.files])["id"].to_pylist()
-        ids += pq.read_table(os.path.join(pdir, marker.rejects.path))["id"].to_pylist()
+        ids += pq.read_table(marker.data_uris(pdir))["id"].to_pylist()
+        ids += pq.read_table(marker.rejects_uris(pdir))["id"].to_pylist()
     assert sorted(ids) == sorted(set(ids)) and len(ids) == assets.rows
 
     # At most two jobs held a reservation at once (the cluster holds two), and the others queued.
@@ -132,3 +132,67 @@ def test_a_job_larger_than_the_cluster_fails_naming_the_missing_resources(gpu_cl
     assert last.startswith("error: admission: could not reserve"), last
     assert "GPU:3" in last and "too small for one job" in last and "GPU:2" in last, last
     assert time.monotonic() - start < 120
+
+
+def _placement_group_nodes(address: str) -> set[str]:
+    """Node ids holding the bundles of the embed job's placement group (asked in a separate
+    driver: this test process does not join the cluster)."""
+    code = (
+        "import json, ray\n"
+        f"ray.init(address={address!r}, log_to_driver=False)\n"
+        "from ray.util import placement_group_table\n"
+        "out = [pg for pg in placement_group_table().values() if pg['name'].startswith('emb-') and pg['state'] == "
+        "'CREATED']\n"
+        "print(json.dumps([sorted(set(pg['bundles_to_node_id'].values())) for pg in out]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    groups = json.loads(out.stdout.strip().splitlines()[-1])
+    return {node for group in groups for node in group}
+
+
+def test_a_worker_node_lost_mid_job_commits_the_partition_exactly_once(gpu_cluster, plan4):
+    """Runs last in this module (it changes the cluster). A third worker node joins, a job
+    starts, and the node holding its reservation is removed mid-job. Either Ray reschedules
+    the reservation and the job finishes, or the job fails and its retry (the Airflow task's
+    retry, here run by hand) commits: in both cases the partition is committed exactly once."""
+    cluster, workers = gpu_cluster
+    plan, assets = plan4
+    from ray_jobs.contract import plan_uri as plan_uri_of
+    from ray_jobs.model.checkpoint import open_checkpoint
+    from ray_jobs.model.model_id import compute_model_id  # noqa: F401 - the model id the job uses
+
+    spare = cluster.add_node(num_cpus=4, num_gpus=1)
+    cluster.wait_for_nodes()
+    uri = plan_uri_of(plan.output_uri, plan.run_id)
+    job = _embed(cluster.address, uri, 1, assets.model, "--force", "--admission-timeout-s", "300")
+    lines = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        line = job.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "reserved after" in line:
+            break
+    time.sleep(3)  # actors starting / first batches in flight
+    held = _placement_group_nodes(cluster.address)
+    victims = [n for n in [*workers, spare] if n.node_id in held]
+    assert victims, f"no node holds the job's reservation: {held}"
+    cluster.remove_node(victims[0], allow_graceful=False)
+    out, _ = job.communicate(timeout=900)
+    out = "".join(lines) + out
+    outcome = "recovered" if job.returncode == 0 else "failed"
+    if job.returncode != 0:  # the task's retry: the same partition again, on what is left of the cluster
+        retry = _embed(cluster.address, uri, 1, assets.model, "--force", "--admission-timeout-s", "300")
+        retry_out, _ = retry.communicate(timeout=900)
+        assert retry.returncode == 0, retry_out[-3000:]
+    model_id = open_checkpoint(assets.model).model_id
+    pdir = partition_dir(plan.output_uri, model_id, plan.plan_id, 1)
+    marker = committed_marker(pdir, model_id)
+    assert marker is not None and marker.reconciles() and marker.rows_in == plan.partition(1).rows, out[-3000:]
+    ids = pq.read_table(marker.data_uris())["id"].to_pylist() if hasattr(marker, "data_uris") else []
+    assert len(ids) == len(set(ids)) == marker.rows_ok, "each embedded id exactly once"
+    print(
+        f"\nworker node lost mid-job: the job {outcome}" + (" and its retry committed" if outcome == "failed" else "")
+    )

@@ -213,13 +213,21 @@ class AirflowStack:
         return r.json().get("value") if r.status_code == 200 else None
 
     def task_log(self, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
+        """The try's whole log as the UI shows it (the worker's and the triggerer's parts merged),
+        one event per line."""
         r = self.api(
             "GET",
             f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
             params={"map_index": map_index, "full_content": True},
-            headers={"Accept": "text/plain"},
+            headers={"Accept": "application/x-ndjson"},
         )
-        return r.text if r.status_code == 200 else ""
+        r.raise_for_status()
+        events = []
+        for line in r.text.splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                events.append(str(record.get("event", "")) if isinstance(record, dict) else str(record))
+        return "\n".join(events)
 
     def wait_run(self, run_id: str, timeout: float, on_poll=None, every: float = 2.0) -> str:
         deadline = time.monotonic() + timeout
