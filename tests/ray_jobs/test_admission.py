@@ -191,7 +191,7 @@ def test_a_worker_node_lost_mid_job_commits_the_partition_exactly_once(gpu_clust
     pdir = partition_dir(plan.output_uri, model_id, plan.plan_id, 1)
     marker = committed_marker(pdir, model_id)
     assert marker is not None and marker.reconciles() and marker.rows_in == plan.partition(1).rows, out[-3000:]
-    ids = pq.read_table(marker.data_uris())["id"].to_pylist() if hasattr(marker, "data_uris") else []
+    ids = pq.read_table(marker.data_uris(pdir))["id"].to_pylist()
     assert len(ids) == len(set(ids)) == marker.rows_ok, "each embedded id exactly once"
     print(
         f"\nworker node lost mid-job: the job {outcome}" + (" and its retry committed" if outcome == "failed" else "")

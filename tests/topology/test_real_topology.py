@@ -117,9 +117,11 @@ def test_concurrent_partitions_survive_a_triggerer_and_a_scheduler_crash(stack, 
         assert sid and re.search(r"-p\d+$", sid), f"partition {k} was submitted more than once: {sid}"
         log = "".join(stack.task_log(run_id, "embed", k, n) for n in range(1, ti["try_number"] + 1))
         ray_lines = re.findall(r"\[ray job emb-[^\]]+\] (.*)", log)
-        assert sum("embed: committed:" in line for line in ray_lines) == 1, log[-3000:]
-        dupes = [line for line in set(ray_lines) if ray_lines.count(line) > 1 and line.strip()]
-        assert not dupes, f"partition {k}: log lines replayed after the triggerer restart: {dupes[:5]}"
+        # lines the job's driver writes exactly once: a replayed log would repeat them (Ray Data's
+        # own progress lines may legitimately repeat, e.g. one per stage in the same millisecond)
+        for once in ("admission: waiting for", "reserved after", "admission: released", "embed: committed:"):
+            seen_n = sum(once in line for line in ray_lines)
+            assert seen_n == 1, f"partition {k}: {once!r} logged {seen_n} times (replayed?):\n{log[-3000:]}"
         job_wall += ti["duration"] or 0.0
     _no_ray_left()
     print(
