@@ -139,6 +139,18 @@ def build_clip(out_dir: str, *, seed: int = 0, preset: str = "tiny") -> str:
     return out_dir
 
 
+def _siglip_text_config(tokenizer) -> dict:
+    """The tiny text tower of SigLIP and SigLIP 2: max-length padding, last-token pooling, no BOS."""
+    return dict(
+        _TINY_TEXT,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
 def build_siglip(out_dir: str, *, seed: int = 0) -> str:
     """A ``SiglipModel`` checkpoint. Stand-in tokenizer: a WordPiece one with SigLIP's special tokens
     (the real one is SentencePiece); the model pads to max length and pools the last token as SigLIP does."""
@@ -148,14 +160,7 @@ def build_siglip(out_dir: str, *, seed: int = 0) -> str:
 
     tokenizer = _wordpiece_tokenizer(_SIGLIP_SPECIALS, 16)
     config = SiglipConfig(
-        text_config=dict(
-            _TINY_TEXT,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=16,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-        ),
+        text_config=_siglip_text_config(tokenizer),
         vision_config=dict(_TINY_VISION, patch_size=8),
     )
     torch.manual_seed(seed)
@@ -173,14 +178,7 @@ def build_siglip2(out_dir: str, *, seed: int = 0) -> str:
     tokenizer = _wordpiece_tokenizer(_SIGLIP_SPECIALS, 16)
     vision = {k: v for k, v in _TINY_VISION.items() if k != "image_size"}
     config = Siglip2Config(
-        text_config=dict(
-            _TINY_TEXT,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=16,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-        ),
+        text_config=_siglip_text_config(tokenizer),
         vision_config=dict(vision, patch_size=8, num_patches=16),
     )
     torch.manual_seed(seed)
