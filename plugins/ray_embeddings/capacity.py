@@ -75,17 +75,20 @@ def live_nodes(handle, wait_s: float = 60.0, poll_s: float = 2.0) -> list[dict[s
 def max_in_flight(footprint: dict[str, Any], nodes: list[dict[str, float]], requested: int | None) -> dict[str, Any]:
     """The bound on partitions in flight, with what it was derived from (for the task log and XCom).
 
-    Raises :class:`ClusterError` when not even one job fits, naming both sides."""
+    Raises :class:`ClusterError` when not even one job fits and no bound was requested, naming
+    both sides; a requested bound is honoured even then (an autoscaling cluster with no workers
+    yet grows as the jobs' reservations queue)."""
     from ray_jobs.footprint import Footprint
 
     fp = Footprint.from_dict(footprint)
     fits = fp.jobs_that_fit(nodes)
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
-    if fits == 0:
+    if fits == 0 and not requested:
         raise ClusterError(
             f"one partition job needs {fp.describe()}, but the cluster holds at most "
             f"CPU:{total['CPU']:g},GPU:{total['GPU']:g} over {len(nodes)} nodes (each bundle on one node): "
-            "shrink the stage layout or pool minimums, or give the cluster more resources"
+            "shrink the stage layout or pool minimums, give the cluster more resources, or (an autoscaling "
+            "cluster that will grow) set max_partitions_in_flight"
         )
     # A request above what fits is honoured: the extra jobs queue at admission (holding only their
     # drivers), which is what a user who knows the autoscaler will add nodes asks for.

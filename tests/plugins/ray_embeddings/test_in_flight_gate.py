@@ -63,6 +63,8 @@ def test_max_in_flight_is_what_the_cluster_holds_unless_requested():
     assert high["max_in_flight"] == 6 and high["cluster_fits"] == 4
     with pytest.raises(ClusterError, match=r"one partition job needs CPU:4 .* holds at most CPU:3"):
         max_in_flight(FOOT, [{"CPU": 3.0}], None)
+    # an autoscaling cluster with only its 0-CPU head so far: an explicit bound is honoured
+    assert max_in_flight(FOOT, [{"CPU": 0.0}], 3)["max_in_flight"] == 3
 
 
 def test_nodes_from_the_state_api_and_from_a_raycluster_at_max_replicas():
