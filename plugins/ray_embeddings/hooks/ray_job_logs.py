@@ -54,7 +54,11 @@ class JobLogFollower:
         self._ws = None
         self._seen = 0  # characters received on the current connection
         self._partial = ""  # an incomplete last line, not yet counted in offset
+        #: the server closed the current stream; unless it was complete, the next read
+        #: reconnects and resumes from ``offset`` (a stream that closed early loses nothing)
         self.ended = False
+        #: the server closed normally: the job is terminal and its whole log was sent
+        self.complete = False
 
     async def _connect(self) -> None:
         import aiohttp
@@ -63,14 +67,14 @@ class JobLogFollower:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             self._session = aiohttp.ClientSession(headers=headers)
         self._ws = await self._session.ws_connect(self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
-        self._seen, self._partial = 0, ""
+        self._seen, self._partial, self.ended = 0, "", False
 
     async def read(self, wait_s: float) -> LogChunk:
-        """New lines that arrive within *wait_s* seconds (returns early once ``max_lines`` are in)."""
+        """New lines that arrive within *wait_s* seconds; ``ended`` when the server closed the stream."""
         import aiohttp
 
         out = LogChunk()
-        if self.ended:
+        if self.complete:
             out.ended = True
             return out
         deadline = time.monotonic() + max(0.0, wait_s)
@@ -88,7 +92,11 @@ class JobLogFollower:
                     if len(out.lines) >= self.max_lines and left <= 0:
                         break
                 elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
-                    self._flush_partial(out)
+                    # A normal close (1000) is Ray's "the job is terminal and its log fully sent";
+                    # anything else (an agent restart, a dropped connection) is resumed from offset.
+                    self.complete = msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.OK
+                    if self.complete:
+                        self._flush_partial(out)
                     self.ended = out.ended = True
                     await self._close_ws()
                     break

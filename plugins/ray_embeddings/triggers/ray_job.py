@@ -218,10 +218,10 @@ class RayJobTrigger(BaseTrigger):
     async def _drain(self, follower: JobLogFollower, budget_s: float = _DRAIN_S) -> None:
         """After a terminal status: the stream ends once the log is fully sent."""
         end = time.monotonic() + budget_s
-        while not follower.ended and time.monotonic() < end:
+        while time.monotonic() < end:
             chunk = await follower.read(min(2.0, end - time.monotonic()))
             self._write(chunk.lines, chunk.cut)
-            if chunk.ended:
+            if chunk.ended:  # the server sent the whole log and closed the stream
                 return
 
     async def on_kill(self) -> None:

@@ -28,6 +28,7 @@ class StandInJob:
     rate: float | None = None  # lines per second; None = as fast as possible
     status: str = "RUNNING"
     written: int = 0  # lines "written" so far (a slow job's log grows)
+    close_first_after: int | None = None  # the first stream closes after this many lines, job still running
     connections: int = 0
     chars_sent: int = 0
 
@@ -122,7 +123,10 @@ class JobsApiStandIn:
         job.connections += 1
         i, buf = 0, []
         size = 0
+        cut_at = job.close_first_after if job.connections == 1 else None
         while i < job.lines and job.status == "RUNNING":
+            if cut_at is not None and i >= cut_at:  # an agent restart: the stream ends, the job does not
+                break
             if job.rate is not None and i >= job.written:
                 await asyncio.sleep(0.05)
                 job.written = min(job.lines, job.written + max(1, int(job.rate * 0.05)))
@@ -140,7 +144,12 @@ class JobsApiStandIn:
             text = "".join(buf)
             await ws.send_str(text)
             job.chars_sent += len(text)
-        if job.status == "RUNNING":
+        if job.status == "RUNNING" and i >= job.lines:
             job.status = "SUCCEEDED"
-        await ws.close()
+        if job.status == "RUNNING":  # cut short while the job runs: an abnormal close, as an agent restart
+            from aiohttp import WSCloseCode
+
+            await ws.close(code=WSCloseCode.GOING_AWAY)
+        else:
+            await ws.close()
         return ws

@@ -109,6 +109,15 @@ def test_a_rebuilt_trigger_resumes_after_the_last_logged_line(caplog, in_memory_
     assert after == [log_line(i, 40) for i in range(600)]
 
 
+def test_a_stream_that_closes_while_the_job_runs_is_reopened_and_loses_nothing(caplog):
+    caplog.set_level(logging.INFO)
+    with JobsApiStandIn(jobs={"j": StandInJob(lines=300, width=30, rate=600, close_first_after=120)}) as api:
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", poll_interval=0.2)))
+        assert api.jobs["j"].connections >= 2
+    assert event["status"] == "SUCCEEDED"
+    assert _logged(caplog, "j") == [log_line(i, 30) for i in range(300)]
+
+
 def test_the_deadline_stops_the_job_and_ends_with_timeout():
     with JobsApiStandIn(jobs={"stuck": StandInJob(lines=10**9, width=10, rate=1)}) as api:
         trigger = RayJobTrigger(api.url, "stuck", poll_interval=0.2, deadline=time.time() + 1.5)
