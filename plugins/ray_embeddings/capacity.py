@@ -60,13 +60,25 @@ def nodes_from_state_api(payload: dict[str, Any]) -> list[dict[str, float]]:
 def live_nodes(handle, wait_s: float = 60.0, poll_s: float = 2.0) -> list[dict[str, float]]:
     """The live cluster's alive nodes. A head that just came up answers on its dashboard a few
     seconds before its node is listed: wait (bounded) for at least one node with resources."""
+    import httpx
+
     from ray_embeddings.cluster import resolve_token
+    from ray_embeddings.errors import RayJobsApiError
     from ray_embeddings.hooks.ray_jobs import RayJobsClient
 
     deadline = time.monotonic() + wait_s
     with RayJobsClient(handle.dashboard_url, resolve_token(handle.token)) as client:
         while True:
-            nodes = nodes_from_state_api(client.nodes())
+            try:
+                nodes = nodes_from_state_api(client.nodes())
+            except (httpx.TransportError, RayJobsApiError) as exc:
+                # a head that just started can drop or 5xx state-API calls while its modules load
+                if isinstance(exc, RayJobsApiError) and (exc.status or 500) < 500:
+                    raise ClusterError(f"the Ray state API refused the node list: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise ClusterError(f"the Ray state API did not answer within {wait_s:.0f}s: {exc}") from exc
+                time.sleep(poll_s)
+                continue
             if any(n.get("CPU", 0) or n.get("GPU", 0) for n in nodes) or time.monotonic() >= deadline:
                 return nodes
             time.sleep(poll_s)

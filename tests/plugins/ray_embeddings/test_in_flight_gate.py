@@ -100,3 +100,33 @@ def test_nodes_from_the_state_api_and_from_a_raycluster_at_max_replicas():
         }
     }
     assert nodes_from_raycluster(manifest) == [{"CPU": 8.0, "GPU": 0.0}] * 2 + [{"CPU": 6.0, "GPU": 1.0}] * 3
+
+
+def test_live_nodes_rides_out_a_head_whose_state_api_is_not_up_yet(monkeypatch):
+    """A fresh head drops or 5xx's state-API calls for a moment: retried within the wait, not fatal."""
+    import httpx
+
+    from ray_embeddings import capacity
+    from ray_embeddings.cluster import ClusterHandle
+    from ray_embeddings.errors import RayJobsApiError
+    from ray_embeddings.hooks.ray_jobs import RayJobsClient
+
+    answers = [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        RayJobsApiError("HTTP 503", 503),
+        {"data": {"result": {"result": []}}},
+        {"data": {"result": {"result": [{"state": "ALIVE", "resources_total": {"CPU": 8.0}}]}}},
+    ]
+
+    def nodes(self):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(RayJobsClient, "nodes", nodes)
+    handle = ClusterHandle(backend="local", name="c", dashboard_url="http://127.0.0.1:9")
+    assert capacity.live_nodes(handle, wait_s=30, poll_s=0.01) == [{"CPU": 8.0}]
+    answers[:] = [RayJobsApiError("HTTP 401", 401)]
+    with pytest.raises(ClusterError, match="refused the node list"):
+        capacity.live_nodes(handle, wait_s=30, poll_s=0.01)
