@@ -377,6 +377,12 @@ def _cmd_summary(args) -> int:
     )
     if data.get("rejects_by_reason"):
         print("rejects:    " + ", ".join(f"{k}={v}" for k, v in data["rejects_by_reason"].items()))
+    if data.get("startup_median"):
+        labels = {"startup_driver_s": "driver", "startup_admission_wait_s": "admission wait",
+                  "startup_actor_start_s": "actors", "startup_model_load_s": "model load",
+                  "time_to_first_batch_s": "first batch"}  # fmt: skip
+        figures = ", ".join(f"{labels.get(k, k)} {v:.1f}s" for k, v in data["startup_median"].items())
+        print(f"start-up:   median per partition: {figures}")
     if data.get("catalog"):
         print(
             f"iceberg:    table {data['catalog']['table']} snapshot {data['catalog']['snapshot_id']}"

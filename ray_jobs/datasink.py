@@ -19,6 +19,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from ray_jobs.errors import CommitConflict, TransientFailure
 from ray_jobs.sink import Attempt, PartFileWriter, TaskResult, commit_attempt
+from ray_jobs.startup import breakdown, collect, process_started_at
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         self.commit_meta = dict(commit_meta or {})
         self.started_at = time.time()
         self.pipeline_started_at: float | None = None
+        #: start-up figures (driver side; the actors' come from :func:`ray_jobs.startup.collect`)
+        self.driver_started_at = process_started_at()
+        self.admission_wait_s = 0.0
         self.marker = None
         self.conflict: CommitConflict | None = None
 
@@ -84,6 +88,14 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         """Commit with *results*; a lost race is recorded in ``self.conflict``, not raised."""
         wall = time.time() - self.started_at
         timings = {"wall_s": round(wall, 3), "rows_per_s": round(self.rows_in / wall, 3) if wall > 0 else 0.0}
+        if self.pipeline_started_at is not None:
+            startup = breakdown(
+                driver_started_at=self.driver_started_at,
+                pipeline_started_at=self.pipeline_started_at,
+                admission_wait_s=self.admission_wait_s,
+                actors=collect(self.attempt_id),
+            )
+            timings.update(startup.to_timings())
         try:
             self.marker = commit_attempt(
                 self._attempt,

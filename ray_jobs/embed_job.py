@@ -168,6 +168,8 @@ class EmbedResult:
     time_to_first_batch_s: float | None
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     attempt: str = ""
+    #: start-up figures of the committing attempt (:mod:`ray_jobs.startup`), from its marker
+    startup: dict[str, float] = field(default_factory=dict)
     #: another attempt committed the partition while this one ran; this one discarded its files
     lost_race: bool = False
 
@@ -194,6 +196,7 @@ class EmbedResult:
             rows_per_s=marker.rows_in / wall_s if wall_s > 0 else 0.0,
             time_to_first_batch_s=first_batch_s,
             rejects_by_reason=dict(marker.rejects_by_reason),
+            startup={k: v for k, v in marker.timings.items() if k.startswith("startup_")},
         )
 
     def summary(self) -> str:
@@ -205,6 +208,11 @@ class EmbedResult:
             f"embed: {head}: rows_in={self.rows_in} rows_ok={self.rows_ok} rows_rejected={self.rows_rejected} "
             f"rows/s={self.rows_per_s:.1f} wall={self.wall_s:.1f}s attempt={self.attempt} output={self.partition_uri}"
         )
+        if self.startup and not self.skipped:
+            figures = " ".join(f"{k.removeprefix('startup_')}={v:.1f}" for k, v in self.startup.items())
+            line += f"\nembed: start-up: {figures}"
+            if self.time_to_first_batch_s is not None:
+                line += f" first_batch_s={self.time_to_first_batch_s:.1f}"
         if self.rejects_by_reason:
             line += "\nembed: rejects by reason: " + ", ".join(f"{k}={v}" for k, v in self.rejects_by_reason.items())
         return line
@@ -316,7 +324,13 @@ def no_remote_args(op: str) -> dict:
 
 
 def add_model_stages(
-    ds, layout: StageLayout, model_uri: str, batch_size: int, remote_args=no_remote_args, dtype: str = "float32"
+    ds,
+    layout: StageLayout,
+    model_uri: str,
+    batch_size: int,
+    remote_args=no_remote_args,
+    dtype: str = "float32",
+    startup_scope: str = "",
 ):
     """Append one ``map_batches`` actor pool per stage of *layout* to *ds*, computing in *dtype*.
 
@@ -337,6 +351,7 @@ def add_model_stages(
                 "stage_index": stage.index,
                 "num_threads": max(1, int(res.num_cpus)),
                 "dtype": dtype,
+                "startup_scope": startup_scope,
             },
             batch_size=batch_size,
             batch_format="numpy",
@@ -348,11 +363,12 @@ def add_model_stages(
     return ds
 
 
-def build_dataset(job: PreparedJob, remote_args=no_remote_args):
+def build_dataset(job: PreparedJob, remote_args=no_remote_args, startup_scope: str = ""):
     """The lazy Ray Data pipeline for *job* (nothing runs until it is written).
 
     Every operator merges ``remote_args(name)`` into its Ray options; names: ``read``,
-    ``preprocess``, ``stage0`` .. ``stage{K-1}`` (and ``write`` for the sink, in :func:`execute`)."""
+    ``preprocess``, ``stage0`` .. ``stage{K-1}`` (and ``write`` for the sink, in :func:`execute`).
+    Actors record their start-up under *startup_scope* (:mod:`ray_jobs.startup`)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -375,6 +391,7 @@ def build_dataset(job: PreparedJob, remote_args=no_remote_args):
             "limits": cfg.limits,
             "fetch_threads": cfg.fetch_threads,
             "fetch_timeout_s": cfg.fetch_timeout_s,
+            "startup_scope": startup_scope,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -382,7 +399,9 @@ def build_dataset(job: PreparedJob, remote_args=no_remote_args):
         num_cpus=cfg.preprocess_cpus,
         **remote_args("preprocess"),
     )
-    return add_model_stages(ds, job.layout, job.model_uri, cfg.batch_size, remote_args, dtype=cfg.dtype)
+    return add_model_stages(
+        ds, job.layout, job.model_uri, cfg.batch_size, remote_args, dtype=cfg.dtype, startup_scope=startup_scope
+    )
 
 
 def reservation_name(job: PreparedJob) -> str:
@@ -416,7 +435,7 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
 
     Part files are written by Ray Data write tasks; ``sink.on_write_complete`` commits on the
     driver with the tasks' small results only."""
-    ds = build_dataset(job, remote_args)
+    ds = build_dataset(job, remote_args, startup_scope=sink.attempt_id)
     sink.pipeline_started_at = time.time()
     ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")})
 
@@ -450,7 +469,9 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
         try:
             if job.rows_in:
                 _ensure_ray(job)
+                waiting = time.time()
                 with admitted(job) as (admitted_job, remote_args):
+                    sink.admission_wait_s = time.time() - waiting
                     execute(admitted_job, sink, remote_args)
             else:  # an empty manifest commits an empty partition without starting Ray
                 sink.complete([])

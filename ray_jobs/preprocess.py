@@ -185,9 +185,12 @@ class Preprocessor:
         limits: ImageLimits | None = None,
         fetch_threads: int = 16,
         fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
+        startup_scope: str = "",
     ):
         from ray_jobs.model.checkpoint import open_checkpoint
+        from ray_jobs.startup import ActorTimer
 
+        timer = ActorTimer("preprocess", startup_scope)
         ckpt = open_checkpoint(model_uri)
         self.text = ckpt.text_processing
         self.tokenizer = self.text.load_tokenizer()
@@ -195,6 +198,7 @@ class Preprocessor:
         self.limits = limits or ImageLimits()
         self.pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
         self.fetch_timeout_s = fetch_timeout_s
+        timer.done()
 
     def _image(self, uri: str, started: dict[int, float], r: int) -> tuple[np.ndarray, tuple[int, int]]:
         started[r] = time.monotonic()

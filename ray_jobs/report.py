@@ -15,6 +15,28 @@ from ray_jobs import storage
 from ray_jobs.contract import Plan, join_uri
 from ray_jobs.validate import ValidationReport
 
+#: Start-up figures a commit marker's timings carry (:mod:`ray_jobs.startup`), in report order.
+STARTUP_KEYS = (
+    "startup_driver_s",
+    "startup_admission_wait_s",
+    "startup_actor_start_s",
+    "startup_model_load_s",
+    "time_to_first_batch_s",
+)
+_STARTUP_LABELS = ("driver start", "admission wait", "actor start", "model load", "first batch")
+
+
+def startup_medians(partitions) -> dict[str, float]:
+    """Per start-up figure, its median over the partitions that recorded it."""
+    import statistics
+
+    out = {}
+    for key in STARTUP_KEYS:
+        values = [p["startup"][key] for p in partitions if key in p.get("startup", {})]
+        if values:
+            out[key] = round(statistics.median(values), 3)
+    return out
+
 
 @dataclass(frozen=True)
 class RunReport:
@@ -49,6 +71,7 @@ class RunReport:
     def to_json(self) -> str:
         data = {k: v for k, v in self.__dict__.items()}
         data["rows_per_s"] = self.rows_per_s
+        data["startup_median"] = startup_medians(self.partitions)
         data["summary"] = self.summary()
         return json.dumps(data, indent=2, sort_keys=True)
 
@@ -70,6 +93,25 @@ class RunReport:
                 f"| {p['index']} | {p.get('rows_in', '-')} | {p.get('rows_ok', '-')} | {p.get('rows_rejected', '-')} "
                 f"| {rate} | {p['status']} |"
             )
+        medians = startup_medians(self.partitions)
+        if medians:
+            lines += [
+                "",
+                "## Start-up (seconds)",
+                "",
+                "Driver start is the driver process's start to its pipeline's start, less the admission wait;",
+                "actor start runs to the last actor having started and imported its libraries; model load is",
+                "that actor's; first batch counts from the pipeline's start to the first batch at the sink.",
+                "",
+                "| partition | " + " | ".join(_STARTUP_LABELS) + " |",
+                "|---:|" + "---:|" * len(STARTUP_KEYS),
+            ]
+            for p in self.partitions:
+                if p.get("startup"):
+                    cells = [f"{p['startup'][k]:.1f}" if k in p["startup"] else "-" for k in STARTUP_KEYS]
+                    lines.append(f"| {p['index']} | " + " | ".join(cells) + " |")
+            cells = [f"{medians[k]:.1f}" if k in medians else "-" for k in STARTUP_KEYS]
+            lines.append("| **median** | " + " | ".join(cells) + " |")
         lines += ["", "## Rejects by reason", ""]
         if self.rejects_by_reason:
             lines += ["| reason | rows |", "|---|---:|"]
@@ -101,6 +143,9 @@ def build_report(
                 entry["attempt"] = check.attempt
             if check.timings.get("rows_per_s"):
                 entry["rows_per_s"] = check.timings["rows_per_s"]
+            startup = {k: check.timings[k] for k in STARTUP_KEYS if k in check.timings}
+            if startup:
+                entry["startup"] = startup
         parts.append(entry)
     return RunReport(
         run_id=plan.run_id,

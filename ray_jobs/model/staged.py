@@ -244,9 +244,16 @@ class ModelStage:
         stage_index: int,
         num_threads: int | None = None,
         dtype: str = "float32",
+        startup_scope: str = "",
     ):
+        from ray_jobs.startup import ActorTimer
+
+        timer = ActorTimer(f"stage{stage_index}", startup_scope)
         import torch
 
+        from ray_jobs.model.towers import import_modelling_libraries
+
+        import_modelling_libraries()  # counted as actor start, not model load
         if num_threads:
             torch.set_num_threads(num_threads)
         ckpt = open_checkpoint(model_uri)
@@ -254,8 +261,10 @@ class ModelStage:
         stage = layout.stages[stage_index]
         device = "cuda" if stage.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.name = stage.name
-        self.module = StageModule(ckpt, layout, stage_index, device, dtype)
+        with timer.model_load():
+            self.module = StageModule(ckpt, layout, stage_index, device, dtype)
         self.drop = self.module.consumed()
+        self.startup = timer.done()
         log.info("%s loaded %d parameters on %s", self.name, self.module.num_parameters(), device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

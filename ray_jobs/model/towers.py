@@ -143,6 +143,13 @@ def get_module(module, dotted: str):
     return module
 
 
+def import_modelling_libraries() -> None:
+    """Import torch and transformers' shared modelling code (what every tower needs), so a
+    stage actor can tell library import time from model load time."""
+    import torch  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+
 def meta_model(config, **kwargs):
     """The full model on the meta device: structure and parameter names, no memory."""
     import torch

@@ -52,6 +52,10 @@ DIR_PREFIX = "rayemb-"
 RAY_SUBDIR = "r"
 
 
+#: Seconds the cluster's processes get to exit on SIGTERM before SIGKILL (see ``_kill_leftovers``).
+KILL_GRACE_S = 2.0
+
+
 def _free_ports(n: int) -> list[int]:
     socks, ports = [], []
     try:
@@ -298,13 +302,22 @@ class LocalRayBackend:
             shutil.rmtree(tdir, ignore_errors=True)
 
     @staticmethod
-    def _kill_leftovers(tdir: str, grace_s: float = 15.0) -> None:
+    def _kill_leftovers(tdir: str, grace_s: float = KILL_GRACE_S) -> None:
+        """SIGTERM every process of the cluster (ours: its command line names the private dir),
+        then SIGKILL what is left after *grace_s*. ``ray start --block`` and the GCS take 15-20 s
+        to act on SIGTERM; nothing is lost by not waiting: the cluster is only torn down after the
+        run's commits, and its session dir is deleted with it."""
+        for pid in processes_referencing(tdir):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             if not processes_referencing(tdir):
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)
         for pid in processes_referencing(tdir):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
+        deadline = time.monotonic() + grace_s
+        while processes_referencing(tdir) and time.monotonic() < deadline:
+            time.sleep(0.1)
