@@ -51,10 +51,14 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         self.pipeline_started_at: float | None = None
         self.marker = None
         self.conflict: CommitConflict | None = None
+        #: driver side only: the executed dataset whose stats go into the marker, and its operators
+        self.stats_dataset = None
+        self.stats_shapes: tuple = ()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_attempt"] = None
+        state["stats_dataset"] = None
         return state
 
     def get_name(self) -> str:
@@ -84,6 +88,11 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         """Commit with *results*; a lost race is recorded in ``self.conflict``, not raised."""
         wall = time.time() - self.started_at
         timings = {"wall_s": round(wall, 3), "rows_per_s": round(self.rows_in / wall, 3) if wall > 0 else 0.0}
+        stage_stats = ()
+        if self.stats_dataset is not None:
+            from ray_jobs.stage_stats import stage_stats_of
+
+            stage_stats = stage_stats_of(self.stats_dataset, self.stats_shapes)
         try:
             self.marker = commit_attempt(
                 self._attempt,
@@ -94,6 +103,7 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 force=self.force,
                 pipeline_started_at=self.pipeline_started_at,
                 timings=timings,
+                stage_stats=stage_stats,
                 **self.commit_meta,
             )
         except CommitConflict as exc:
