@@ -122,8 +122,8 @@ def bottleneck(rates: Sequence[StageRate]) -> StageRate:
 def allocate_pools(rates: Sequence[StageRate], cpus: float, gpus: float = 0.0) -> tuple[int, ...]:
     """Actors per pool maximising the slowest pool's rate within *cpus* and *gpus*.
 
-    Every pool gets one actor, then the slowest pool gets one more while it fits; when the
-    slowest cannot grow, no other pool's actor can raise the pipeline's rate, so it stops."""
+    Every pool gets one actor, then the slowest pools (all of those tied) get one more each while
+    they fit; when they cannot, no other pool's actor can raise the pipeline's rate, so it stops."""
     if not rates:
         raise UsageError("no stages to size")
     need_cpu = sum(r.num_cpus for r in rates)
@@ -135,13 +135,16 @@ def allocate_pools(rates: Sequence[StageRate], cpus: float, gpus: float = 0.0) -
     counts = [1] * len(rates)
     used_cpu, used_gpu = need_cpu, need_gpu
     while True:
-        i = min(range(len(rates)), key=lambda j: counts[j] * rates[j].rows_per_s)
-        r = rates[i]
-        if used_cpu + r.num_cpus > cpus + 1e-9 or used_gpu + r.num_gpus > gpus + 1e-9:
-            return tuple(counts)
-        counts[i] += 1
-        used_cpu += r.num_cpus
-        used_gpu += r.num_gpus
+        slowest = min(n * r.rows_per_s for n, r in zip(counts, rates, strict=True))
+        tied = [j for j in range(len(rates)) if counts[j] * rates[j].rows_per_s <= slowest * (1 + 1e-9)]
+        add_cpu = sum(rates[j].num_cpus for j in tied)
+        add_gpu = sum(rates[j].num_gpus for j in tied)
+        if used_cpu + add_cpu > cpus + 1e-9 or used_gpu + add_gpu > gpus + 1e-9:
+            return tuple(counts)  # the slowest pools cannot all grow: no actor elsewhere helps
+        for j in tied:
+            counts[j] += 1
+        used_cpu += add_cpu
+        used_gpu += add_gpu
 
 
 def pipeline_rate(rates: Sequence[StageRate], counts: Sequence[int]) -> float:
