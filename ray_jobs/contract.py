@@ -202,6 +202,46 @@ class CommittedFile:
 
 
 @dataclass(frozen=True)
+class StageStat:
+    """Execution statistics of one operator of the partition's pipeline, from Ray Data's stats.
+
+    ``name`` is ``read``, ``preprocess``, ``stage1`` .. ``stageK`` (model stages, ``layers`` says
+    which) or ``write``. ``busy_s`` sums the wall time of every task the operator ran (for an
+    actor pool: the time its actors spent on batches), ``cpu_s`` their CPU time, ``span_s`` is
+    first task start to last task end. ``actors`` is the pool size (0 for task operators);
+    ``num_cpus``/``num_gpus`` are per actor or task."""
+
+    name: str
+    operator: str
+    rows: int
+    tasks: int
+    busy_s: float
+    cpu_s: float
+    span_s: float
+    actors: int = 0
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    layers: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a stage stat needs a name")
+        for key in ("rows", "tasks", "busy_s", "cpu_s", "span_s", "actors", "num_cpus", "num_gpus"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"stage stat {self.name}: {key} must be >= 0, got {getattr(self, key)}")
+
+    @property
+    def rows_per_busy_s(self) -> float:
+        """Rows per second of one worker while busy (rows / summed task wall time)."""
+        return self.rows / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        """Rows per second of the whole operator over its span."""
+        return self.rows / self.span_s if self.span_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class CommitMarker:
     """The JSON content of ``_SUCCESS``: the only thing readers trust.
 
@@ -225,6 +265,8 @@ class CommitMarker:
     committed_at: str = ""
     #: the attempt whose marker this one replaced (``--force``), kept in ``_history/``
     supersedes: str = ""
+    #: per-operator execution statistics (read, preprocess, stage1.., write); absent in older markers
+    stage_stats: tuple[StageStat, ...] = ()
     format: str = COMMIT_FORMAT
 
     def reconciles(self) -> bool:
@@ -251,6 +293,7 @@ class CommitMarker:
         data = asdict(self)
         data["files"] = [asdict(f) for f in self.files]
         data["rejects"] = [asdict(f) for f in self.rejects]
+        data["stage_stats"] = [asdict(st) for st in self.stage_stats]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -263,6 +306,7 @@ class CommitMarker:
                 raise ValueError(f"unknown format {data.get('format')!r}")
             data["files"] = tuple(CommittedFile(**f) for f in data["files"])
             data["rejects"] = tuple(CommittedFile(**f) for f in data["rejects"])
+            data["stage_stats"] = tuple(StageStat(**st) for st in data.get("stage_stats", ()))
             return cls(**data)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OutputError(f"commit marker {source} is not a valid {COMMIT_FORMAT}: {exc}") from exc

@@ -55,10 +55,14 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         self.admission_wait_s = 0.0
         self.marker = None
         self.conflict: CommitConflict | None = None
+        #: driver side only: the executed dataset whose stats go into the marker, and its operators
+        self.stats_dataset = None
+        self.stats_shapes: tuple = ()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_attempt"] = None
+        state["stats_dataset"] = None
         return state
 
     def get_name(self) -> str:
@@ -96,6 +100,11 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 actors=collect(self.attempt_id),
             )
             timings.update(startup.to_timings())
+        stage_stats = ()
+        if self.stats_dataset is not None:
+            from ray_jobs.stage_stats import stage_stats_of
+
+            stage_stats = stage_stats_of(self.stats_dataset, self.stats_shapes)
         try:
             self.marker = commit_attempt(
                 self._attempt,
@@ -106,6 +115,7 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 force=self.force,
                 pipeline_started_at=self.pipeline_started_at,
                 timings=timings,
+                stage_stats=stage_stats,
                 **self.commit_meta,
             )
         except CommitConflict as exc:

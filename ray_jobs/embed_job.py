@@ -316,6 +316,8 @@ def _ensure_ray(job: PreparedJob) -> None:
 #: whole CPU would hold back a preprocessing or stage actor (Ray Data reserves resources per
 #: operator). Not 0: a zero-CPU task may land on a head node that takes no work.
 WRITE_TASK_CPUS = 0.1
+#: Logical CPUs of a read task: Ray Data's default.
+READ_TASK_CPUS = 1.0
 
 
 def no_remote_args(op: str) -> dict:
@@ -435,7 +437,14 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
 
     Part files are written by Ray Data write tasks; ``sink.on_write_complete`` commits on the
     driver with the tasks' small results only."""
+    from ray_jobs.stage_stats import job_shapes
+
     ds = build_dataset(job, remote_args, startup_scope=sink.attempt_id)
+    cfg = job.config
+    sink.stats_dataset = ds  # per-operator statistics for the marker, read once the write has run
+    sink.stats_shapes = job_shapes(
+        job.layout, cfg.preprocess_cpus, cfg.preprocess_pool[1], READ_TASK_CPUS, WRITE_TASK_CPUS
+    )
     sink.pipeline_started_at = time.time()
     ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")})
 

@@ -53,6 +53,9 @@ class RunReport:
     valid: bool
     problems: tuple[str, ...] = ()
     catalog: dict[str, Any] = field(default_factory=dict)
+    #: :meth:`ray_jobs.stage_balance.Recommendation.to_dict` of the committed partitions' stage stats
+    stage_balance: dict[str, Any] = field(default_factory=dict)
+    stage_balance_lines: tuple[str, ...] = ()
 
     @property
     def rows_per_s(self) -> float | None:
@@ -69,7 +72,7 @@ class RunReport:
         )
 
     def to_json(self) -> str:
-        data = {k: v for k, v in self.__dict__.items()}
+        data = {k: v for k, v in self.__dict__.items() if k != "stage_balance_lines"}
         data["rows_per_s"] = self.rows_per_s
         data["startup_median"] = startup_medians(self.partitions)
         data["summary"] = self.summary()
@@ -118,6 +121,8 @@ class RunReport:
             lines += [f"| {reason} | {n} |" for reason, n in sorted(self.rejects_by_reason.items())]
         else:
             lines.append("None.")
+        lines += ["", "## Stage balance", ""]
+        lines += list(self.stage_balance_lines) or ["No stage statistics in the committed markers."]
         if self.problems:
             lines += ["", "## Problems", "", *(f"- {p}" for p in self.problems)]
         return "\n".join(lines) + "\n"
@@ -161,7 +166,24 @@ def build_report(
         valid=validation.ok,
         problems=tuple(validation.problems()),
         catalog=dict(catalog or {}),
+        **_stage_balance(validation),
     )
+
+
+def _stage_balance(validation: ValidationReport) -> dict[str, Any]:
+    """The bottleneck and a recommended layout from the committed partitions' stage statistics."""
+    from ray_jobs.errors import UsageError
+    from ray_jobs.stage_balance import merge_stage_stats, most_common_layout, rates_from_stats, recommend
+
+    groups = most_common_layout((c.stages, c.stage_stats) for c in validation.checks if c.ok)
+    if not groups:
+        return {}
+    try:
+        rec = recommend(rates_from_stats(merge_stage_stats(groups)))
+    except UsageError as exc:
+        return {"stage_balance": {"error": str(exc)}, "stage_balance_lines": (f"Not computed: {exc}",)}
+    note = f"From {len(groups)} committed partition(s); rates are rows per busy second of one actor."
+    return {"stage_balance": rec.to_dict(), "stage_balance_lines": (note, "", *rec.lines())}
 
 
 def write_report(report: RunReport) -> tuple[str, str]:

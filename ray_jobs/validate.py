@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ray_jobs import storage
-from ray_jobs.contract import Plan, join_uri, partition_dir, plan_root
+from ray_jobs.contract import Plan, StageStat, join_uri, partition_dir, plan_root
 from ray_jobs.errors import PlanError
 from ray_jobs.sink import check_commit
 
@@ -29,6 +29,8 @@ class PartitionCheck:
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     attempt: str = ""  # the committed attempt
     timings: dict[str, float] = field(default_factory=dict)
+    stages: str = ""  # the committed layout spec
+    stage_stats: tuple[StageStat, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -112,6 +114,8 @@ def check_partition(plan: Plan, model_id: str, index: int, embed_dim: int | None
         dict(marker.rejects_by_reason),
         marker.attempt,
         dict(marker.timings),
+        marker.stages,
+        marker.stage_stats,
     )
 
 

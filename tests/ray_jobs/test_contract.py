@@ -121,3 +121,33 @@ def test_default_dataset_name_is_readable_and_tells_manifests_apart():
     assert a == contract.default_dataset_name("s3://bucket/nightly/Products") and a.startswith("products_")
     assert contract.default_dataset_name("s3://other/nightly/Products") != a
     assert contract.default_dataset_name("/data/manifest.parquet").startswith("manifest_")
+
+
+STAGE_STATS = (
+    contract.StageStat("preprocess", "MapBatches(Preprocessor)", 100, 4, 2.0, 1.5, 1.0, 1, 1.0, 0.0),
+    contract.StageStat("stage1", "MapBatches(ModelStage)", 100, 4, 0.5, 0.4, 0.9, 2, 1.0, 0.0, "text:0-3,image:0-1"),
+)
+
+
+def test_marker_with_stage_stats_round_trips():
+    marker = _marker(stage_stats=STAGE_STATS)
+    back = contract.CommitMarker.from_json(marker.to_json())
+    assert back == marker and back.stage_stats[1].layers == "text:0-3,image:0-1"
+    assert back.stage_stats[0].rows_per_busy_s == 50.0 and back.stage_stats[1].rows_per_s == pytest.approx(100 / 0.9)
+
+
+def test_an_older_marker_without_stage_stats_still_parses():
+    import json
+
+    data = json.loads(_marker().to_json())
+    del data["stage_stats"]
+    assert contract.CommitMarker.from_json(json.dumps(data)).stage_stats == ()
+
+
+def test_a_malformed_stage_stat_is_an_output_error():
+    import json
+
+    data = json.loads(_marker(stage_stats=STAGE_STATS).to_json())
+    data["stage_stats"][0]["busy_s"] = -1
+    with pytest.raises(OutputError, match="busy_s must be >= 0"):
+        contract.CommitMarker.from_json(json.dumps(data))

@@ -1,0 +1,173 @@
+"""Measure what each layer of each tower costs on this machine (``python -m ray_jobs tune``).
+
+The checkpoint is opened exactly as a stage actor opens it (:func:`~ray_jobs.model.checkpoint.open_checkpoint`,
+one :class:`~ray_jobs.model.staged.StageModule` holding every layer), fed batches shaped as the
+preprocessing pool shapes them (the checkpoint's own tokenizer and image processor, on synthetic
+captions and images), and timed module by module with forward hooks after a warm-up. A tower's
+embedding is charged to its first layer and its head to its last, as a stage that owns layer 0
+runs the embedding (:mod:`ray_jobs.model.stage_spec`); time outside any module (tensor
+conversion, normalisation, pooling) is reported apart and charged to the first layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ray_jobs.errors import UsageError
+from ray_jobs.model.precision import check_device, check_dtype
+from ray_jobs.model.stage_spec import TOWERS
+
+DEVICES = ("cpu", "cuda")
+#: A caption long enough to fill any tokenizer's max length (the worst case the job pads to).
+_CAPTION = "a photograph of a red bicycle leaning against a weathered brick wall in the late afternoon sun " * 8
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    batch_size: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    warmup: int = 2
+    batches: int = 5
+    threads: int = 1
+    image_size: tuple[int, int] = (480, 640)  # height, width of the synthetic source images
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+        if self.device not in DEVICES:
+            raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_device(self.dtype, self.device)
+        for key in ("batch_size", "batches", "threads"):
+            if getattr(self, key) < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+        if min(self.image_size) < 1:
+            raise UsageError(f"image size must be positive, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Seconds per row, measured: each tower's layers, embedding, head, and the rest."""
+
+    model_uri: str
+    model_id: str
+    embed_dim: int
+    settings: ProfileSettings
+    layers: dict[str, tuple[float, ...]]
+    embed: dict[str, float]
+    head: dict[str, float]
+    other: float
+
+    def layer_costs(self) -> dict[str, list[float]]:
+        """Per layer, with the embedding (and half the unattributed time) on layer 0 and the head on
+        the last layer: what a stage owning that layer pays."""
+        out = {}
+        for tower in TOWERS:
+            costs = list(self.layers[tower])
+            costs[0] += self.embed[tower] + self.other / 2
+            costs[-1] += self.head[tower]
+            out[tower] = costs
+        return out
+
+    @property
+    def seconds_per_row(self) -> float:
+        return sum(sum(c) for c in self.layer_costs().values())
+
+
+def synthetic_batch(ckpt, n: int, image_size: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """*n* rows as the preprocessing pool hands them to stage 1 (all valid)."""
+    from PIL import Image
+
+    text = ckpt.text_processing
+    input_ids, attention_mask = text.encode(text.load_tokenizer(), [_CAPTION] * n)
+    processing = ckpt.image_processing
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((n, *processing.pixel_shape), dtype=np.uint8)
+    grids = np.zeros((n, 2), dtype=np.int64)
+    for r in range(n):
+        image = Image.fromarray(rng.integers(0, 256, (*image_size, 3), dtype=np.uint8))
+        pixels[r], grids[r] = processing.transform(image)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixels": pixels,
+        **({"spatial_shapes": grids} if processing.patches else {}),
+    }
+
+
+class _Timer:
+    """Forward hooks that add each labelled module's time to a total (synchronising CUDA)."""
+
+    def __init__(self, cuda: bool):
+        import torch
+
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.totals: dict[tuple[str, object], float] = {}
+        self.started: dict[int, float] = {}
+        self.handles = []
+
+    def watch(self, module, label: tuple[str, object]) -> None:
+        def pre(mod, args, kwargs=None):
+            self.sync()
+            self.started[id(mod)] = time.perf_counter()
+
+        def post(mod, args, out):
+            self.sync()
+            elapsed = time.perf_counter() - self.started.pop(id(mod))
+            self.totals[label] = self.totals.get(label, 0.0) + elapsed
+
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def profile_layers(model_uri: str, settings: ProfileSettings) -> LayerProfile:
+    """Time every layer of *model_uri* on this machine under *settings*."""
+    import torch
+
+    from ray_jobs.model.checkpoint import open_checkpoint
+    from ray_jobs.model.stage_spec import parse_spec, resolve
+    from ray_jobs.model.staged import StageModule
+
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here")
+    torch.set_num_threads(settings.threads)
+    ckpt = open_checkpoint(model_uri)
+    layout = resolve(parse_spec("text,image"), ckpt.layer_counts())
+    module = StageModule(ckpt, layout, 0, settings.device, settings.dtype)
+    timer = _Timer(settings.device == "cuda")
+    for seg in module.segments:
+        for name in seg.embed_names:
+            timer.watch(seg.modules[name], (seg.tower, "embed"))
+        for i, name in enumerate(seg.block_names):
+            timer.watch(seg.modules[name], (seg.tower, seg.start + i))
+        for name in seg.head_names:
+            timer.watch(seg.modules[name], (seg.tower, "head"))
+    batch = synthetic_batch(ckpt, settings.batch_size, settings.image_size)
+    try:
+        for _ in range(settings.warmup):
+            module.run(batch)
+        timer.totals.clear()
+        total = 0.0
+        for _ in range(settings.batches):
+            timer.sync()
+            began = time.perf_counter()
+            module.run(batch)
+            timer.sync()
+            total += time.perf_counter() - began
+    finally:
+        timer.close()
+    rows = settings.batches * settings.batch_size
+    per_row = {k: v / rows for k, v in timer.totals.items()}
+    counts = ckpt.layer_counts()
+    layers = {t: tuple(per_row.get((t, i), 0.0) for i in range(counts[t])) for t in TOWERS}
+    embed = {t: per_row.get((t, "embed"), 0.0) for t in TOWERS}
+    head = {t: per_row.get((t, "head"), 0.0) for t in TOWERS}
+    other = max(0.0, total / rows - sum(per_row.values()))
+    return LayerProfile(ckpt.uri, ckpt.model_id, ckpt.embed_dim, settings, layers, embed, head, other)
