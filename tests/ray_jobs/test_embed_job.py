@@ -68,6 +68,23 @@ def test_every_row_is_embedded_or_rejected_with_a_reason(first_run, demo_assets)
     assert marker.stages.count("|") == 2 and marker.timings["wall_s"] > 0
 
 
+def test_the_marker_records_every_operators_statistics(first_run, demo_assets):
+    """Stage balance (README): Ray Data's per-operator stats of the real run are in the marker.
+    (Before the --force test below, which replaces the marker.)"""
+    job, _ = first_run
+    marker = read_marker(job.partition_uri)
+    names = [s.name for s in marker.stage_stats]
+    assert names == ["read", "preprocess", "stage1", "stage2", "stage3", "write"]
+    by = {s.name: s for s in marker.stage_stats}
+    assert by["read"].rows == by["preprocess"].rows == demo_assets.rows
+    for name in ("stage1", "stage2", "stage3"):
+        st = by[name]
+        assert st.operator == "MapBatches(ModelStage)" and st.rows == demo_assets.rows
+        assert st.busy_s > 0 and st.tasks > 0 and st.actors == 1 and st.rows_per_busy_s > 0
+    assert [by[n].layers for n in ("stage1", "stage2", "stage3")] == ["text:0-1", "text:2-3,image:0-1", "image:2-5"]
+    assert by["preprocess"].actors == 1 and by["preprocess"].layers == ""
+
+
 def test_the_marker_splits_start_up_into_driver_actor_start_and_model_load(first_run):
     """Every actor (one preprocessing, three stages) recorded its start-up; the marker carries
     the critical path, the summary prints it, and the records were removed from Ray's KV."""
@@ -210,19 +227,3 @@ def test_plan_form_refuses_a_manifest_changed_since_planning(demo_assets, tmp_pa
     pq.write_table(table.slice(0, 10), first)
     with pytest.raises(ManifestError, match="changed since planning"):
         prepare(cfg)
-
-
-def test_the_marker_records_every_operators_statistics(first_run, demo_assets):
-    """Stage balance (README): Ray Data's per-operator stats of the real run are in the marker."""
-    job, _ = first_run
-    marker = read_marker(job.partition_uri)
-    names = [s.name for s in marker.stage_stats]
-    assert names == ["read", "preprocess", "stage1", "stage2", "stage3", "write"]
-    by = {s.name: s for s in marker.stage_stats}
-    assert by["read"].rows == by["preprocess"].rows == demo_assets.rows
-    for name in ("stage1", "stage2", "stage3"):
-        st = by[name]
-        assert st.operator == "MapBatches(ModelStage)" and st.rows == demo_assets.rows
-        assert st.busy_s > 0 and st.tasks > 0 and st.actors == 1 and st.rows_per_busy_s > 0
-    assert [by[n].layers for n in ("stage1", "stage2", "stage3")] == ["text:0-1", "text:2-3,image:0-1", "image:2-5"]
-    assert by["preprocess"].actors == 1 and by["preprocess"].layers == ""
