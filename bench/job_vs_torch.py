@@ -133,7 +133,10 @@ def main(argv=None) -> None:
     for v in variants:
         f = loader(v, tune_rows)
         tuned[v] = f.steady_rows_per_s
-        print(f"  {v.name:32s} steady {f.steady_rows_per_s:9.2f} rows/s  end-to-end {f.rows_in / f.end_to_end_s:9.2f}")
+        print(
+            f"  {v.name:32s} steady {f.steady_rows_per_s:9.2f} rows/s  "
+            f"end-to-end {f.rows_in / f.end_to_end_s:9.2f} rows/s"
+        )
     best = max(tuned, key=tuned.get)
     print(f"best DataLoader: {best.name}", flush=True)
 
@@ -147,7 +150,8 @@ def main(argv=None) -> None:
             e2e["job"].append(f.rows_in / f.end_to_end_s)
             print(
                 f"rep {rep} job: steady {f.steady_rows_per_s:9.2f} rows/s  end-to-end "
-                f"{f.rows_in / f.end_to_end_s:9.2f} rows/s ({f.end_to_end_s:.1f}s, run_prepared {f.pipeline_s:.1f}s, {f.rows_ok}/{f.rows_in} ok)",
+                f"{f.rows_in / f.end_to_end_s:9.2f} rows/s ({f.end_to_end_s:.1f}s, run_prepared {f.pipeline_s:.1f}s, "
+                f"{f.rows_ok}/{f.rows_in} ok)",
                 flush=True,
             )
         else:
