@@ -8,7 +8,7 @@ DEMO_ROWS ?= 2000
 DEMO_BAD ?= 12
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps test test-unit lint demo bench clean lock airflow-ui
+.PHONY: setup system-deps test test-unit lint demo bench bench-job clean lock airflow-ui
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -63,8 +63,14 @@ demo: setup
 airflow-ui: setup  ## the same DAG in the Airflow UI: http://localhost:8080 (credentials printed by standalone)
 	$(AIRFLOW_ENV) $(VENV)/bin/airflow standalone
 
+# The fair benchmarks (README: "Performance"); BENCH_ARGS e.g. "--steady-s 3 --reps 1" for a smoke run.
+BENCH_PRESET ?= albert-base-vit-s16
+BENCH_ARGS ?=
 bench: setup
-	$(PY) bench/pipeline_vs_torch.py
+	RAY_ADDRESS=local $(PY) bench/pipeline_vs_torch.py --preset $(BENCH_PRESET) $(BENCH_ARGS)
+
+bench-job: setup
+	RAY_ADDRESS=local $(PY) bench/job_vs_torch.py --preset $(BENCH_PRESET)
 
 lock:
 	$(PY) -m pip freeze --exclude torch > constraints.txt

@@ -48,11 +48,10 @@ class DemoAssets:
     broken: dict[str, int]
 
 
-def _image_bytes(rng: random.Random, n: int) -> tuple[bytes, str]:
+def render_image(rng: random.Random, w: int, h: int, fmt: str, mode: str) -> bytes:
+    """A seeded *w* x *h* gradient image in PIL format *fmt* (JPEG, PNG, WEBP) and *mode*."""
     from PIL import Image
 
-    fmt, ext, mode = _FORMATS[n % len(_FORMATS)]
-    w, h = rng.randint(20, 320), rng.randint(20, 320)
     yy, xx = np.mgrid[0:h, 0:w]
     base = np.stack(
         [
@@ -74,7 +73,13 @@ def _image_bytes(rng: random.Random, n: int) -> tuple[bytes, str]:
         img = img.convert(mode)
     buf = io.BytesIO()
     img.save(buf, format=fmt, quality=85) if fmt in ("JPEG", "WEBP") else img.save(buf, format=fmt)
-    return buf.getvalue(), ext
+    return buf.getvalue()
+
+
+def _image_bytes(rng: random.Random, n: int) -> tuple[bytes, str]:
+    fmt, ext, mode = _FORMATS[n % len(_FORMATS)]
+    w, h = rng.randint(20, 320), rng.randint(20, 320)
+    return render_image(rng, w, h, fmt, mode), ext
 
 
 def _bomb_png() -> bytes:

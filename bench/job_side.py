@@ -1,0 +1,189 @@
+"""The job side of bench/job_vs_torch.py: the partition job users run, in a fresh process.
+
+``run_prepared`` (what ``python -m ray_jobs embed`` calls) embeds the manifest on a local Ray
+started here the way the job starts one (loopback only, logical CPUs for its footprint), and
+always a new local instance, never a cluster another process started. The dataset the job
+builds is observed (not changed) to read Ray Data's execution stats after the commit:
+per-operator busy time, rows and bytes out (object-store traffic), spill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+
+from bench.fair import BenchError
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    model: str
+    manifest: str
+    output: str
+    dtype: str
+    batch: int
+    num_stages: int
+    stage_cpus: float
+    stage_gpus: float
+    preprocess_pool: tuple[int, int]
+    gpus: int
+
+
+@dataclass(frozen=True)
+class OperatorFigures:
+    name: str
+    busy_s: float  # remote wall time summed over its tasks / actor calls
+    cpu_s: float
+    rows_out: int
+    bytes_out: int  # what the operator put in the object store
+    span_s: float  # first task start to last task end
+
+
+@dataclass(frozen=True)
+class JobFigures:
+    rows_in: int
+    rows_ok: int
+    end_to_end_s: float  # spawn of the process to the commit, imports and Ray start included
+    pipeline_s: float  # run_prepared alone
+    steady_rows_per_s: float
+    operators: tuple[OperatorFigures, ...]
+    spilled_bytes: int
+    restored_bytes: int
+    stats_text: str
+
+
+@contextlib.contextmanager
+def _observed_datasets(found: list):
+    """Record every dataset ``ray_jobs.embed_job.build_dataset`` returns (the job runs unchanged)."""
+    from ray_jobs import embed_job
+
+    original = embed_job.build_dataset
+
+    def build(*args, **kwargs):
+        ds = original(*args, **kwargs)
+        found.append(ds)
+        return ds
+
+    embed_job.build_dataset = build
+    try:
+        yield
+    finally:
+        embed_job.build_dataset = original
+
+
+def _all_operator_stats(summary) -> list:
+    """Every operator's stats, upstream first (a write's summary holds its inputs as parents)."""
+    ops = []
+    for parent in summary.parents or ():
+        ops.extend(_all_operator_stats(parent))
+    return ops + list(summary.operators_stats)
+
+
+def _operators(summary) -> tuple[OperatorFigures, ...]:
+    out = []
+    for op in _all_operator_stats(summary):
+        span = 0.0
+        if op.earliest_start_time is not None and op.latest_end_time is not None:
+            span = op.latest_end_time - op.earliest_start_time
+        out.append(
+            OperatorFigures(
+                op.operator_name,
+                float(op.wall_time.sum) if op.wall_time else 0.0,
+                float(op.cpu_time.sum) if op.cpu_time else 0.0,
+                int(op.output_num_rows.sum) if op.output_num_rows else 0,
+                int(op.output_size_bytes.sum) if op.output_size_bytes else 0,
+                span,
+            )
+        )
+    return tuple(out)
+
+
+def steady_from_operators(rows: int, operators) -> float:
+    """Rows/s of the last model stage from its first task's start to its last task's end: the
+    pipeline is full by the time the last stage starts, so start-up (actor start, model load,
+    the first batch through the earlier operators) is outside this window."""
+    stages = [op for op in operators if "ModelStage" in op.name and op.span_s > 0]
+    if not stages:
+        names = ", ".join(f"{op.name} (span {op.span_s:.1f}s)" for op in operators)
+        raise BenchError(f"Ray Data's stats name no model stage with timings: {names}")
+    return rows / stages[-1].span_s
+
+
+def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
+    try:
+        import ray
+
+        from ray_jobs.embed_job import WORKER_ENV, EmbedConfig, prepare, run_prepared
+        from ray_jobs.model.stage_spec import StageResources
+
+        cfg = EmbedConfig(
+            output_uri=settings.output,
+            model_uri=settings.model,
+            manifest_uri=settings.manifest,
+            num_stages=settings.num_stages,
+            stage_defaults=StageResources(settings.stage_cpus, settings.stage_gpus),
+            batch_size=settings.batch,
+            preprocess_pool=settings.preprocess_pool,
+            dtype=settings.dtype,
+            force=True,
+        )
+        job = prepare(cfg)
+        needed = job.footprint.total()["CPU"] - job.footprint.driver_cpus
+        for k, v in WORKER_ENV.items():
+            os.environ.setdefault(k, v)
+        ray.init(  # as embed_job._ensure_ray starts a local Ray, but always a new instance
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999) + 2),
+            num_gpus=settings.gpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": dict(WORKER_ENV)},
+            log_to_driver=False,
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        found: list = []
+        try:
+            t0 = time.perf_counter()
+            with _observed_datasets(found):
+                result = run_prepared(job)
+            pipeline_s = time.perf_counter() - t0
+            end_to_end = time.time() - spawned_at
+            summary = found[-1].get_stats_summary()
+            stats_text = found[-1].stats()
+        finally:
+            ray.shutdown()
+        operators = _operators(summary)
+        queue.put(
+            JobFigures(
+                result.rows_in,
+                result.rows_ok,
+                end_to_end,
+                pipeline_s,
+                steady_from_operators(result.rows_in, operators),
+                operators,
+                int(summary.global_bytes_spilled or 0),
+                int(summary.global_bytes_restored or 0),
+                stats_text,
+            )
+        )
+    except BaseException as exc:
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def run_job(settings: JobSettings, timeout_s: float = 3600.0) -> JobFigures:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_job_process, args=(settings, time.time(), queue))
+    proc.start()
+    try:
+        got = queue.get(timeout=timeout_s)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    if isinstance(got, str):
+        raise BenchError(f"the partition job failed: {got}")
+    return got

@@ -1,0 +1,132 @@
+"""The pipeline side: the project's model stages (``add_model_stages``) fed preprocessed rows.
+
+The source tiles a pool of rows into batches for as long as the consumer wants them; the
+driver iterates the output, and once the steady window (after the warm-up batches) has
+lasted ``steady_s`` it stops. Ray is started fresh for each repetition (loopback only, its own
+local instance, never a cluster another process started) and shut down after it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from bench.fair import BenchError, steady_rate
+
+#: Logical CPUs of a source task: tiling a few in-memory batches is light, and a whole CPU
+#: would keep a stage actor from starting on a small machine.
+SOURCE_TASK_CPUS = 0.1
+SOURCE_TASKS = 64
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    model: str
+    layout: object  # ray_jobs.model.stage_spec.StageLayout
+    dtype: str
+    batch: int
+    pool_rows: int
+    warmup: int
+    steady_s: float
+    cores: int
+    gpus: int
+    max_rows: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        if self.steady_s <= 0:
+            raise BenchError(f"--steady-s must be > 0, got {self.steady_s}")
+        if self.pool_rows < self.batch:
+            raise BenchError(f"--pool-rows ({self.pool_rows}) must be >= the batch size ({self.batch})")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    rows_per_s: float
+    first_batch_s: float  # includes starting the stage actors
+    batches: int
+
+
+def _pool_table(rows):
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    cols = {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(list(v)) for k, v in rows.items()}
+    return pa.table(cols)
+
+
+def _tiles(pool_ref, batch: int, first: int, count: int) -> Iterator:
+    import ray
+
+    table = ray.get(pool_ref)
+    starts = list(range(0, table.num_rows - batch + 1, batch))
+    for k in range(first, first + count):
+        yield table.slice(starts[k % len(starts)], batch)
+
+
+def _source(pool_ref, batch: int, batches: int):
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    per_task = -(-batches // SOURCE_TASKS)
+
+    class TiledRows(Datasource):
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_name(self) -> str:
+            return "TiledRows"
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [
+                ReadTask(
+                    functools.partial(_tiles, pool_ref, batch, t * per_task, per_task),
+                    BlockMetadata(num_rows=per_task * batch, size_bytes=None, input_files=None, exec_stats=None),
+                )
+                for t in range(SOURCE_TASKS)
+            ]
+
+    return TiledRows()
+
+
+def run_pipeline(settings: PipelineSettings) -> PipelineResult:
+    import ray
+
+    from bench.rows import make_rows
+    from ray_jobs.embed_job import WORKER_ENV, add_model_stages
+    from ray_jobs.model.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(settings.model)
+    pool = _pool_table(make_rows(ckpt, settings.pool_rows))
+    ray.init(
+        address="local",
+        num_cpus=settings.cores + 1,  # + the source tasks' fraction
+        num_gpus=settings.gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": dict(WORKER_ENV)},
+    )
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = False
+        ctx.enable_progress_bars = False
+        src = _source(ray.put(pool), settings.batch, settings.max_rows // settings.batch)
+        ds = ray.data.read_datasource(src, num_cpus=SOURCE_TASK_CPUS)
+        ds = add_model_stages(ds, settings.layout, ckpt.uri, settings.batch, dtype=settings.dtype)
+        times: list[float] = []
+        sizes: list[int] = []
+        start = time.perf_counter()
+        window_opens = max(0, settings.warmup - 1)  # as bench.fair.steady_rate counts it
+        # Leaving the loop early is fine: ray.shutdown() below ends the stage actors and source tasks.
+        for b in ds.iter_batches(batch_size=settings.batch, batch_format="numpy", prefetch_batches=2):
+            times.append(time.perf_counter())
+            sizes.append(len(b["id"]))
+            if len(times) > window_opens + 1 and times[-1] - times[window_opens] >= settings.steady_s:
+                break
+        if len(times) < settings.warmup + 2:
+            raise BenchError(f"the source ran dry after {len(times)} batches; raise --max-rows")
+        return PipelineResult(steady_rate(times, sizes, settings.warmup), times[0] - start, len(times))
+    finally:
+        ray.shutdown()
