@@ -28,6 +28,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -368,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     if not postgres_server.available():
         print("PostgreSQL binaries are missing: `make system-deps` installs them", file=sys.stderr)
         return 2
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the Airflow processes and PostgreSQL
+    # this run started are stopped by their context managers instead of outliving it
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = args.keep or tempfile.mkdtemp(prefix="cp-scale-")
     os.makedirs(workdir, exist_ok=True)
     try:
