@@ -178,6 +178,8 @@ class RayJobOperator(BaseOperator):
 
     # ------------------------------------------------------------------ job
     def _submit_and_sense(self, context, handle: ClusterHandle) -> dict[str, Any]:
+        # a try resumed after the gate is a new operator whose templates rendered again (a string)
+        self.poll_interval = float(self.poll_interval)
         self._handle = handle
         ti = context["ti"]
         key = (ti.dag_id, ti.run_id, self.partition)

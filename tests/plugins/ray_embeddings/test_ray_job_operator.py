@@ -1,0 +1,36 @@
+"""RayJobOperator against a stand-in Ray dashboard on loopback (no Ray cluster runs here)."""
+
+from __future__ import annotations
+
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+
+from ray_embeddings.cluster import ClusterHandle
+from ray_embeddings.operators.ray_job import RayJobOperator
+from ray_embeddings.triggers.ray_job import RayJobTrigger
+from tests.plugins.ray_embeddings.standins import StandInTaskInstance
+from tests.topology.ray_cluster_standin import RayClusterStandIn
+
+
+class _MappedTaskInstance(StandInTaskInstance):
+    def __init__(self, map_index: int):
+        super().__init__()
+        self.map_index, self.start_date = map_index, None
+
+
+def test_a_try_resumed_after_the_gate_defers_with_a_numeric_poll_interval():
+    """On resume Airflow renders the templates again, so ``poll_interval`` is the string the
+    ``{{ params.poll_interval_s }}`` template gave; the job's trigger must get a number (a
+    string made every gated partition's trigger crash with a TypeError in a real run)."""
+    with RayClusterStandIn(delays=[0.0, 0.0]) as cluster:
+        handle = ClusterHandle(backend="existing", name="c", dashboard_url=cluster.url)
+        op = RayJobOperator(
+            task_id="embed", cluster=handle.to_dict(), entrypoint="python -V", partition=1, poll_interval="5"
+        )
+        ti = _MappedTaskInstance(map_index=1)
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute_after_gate({"ti": ti}, {"status": "open", "waited_s": 1.0})
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, RayJobTrigger) and trigger.poll_interval == 5.0
+    assert isinstance(trigger.poll_interval, float)
+    assert [j.partition for j in cluster.jobs.values()] == [1], "submitted once, for partition 1"
