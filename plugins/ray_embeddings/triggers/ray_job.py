@@ -29,6 +29,8 @@ from ray_embeddings.errors import RayJobsApiError
 from ray_embeddings.hooks.ray_job_logs import JobLogFollower
 from ray_embeddings.hooks.ray_jobs import TERMINAL, AsyncRayJobsClient
 
+#: Status poll interval once the job's log stream has closed normally (the job is ending).
+_ENDING_POLL_S = 0.25
 _MAX_CONSECUTIVE_ERRORS = 12
 #: XCom key under which a trigger checkpoints how far into the job's log it has logged.
 LOG_OFFSET_XCOM_KEY = "ray_log_offset"
@@ -209,8 +211,13 @@ class RayJobTrigger(BaseTrigger):
                 self._write(chunk.lines, chunk.cut)
                 await checkpoint.save(follower.offset)
                 if chunk.ended or not chunk.lines:
-                    # stream closed early (job not started, agent restarted) or nothing new: don't spin
-                    await asyncio.sleep(self.poll_interval if chunk.ended else 0)
+                    # The whole log was sent (normal close): the job is ending, so ask for its status
+                    # again soon instead of holding the slot for a poll interval. A stream that closed
+                    # early (job not started, agent restarted) or brought nothing new: don't spin.
+                    if follower.complete:
+                        await asyncio.sleep(min(_ENDING_POLL_S, self.poll_interval))
+                    else:
+                        await asyncio.sleep(self.poll_interval if chunk.ended else 0)
         finally:
             await follower.aclose()
             await client.aclose()

@@ -59,6 +59,19 @@ def test_every_line_exactly_once_in_order_and_the_tail_in_the_event(caplog):
     assert event["log_offset"] == 1234 * 61
 
 
+def test_a_job_whose_log_has_ended_is_reported_without_waiting_a_poll_interval(caplog):
+    """The whole log sent (normal close) means the job is ending: the status is asked again
+    within a fraction of a second, not after ``poll_interval`` (here 30 s), while still
+    polling until Ray reports the end (here 0.6 s after the log)."""
+    caplog.set_level(logging.INFO)
+    with JobsApiStandIn(jobs={"j": StandInJob(lines=50, status_lag_s=0.6)}) as api:
+        t0 = time.monotonic()
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", poll_interval=30)))
+        took = time.monotonic() - t0
+    assert event["status"] == "SUCCEEDED" and len(_logged(caplog, "j")) == 50
+    assert 0.6 <= took < 5, f"job end reported after {took:.1f}s"
+
+
 @pytest.mark.integration
 def test_a_200_mb_log_streams_with_bounded_memory_and_lines_cut_per_poll(caplog):
     caplog.set_level(logging.INFO)
