@@ -18,6 +18,7 @@ $(VENV)/.installed: requirements.txt constraints.txt
 
 # PostgreSQL (Debian's package) for the tests that run Airflow as deployed; each test starts
 # and stops its own server in a temp dir, so the package's own cluster is stopped after install.
+# Chromium and its driver (Debian's packages) for the browser test of the trigger form.
 PG_INITDB = $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) $(shell command -v initdb))
 system-deps:
 	@if [ -z "$(PG_INITDB)" ]; then \
@@ -27,6 +28,15 @@ system-deps:
 			service postgresql stop > /dev/null 2>&1 || true; \
 		else \
 			echo "PostgreSQL is missing: run 'sudo apt-get install postgresql' (the real-topology tests need it)" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	@if ! command -v chromium > /dev/null || ! command -v chromedriver > /dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing headless Chromium (Debian packages chromium chromium-driver) for the trigger form's browser test ..."; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null; \
+		else \
+			echo "Chromium is missing: run 'sudo apt-get install chromium chromium-driver' (the trigger form's browser test needs it)" >&2; \
 			exit 1; \
 		fi; \
 	fi

@@ -191,6 +191,11 @@ class AirflowStack:
     def trigger(self, conf: dict[str, Any]) -> httpx.Response:
         return self.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf})
 
+    def run_count(self) -> int:
+        r = self.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"limit": 1})
+        r.raise_for_status()
+        return r.json()["total_entries"]
+
     def run_state(self, run_id: str) -> str:
         r = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
         r.raise_for_status()
