@@ -34,3 +34,23 @@ def test_a_try_resumed_after_the_gate_defers_with_a_numeric_poll_interval():
     assert isinstance(trigger, RayJobTrigger) and trigger.poll_interval == 5.0
     assert isinstance(trigger.poll_interval, float)
     assert [j.partition for j in cluster.jobs.values()] == [1], "submitted once, for partition 1"
+
+
+def test_under_dag_test_a_higher_index_never_waits_at_the_gate(monkeypatch):
+    """`airflow dags test` (`make demo`) runs mapped tasks one at a time in any order, and a
+    deferred task's trigger in line: partition 1 waiting for partition 0 would wait forever (it
+    did: `make demo` hung when the test picked index 1 first). There the gate is open; in a
+    deployment (any other supervisor channel) the same states close it."""
+    from airflow.sdk.execution_time import task_runner
+    from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
+
+    from ray_embeddings.operators import ray_job as op_module
+
+    monkeypatch.setattr(op_module, "fetch_states", lambda dag_id, run_id, task_id: {0: "scheduled", 1: "running"})
+    op = RayJobOperator(task_id="embed", cluster={}, entrypoint="python -V", partition=1, max_in_flight=1)
+    ti = _MappedTaskInstance(map_index=1)
+    ti.task_id = "embed"
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", object(), raising=False)
+    assert not op_module.runs_one_task_at_a_time() and op._may_start(ti) is False
+    monkeypatch.setattr(task_runner, "SUPERVISOR_COMMS", InProcessSupervisorComms.__new__(InProcessSupervisorComms))
+    assert op_module.runs_one_task_at_a_time() and op._may_start(ti) is True
