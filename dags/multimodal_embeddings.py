@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Asset, dag, task
 
 from ray_embeddings.dag_config import build_params, load_defaults
@@ -81,10 +82,10 @@ def multimodal_embeddings():
         return result
 
     @task  # its verdict raises AirflowFailException (no retry); storage errors are retried
-    def report(planned: dict, checked: dict, params=None, ti=None) -> dict:
+    def report(planned: dict | None, checked: dict | None, params=None, ti=None) -> dict:
         from ray_embeddings.embedding_run import write_run_report
 
-        return write_run_report(params, planned, checked["model_id"], ti)
+        return write_run_report(params, planned, (checked or {}).get("model_id"), ti)
 
     @task(multiple_outputs=True)
     def capacity(cluster: dict, checked: dict, params=None) -> dict:
@@ -98,6 +99,11 @@ def multimodal_embeddings():
 
         return backend_config(params)
 
+    # The run's first setup, succeeding at once: the report and cluster_down teardowns name it
+    # with cluster_up, so they run whatever happens (a teardown runs once any of its setups
+    # succeeded). Without it a run marked failed before cluster_up ran, or while it ran, skipped
+    # both teardowns: the run then ended green and a half-started cluster was left behind.
+    started = EmptyOperator(task_id="run_started")
     checked = check_inputs()
     planned = plan(checked)
     config = cluster_config()
@@ -118,13 +124,14 @@ def multimodal_embeddings():
     # The report is a teardown that fails the run when anything is missing: it runs after
     # failures and after a run is marked failed by hand, and a night that did not embed every
     # partition never ends green.
-    reported = report(planned, checked).as_teardown(setups=cluster_up, on_failure_fail_dagrun=True)
+    reported = report(planned, checked).as_teardown(setups=[started, cluster_up], on_failure_fail_dagrun=True)
     cluster_down = RayClusterTeardownOperator(
         task_id="cluster_down", cluster=cluster_up.output, backend="{{ params.backend }}", backend_config=config
     )
 
+    started.as_setup() >> checked
     planned >> config >> cluster_up >> slots >> embed >> validated
-    cataloged >> reported >> cluster_down.as_teardown(setups=cluster_up)
+    cataloged >> reported >> cluster_down.as_teardown(setups=[started, cluster_up])
 
 
 multimodal_embeddings()

@@ -302,15 +302,25 @@ def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: 
     }
 
 
-def write_run_report(params: dict[str, Any], planned: dict[str, Any], model_id: str, ti) -> dict[str, Any]:
+def write_run_report(
+    params: dict[str, Any], planned: dict[str, Any] | None, model_id: str | None, ti
+) -> dict[str, Any]:
     """Write report.json/report.md for the run, whatever happened; fail if any partition is not committed.
 
     Runs as a teardown (so also after failures and after the run is marked failed by hand) with
-    ``on_failure_fail_dagrun``: a night that did not embed everything never ends green."""
+    ``on_failure_fail_dagrun``: a night that did not embed everything never ends green. A run
+    that ended before its partitions were planned (inputs refused, or stopped by hand) has no
+    plan to report on: it fails saying so."""
     from ray_jobs.planning import load_plan
     from ray_jobs.report import build_report, write_report
     from ray_jobs.validate import validate_plan
 
+    if not planned or not model_id:
+        stage = "its inputs were checked" if not model_id else "its partitions were planned"
+        raise AirflowFailException(
+            f"run incomplete: it ended before {stage} (check_inputs or plan failed, or the run was stopped); "
+            "nothing was embedded. See check_inputs' and plan's logs; trigger again once fixed."
+        )
     max_reject_rate = float(params["max_reject_rate"])
     catalog = ti.xcom_pull(task_ids="catalog", key="return_value", default=None)
     plan = load_plan(planned["plan_uri"])

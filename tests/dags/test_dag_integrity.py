@@ -93,6 +93,13 @@ def test_structure_teardown_and_order(dagbag):
     assert dag.get_task("validate").trigger_rule == "all_done"
     report = dag.get_task("report")
     assert report.is_teardown and report.on_failure_fail_dagrun
+    # both teardowns also hang off run_started, a setup that succeeds at once: they run even when
+    # the run is marked failed before or while cluster_up runs (tested in tests/topology)
+    started = dag.get_task("run_started")
+    assert started.is_setup and "check_inputs" in started.downstream_task_ids
+    for teardown in ("report", "cluster_down"):
+        setups = {t for t in dag.get_task(teardown).upstream_task_ids if dag.get_task(t).is_setup}
+        assert setups == {"run_started", "cluster_up"}, (teardown, setups)
     assert dag.get_task("embed").execution_timeout is not None
 
 

@@ -38,9 +38,12 @@ def _report(output, run_id):
         return json.load(fh)
 
 
-def _no_ray_left():
+def _no_ray_left(within_s: float = 0.0):
     from ray_embeddings.backends.local import processes_referencing
 
+    deadline = time.monotonic() + within_s
+    while processes_referencing("rayemb-") and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert processes_referencing("rayemb-") == [], "a Ray process of the run's cluster outlived the run"
 
 
@@ -151,3 +154,38 @@ def test_a_partition_marked_failed_stops_its_job_and_fails_the_run_with_a_report
     assert f"stop requested for Ray job {marked['sid']} (partition 0)" in log, log[-3000:]
     assert "on_kill() raised" not in log
     _no_ray_left()
+
+
+@pytest.mark.parametrize("while_running", ["check_inputs", "cluster_up"])
+def test_a_run_marked_failed_early_ends_failed_and_leaves_no_cluster(stack, demo_assets, tmp_path, while_running):
+    """The whole run marked failed (PATCH dagRuns, as the UI's "Mark as failed") while
+    check_inputs runs, or while cluster_up is starting the cluster. Airflow skips the pending
+    tasks and leaves teardowns to run, then decides the state from the leaves: before the
+    run_started setup, both teardowns were skipped too and the run ended **success**; marked
+    during cluster_up, the half-started local cluster was left running."""
+    r = stack.trigger(_conf(demo_assets, tmp_path))
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    marked = {}
+
+    def mark_while_running():
+        if marked:
+            return
+        states = {t["task_id"]: t["state"] for t in stack.task_instances(run_id) if t["map_index"] == -1}
+        if states.get(while_running) == "running":
+            resp = stack.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
+            assert resp.status_code == 200, resp.text
+            marked.update(states)
+
+    state = stack.wait_run(run_id, timeout=300, on_poll=mark_while_running, every=0.3)
+    assert marked, f"{while_running} was never seen running"
+    assert state == "failed"
+    tis = {t["task_id"]: t["state"] for t in stack.task_instances(run_id) if t["map_index"] == -1}
+    assert tis["run_started"] == "success" and tis[while_running] == "failed", tis
+    assert tis["report"] == "failed" and tis["cluster_down"] == "success", tis
+    verdict = stack.task_log(run_id, "report")
+    if while_running == "check_inputs":
+        assert "run incomplete: it ended before its inputs were checked" in verdict, verdict[-2000:]
+    else:
+        assert "run incomplete" in verdict and _report(str(tmp_path), run_id)["valid"] is False
+    _no_ray_left(within_s=30)

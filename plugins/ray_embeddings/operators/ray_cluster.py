@@ -26,11 +26,13 @@ class RayClusterSetupOperator(BaseOperator):
         super().__init__(**kwargs)
         self.backend = backend
         self.backend_config = backend_config or {}
+        self._starting: str | None = None
 
     def execute(self, context) -> dict[str, Any]:
         ti = context["ti"]
         name = cluster_name(ti.dag_id, ti.run_id)
         backend = get_backend(self.backend, self.backend_config)
+        self._starting = name
         if self.backend == "kuberay":
             return backend.up_deferrable(self, name)
         handle = backend.up(name)
@@ -40,6 +42,18 @@ class RayClusterSetupOperator(BaseOperator):
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
         backend = get_backend(self.backend, self.backend_config)
         return backend.complete(event)
+
+    def on_kill(self) -> None:
+        """Killed while starting (the run marked failed, a timeout): take down what this try
+        started, found by its deterministic name; cluster_down does the same once it runs."""
+        if self._starting is None:
+            return
+        try:
+            backend = get_backend(self.backend, self.backend_config)
+            backend.down(backend.handle_for(self._starting))
+            self.log.info("task killed while starting Ray cluster %s: took it down", self._starting)
+        except Exception:
+            self.log.exception("task killed while starting Ray cluster %s: teardown failed", self._starting)
 
 
 class RayClusterTeardownOperator(BaseOperator):
