@@ -219,7 +219,7 @@ class AirflowStack:
 
     def task_log(self, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
         """The try's whole log as the UI shows it (the worker's and the triggerer's parts merged),
-        one event per line."""
+        one event per line, a task's exception as ``ExcType: message``."""
         r = self.api(
             "GET",
             f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
@@ -231,7 +231,13 @@ class AirflowStack:
         for line in r.text.splitlines():
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
-                events.append(str(record.get("event", "")) if isinstance(record, dict) else str(record))
+                if not isinstance(record, dict):
+                    events.append(str(record))
+                    continue
+                events.append(str(record.get("event", "")))
+                for detail in record.get("error_detail") or ():  # a task's exception: type and message
+                    if isinstance(detail, dict):
+                        events.append(f"{detail.get('exc_type')}: {detail.get('exc_value')}")
         return "\n".join(events)
 
     def wait_run(self, run_id: str, timeout: float, on_poll=None, every: float = 2.0) -> str:
