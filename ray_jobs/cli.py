@@ -452,7 +452,8 @@ def _cmd_summary(args) -> int:
         labels = {"startup_driver_s": "driver", "startup_admission_wait_s": "admission wait",
                   "startup_actor_start_s": "actors", "startup_model_load_s": "model load",
                   "time_to_first_batch_s": "first batch"}  # fmt: skip
-        figures = ", ".join(f"{labels.get(k, k)} {v:.1f}s" for k, v in data["startup_median"].items())
+        medians = data["startup_median"]
+        figures = ", ".join(f"{label} {medians[k]:.1f}s" for k, label in labels.items() if k in medians)
         print(f"start-up:   median per partition: {figures}")
     if data.get("catalog"):
         print(
