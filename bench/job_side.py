@@ -10,12 +10,12 @@ per-operator busy time, rows and bytes out (object-store traffic), spill.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
 
 from bench.fair import BenchError
+from bench.spawned import run_spawned
 
 
 @dataclass(frozen=True)
@@ -174,16 +174,4 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
 
 
 def run_job(settings: JobSettings, timeout_s: float = 3600.0) -> JobFigures:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_job_process, args=(settings, time.time(), queue))
-    proc.start()
-    try:
-        got = queue.get(timeout=timeout_s)
-    finally:
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    if isinstance(got, str):
-        raise BenchError(f"the partition job failed: {got}")
-    return got
+    return run_spawned(_job_process, (settings,), timeout_s=timeout_s, what="the partition job")

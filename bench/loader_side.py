@@ -10,13 +10,13 @@ time runs from the spawn to the closed Parquet file.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.fair import BenchError, steady_rate
+from bench.spawned import run_spawned
 
 
 @dataclass(frozen=True)
@@ -165,16 +165,9 @@ def _loader_process(settings: LoaderSettings, variant: LoaderVariant, spawned_at
 
 
 def run_loader(settings: LoaderSettings, variant: LoaderVariant, timeout_s: float = 3600.0) -> LoaderFigures:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_loader_process, args=(settings, variant, time.time(), queue))
-    proc.start()
-    try:
-        got = queue.get(timeout=timeout_s)
-    finally:
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    if isinstance(got, str):
-        raise BenchError(f"{variant.name} failed: {got}")
-    return got
+    return run_spawned(
+        _loader_process,
+        (settings, variant),
+        timeout_s=timeout_s,
+        what=variant.name,
+    )
