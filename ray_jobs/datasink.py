@@ -99,6 +99,8 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 admission_wait_s=self.admission_wait_s,
                 actors=collect(self.attempt_id),
             )
+            if startup.actor_start_s is None:
+                log.warning("attempt %s: no actor recorded its start-up; the marker has the driver's only", self.attempt_id)
             timings.update(startup.to_timings())
         stage_stats = ()
         if self.stats_dataset is not None:

@@ -129,6 +129,7 @@ def record_actor(scope: str, start: ActorStart) -> None:
     try:
         kv = _kv()
         if not kv._internal_kv_initialized():
+            log.warning("start-up timing not recorded for %s: Ray's key-value store is not connected", start.op)
             return
         key = f"{scope}/{start.op}/{start.pid}/{start.init_started_at:.6f}"
         kv._internal_kv_put(key, json.dumps(asdict(start)), namespace=KV_NAMESPACE)
@@ -143,6 +144,7 @@ def collect(scope: str, *, delete: bool = True) -> list[ActorStart]:
     try:
         kv = _kv()
         if not kv._internal_kv_initialized():
+            log.warning("start-up timings of %s not read: Ray's key-value store is not connected", scope)
             return []
         keys = kv._internal_kv_list(f"{scope}/", namespace=KV_NAMESPACE)
         out = []

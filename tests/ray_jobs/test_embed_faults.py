@@ -102,6 +102,12 @@ def test_two_embed_processes_on_one_partition_commit_exactly_once(ray_session, d
     data, rejects = _all_ids(partition, marker)
     assert sorted(data + rejects) == [f"row-{n:06d}" for n in range(120)], "each id exactly once"
     assert marker.rows_rejected == 12 and set(marker.rejects_by_reason) == DEMO_REASONS
+    # start-up, as a deployed driver (its own process) records it: every actor's record read back
+    t = marker.timings
+    assert t["startup_driver_s"] > 0 and t["startup_actor_start_s"] > 0 and t["startup_model_load_s"] >= 0, t
+    assert t["startup_admission_wait_s"] >= 0
+    assert t["startup_actor_start_s"] + t["startup_model_load_s"] <= t["time_to_first_batch_s"] + 0.5, t
+    assert "embed: start-up: driver_s=" in won[0] or "embed: start-up: driver_s=" in outputs[0] + outputs[1]
 
 
 def test_throttled_and_dropped_image_gets_never_become_rejects(ray_session, s3_server, s3_bucket, tmp_path):

@@ -85,21 +85,6 @@ def test_the_marker_records_every_operators_statistics(first_run, demo_assets):
     assert by["preprocess"].actors == 1 and by["preprocess"].layers == ""
 
 
-def test_the_marker_splits_start_up_into_driver_actor_start_and_model_load(first_run):
-    """Every actor (one preprocessing, three stages) recorded its start-up; the marker carries
-    the critical path, the summary prints it, and the records were removed from Ray's KV."""
-    from ray_jobs.startup import collect
-
-    job, result = first_run
-    t = read_marker(job.partition_uri).timings
-    for key in ("startup_driver_s", "startup_admission_wait_s", "startup_actor_start_s", "startup_model_load_s"):
-        assert key in t and t[key] >= 0, (key, t)
-    assert t["startup_driver_s"] > 0 and t["startup_actor_start_s"] > 0 and t["startup_model_load_s"] > 0
-    assert t["startup_actor_start_s"] + t["startup_model_load_s"] <= t["time_to_first_batch_s"] + 0.5
-    assert "embed: start-up: driver_s=" in result.summary()
-    assert collect(read_marker(job.partition_uri).attempt) == []
-
-
 def test_pipeline_output_equals_the_unsplit_model(first_run, demo_assets):
     """Rows through Ray Data and three stages == the same rows through AutoModel in one process."""
     from ray_jobs.model.checkpoint import TwinTowerCheckpoint
