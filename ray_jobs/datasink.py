@@ -100,7 +100,7 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 actors=collect(self.attempt_id),
             )
             if startup.actor_start_s is None:
-                log.warning("attempt %s: no actor recorded its start-up; the marker has the driver's only", self.attempt_id)
+                log.warning("attempt %s: no actor recorded its start-up (driver figures only)", self.attempt_id)
             timings.update(startup.to_timings())
         stage_stats = ()
         if self.stats_dataset is not None:
