@@ -100,27 +100,46 @@ def synthetic_batch(ckpt, n: int, image_size: tuple[int, int], seed: int = 0) ->
 
 
 class _Timer:
-    """Forward hooks that add each labelled module's time to a total (synchronising CUDA)."""
+    """Forward hooks that add each labelled module's time to a total (synchronising CUDA).
+
+    One module may stand for several layers (ALBERT shares its layer weights: one module is
+    called once per layer, in layer order): its k-th call in a forward is charged to the k-th
+    label it was watched under."""
 
     def __init__(self, cuda: bool):
         import torch
 
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.totals: dict[tuple[str, object], float] = {}
+        self.labels: dict[int, list[tuple[str, object]]] = {}
+        self.calls: dict[int, int] = {}
         self.started: dict[int, float] = {}
         self.handles = []
 
     def watch(self, module, label: tuple[str, object]) -> None:
+        key = id(module)
+        if key in self.labels:  # a shared module: one pair of hooks, one more label
+            self.labels[key].append(label)
+            return
+        self.labels[key], self.calls[key] = [label], 0
+
         def pre(mod, args, kwargs=None):
             self.sync()
-            self.started[id(mod)] = time.perf_counter()
+            self.started[key] = time.perf_counter()
 
         def post(mod, args, out):
             self.sync()
-            elapsed = time.perf_counter() - self.started.pop(id(mod))
-            self.totals[label] = self.totals.get(label, 0.0) + elapsed
+            elapsed = time.perf_counter() - self.started.pop(key)
+            labels = self.labels[key]
+            charged = labels[self.calls[key] % len(labels)]
+            self.calls[key] += 1
+            self.totals[charged] = self.totals.get(charged, 0.0) + elapsed
 
         self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.calls = dict.fromkeys(self.calls, 0)
 
     def close(self) -> None:
         for h in self.handles:
@@ -153,7 +172,7 @@ def profile_layers(model_uri: str, settings: ProfileSettings) -> LayerProfile:
     try:
         for _ in range(settings.warmup):
             module.run(batch)
-        timer.totals.clear()
+        timer.reset()
         total = 0.0
         for _ in range(settings.batches):
             timer.sync()

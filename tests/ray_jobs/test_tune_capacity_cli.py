@@ -64,3 +64,29 @@ def test_tune_times_every_layer_of_the_demo_checkpoint(demo_checkpoint, capsys):
     assert len(out["stages"]) == 3 and out["spec"].count("|") == 2
     assert out["rows_per_s"] == pytest.approx(min(s["rows_per_s"] for s in out["stages"]), rel=1e-3)
     assert out["rows_per_s"] > out["unsplit_rows_per_s"]
+
+
+def test_a_module_shared_by_several_layers_is_charged_call_by_call():
+    """ALBERT shares one layer module across its layers (num_hidden_groups=1, the real
+    ALBERT-base): each call of the shared module is charged to its own layer, in order
+    (`tune` crashed with a KeyError on such checkpoints)."""
+    import torch
+
+    from ray_jobs.model.layer_profile import _Timer
+
+    shared, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    timer = _Timer(cuda=False)
+    for layer in range(3):
+        timer.watch(shared, ("text", layer))
+    timer.watch(head, ("text", "head"))
+    x = torch.ones(1, 4)
+    for _ in range(2):  # two forwards: the k-th call of each forward goes to layer k
+        h = x
+        for _layer in range(3):
+            h = shared(h)
+        head(h)
+    assert set(timer.totals) == {("text", 0), ("text", 1), ("text", 2), ("text", "head")}
+    assert all(v > 0 for v in timer.totals.values()) and timer.calls[id(shared)] == 6
+    timer.reset()
+    assert timer.totals == {} and timer.calls[id(shared)] == 0
+    timer.close()
