@@ -186,30 +186,9 @@ class Watch:
         self.polls += 1
 
 
-#: The REST API's page size cap (``[api] maximum_page_limit``, 100 by default).
-PAGE = 100
-
-
-def all_task_instances(stack, run_id: str) -> list[dict]:
-    """Every task instance of the run, page by page: 200 partitions are more than one page
-    (one page silently stopped at 100 and the bench never saw its embed phase end)."""
-    from tests.topology.airflow_stack import DAG_ID
-
-    out: list[dict] = []
-    while True:
-        r = stack.api(
-            "GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", params={"limit": PAGE, "offset": len(out)}
-        )
-        r.raise_for_status()
-        body = r.json()
-        out += body["task_instances"]
-        if not body["task_instances"] or len(out) >= body["total_entries"]:
-            return out
-
-
 def wait_embed_phase(stack, run_id: str, cfg: BenchConfig, deadline: float, watch: Watch) -> list[dict]:
     while time.monotonic() < deadline:
-        tis = all_task_instances(stack, run_id)
+        tis = stack.task_instances(run_id)
         watch.see(tis)
         embeds = [t for t in tis if t["task_id"] == "embed"]
         if len(embeds) == cfg.partitions and all(t.get("state") in FINISHED for t in embeds):

@@ -34,14 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.fair import Spread, alternating, best_variant, ratio
 from bench.pipeline_vs_torch import _ints
 from bench.rows import TINY_PRESETS, build_preset
-
-
-def _pair(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    try:
-        return int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN-MAX, got {text!r}") from None
+from ray_jobs.cli import min_max
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-side", type=int, default=160, help="smallest image side in pixels")
     p.add_argument("--max-side", type=int, default=1280, help="largest image side in pixels")
     p.add_argument("--num-stages", type=int, default=2)
-    p.add_argument("--preprocess-pool", type=_pair, default=None, help=f"job: MIN-MAX (default 1-{max(2, cores - 1)})")
+    p.add_argument(
+        "--preprocess-pool", type=min_max, default=None, help=f"job: MIN-MAX (default 1-{max(2, cores - 1)})"
+    )
     p.add_argument("--loader-workers", type=_ints, default=None, help="DataLoader num_workers grid (comma-separated)")
     p.add_argument("--loader-threads", type=_ints, default=None, help="torch intra-op threads grid (comma-separated)")
     p.add_argument("--reps", type=int, default=1, help="alternating repetitions of the final runs (job, loader)")

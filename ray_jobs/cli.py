@@ -20,7 +20,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _pair(text: str) -> tuple[int, int]:
+def min_max(text: str) -> tuple[int, int]:
+    """An argparse type for ``MIN-MAX`` (or ``N``): an actor pool's bounds."""
     lo, _, hi = text.partition("-")
     try:
         return int(lo), int(hi or lo)
@@ -75,11 +76,11 @@ def _add_embed(sub) -> None:
     layout.add_argument("--stages", help="explicit spec, e.g. 'text@gpus=1|image:0-5@gpus=1|image:6-11@gpus=1'")
     layout.add_argument("--stage-num-cpus", type=float, default=1.0, help="default CPUs per stage actor")
     layout.add_argument("--stage-num-gpus", type=float, default=0.0, help="default GPUs per stage actor (fractions ok)")
-    layout.add_argument("--stage-pool", type=_pair, default=(1, 1), help="default actor pool size per stage, MIN-MAX")
+    layout.add_argument("--stage-pool", type=min_max, default=(1, 1), help="default actor pool size per stage, MIN-MAX")
     tune = p.add_argument_group("tuning")
     tune.add_argument("--batch-size", type=_positive_int, default=64)
     tune.add_argument("--preprocess-cpus", type=float, default=1.0, help="CPUs per preprocessing actor")
-    tune.add_argument("--preprocess-pool", type=_pair, default=(1, 2), help="preprocessing actor pool, MIN-MAX")
+    tune.add_argument("--preprocess-pool", type=min_max, default=(1, 2), help="preprocessing actor pool, MIN-MAX")
     tune.add_argument("--fetch-threads", type=_positive_int, default=16, help="concurrent image fetches per actor")
     tune.add_argument(
         "--fetch-timeout",
@@ -449,11 +450,10 @@ def _cmd_summary(args) -> int:
     if data.get("rejects_by_reason"):
         print("rejects:    " + ", ".join(f"{k}={v}" for k, v in data["rejects_by_reason"].items()))
     if data.get("startup_median"):
-        labels = {"startup_driver_s": "driver", "startup_admission_wait_s": "admission wait",
-                  "startup_actor_start_s": "actors", "startup_model_load_s": "model load",
-                  "time_to_first_batch_s": "first batch"}  # fmt: skip
+        from ray_jobs.report import STARTUP_LABELS
+
         medians = data["startup_median"]
-        figures = ", ".join(f"{label} {medians[k]:.1f}s" for k, label in labels.items() if k in medians)
+        figures = ", ".join(f"{label} {medians[k]:.1f}s" for k, label in STARTUP_LABELS.items() if k in medians)
         print(f"start-up:   median per partition: {figures}")
     if data.get("catalog"):
         print(

@@ -15,15 +15,16 @@ from ray_jobs import storage
 from ray_jobs.contract import Plan, join_uri
 from ray_jobs.validate import ValidationReport
 
-#: Start-up figures a commit marker's timings carry (:mod:`ray_jobs.startup`), in report order.
-STARTUP_KEYS = (
-    "startup_driver_s",
-    "startup_admission_wait_s",
-    "startup_actor_start_s",
-    "startup_model_load_s",
-    "time_to_first_batch_s",
-)
-_STARTUP_LABELS = ("driver start", "admission wait", "actor start", "model load", "first batch")
+#: Start-up figures a commit marker's timings carry (:mod:`ray_jobs.startup`), in report order,
+#: with their labels.
+STARTUP_LABELS = {
+    "startup_driver_s": "driver start",
+    "startup_admission_wait_s": "admission wait",
+    "startup_actor_start_s": "actor start",
+    "startup_model_load_s": "model load",
+    "time_to_first_batch_s": "first batch",
+}
+STARTUP_KEYS = tuple(STARTUP_LABELS)
 
 
 def startup_medians(partitions) -> dict[str, float]:
@@ -106,7 +107,7 @@ class RunReport:
                 "actor start runs to the last actor having started and imported its libraries; model load is",
                 "that actor's; first batch counts from the pipeline's start to the first batch at the sink.",
                 "",
-                "| partition | " + " | ".join(_STARTUP_LABELS) + " |",
+                "| partition | " + " | ".join(STARTUP_LABELS.values()) + " |",
                 "|---:|" + "---:|" * len(STARTUP_KEYS),
             ]
             for p in self.partitions:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ray_jobs.contract import StageStat
 from ray_jobs.errors import UsageError
-from ray_jobs.model.stage_spec import TOWERS, balanced_spec
+from ray_jobs.model.stage_spec import TOWERS, balanced_spec, parse_spec
 
 #: Operators whose throughput the pools decide (read and write are Ray Data tasks it sizes itself).
 POOL_PREFIXES = ("preprocess", "stage")
@@ -152,17 +152,14 @@ def pipeline_rate(rates: Sequence[StageRate], counts: Sequence[int]) -> float:
 
 
 def _layer_ranges(layers: str) -> list[tuple[str, int, int]]:
-    out = []
-    for item in filter(None, layers.split(",")):
-        tower, _, span = item.partition(":")
-        lo, _, hi = span.partition("-")
-        try:
-            out.append((tower, int(lo), int(hi)))
-        except ValueError as exc:
-            raise UsageError(f"cannot read layer range {item!r} (expected tower:START-END)") from exc
-        if tower not in TOWERS:
-            raise UsageError(f"unknown tower in layer range {item!r}")
-    return out
+    """``[(tower, first, last)]`` of a recorded stage's layers (``text:0-10,image:0-11``), read
+    with the stage-spec parser."""
+    if not layers:
+        return []
+    parsed = parse_spec(layers)
+    if len(parsed) != 1 or any(a is None for _, a, _ in parsed[0][0]):
+        raise UsageError(f"cannot read layer ranges {layers!r} (expected tower:START-END,...)")
+    return parsed[0][0]
 
 
 def layer_costs_from_rates(rates: Sequence[StageRate]) -> dict[str, list[float]]:

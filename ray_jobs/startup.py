@@ -12,6 +12,7 @@ Recording is telemetry: a failure to record is logged and never fails a job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -169,20 +170,13 @@ class ActorTimer:
         self.init_started_at = time.time()
         self.model_load_s = 0.0
 
-    class _Span:
-        def __init__(self, timer: ActorTimer):
-            self.timer = timer
-
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-            return self
-
-        def __exit__(self, *exc):
-            self.timer.model_load_s += time.perf_counter() - self.t0
-            return False
-
-    def model_load(self) -> ActorTimer._Span:
-        return ActorTimer._Span(self)
+    @contextlib.contextmanager
+    def model_load(self):
+        t0 = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.model_load_s += time.perf_counter() - t0
 
     def done(self) -> ActorStart:
         start = ActorStart(

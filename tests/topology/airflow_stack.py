@@ -202,9 +202,19 @@ class AirflowStack:
         return r.json()["state"]
 
     def task_instances(self, run_id: str) -> list[dict[str, Any]]:
-        r = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})
-        r.raise_for_status()
-        return r.json()["task_instances"]
+        """Every task instance of the run, page by page: the API caps a page at
+        ``[api] maximum_page_limit`` (100) rows whatever ``limit`` asks, and 200 mapped
+        partitions are more than one page."""
+        out: list[dict[str, Any]] = []
+        while True:
+            r = self.api(
+                "GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances", params={"limit": 100, "offset": len(out)}
+            )
+            r.raise_for_status()
+            body = r.json()
+            out += body["task_instances"]
+            if not body["task_instances"] or len(out) >= body["total_entries"]:
+                return out
 
     def embed_states(self, run_id: str) -> dict[int, str | None]:
         return {t["map_index"]: t["state"] for t in self.task_instances(run_id) if t["task_id"] == "embed"}
@@ -250,3 +260,14 @@ class AirflowStack:
                 return state
             time.sleep(every)
         raise TimeoutError(f"run {run_id} still {state} after {timeout:.0f}s:\n" + self.log_tail("scheduler"))
+
+
+def assert_no_ray_left(within_s: float = 0.0) -> None:
+    """No process of a local cluster this harness's runs started (``rayemb-`` dirs) is left,
+    waiting up to *within_s* for a teardown still under way."""
+    from ray_embeddings.backends.local import processes_referencing
+
+    deadline = time.monotonic() + within_s
+    while processes_referencing("rayemb-") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_referencing("rayemb-") == [], "a Ray process of the run's cluster outlived the run"

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.topology.airflow_stack import DAG_ID
+from tests.topology.airflow_stack import DAG_ID, assert_no_ray_left
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +36,6 @@ def _report(output, run_id):
 
     with open(os.path.join(output, "runs", plan_run_id(run_id), "report.json")) as fh:
         return json.load(fh)
-
-
-def _no_ray_left(within_s: float = 0.0):
-    from ray_embeddings.backends.local import processes_referencing
-
-    deadline = time.monotonic() + within_s
-    while processes_referencing("rayemb-") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert processes_referencing("rayemb-") == [], "a Ray process of the run's cluster outlived the run"
 
 
 def test_bad_conf_is_refused_through_the_rest_api_naming_the_field(stack, demo_assets, tmp_path):
@@ -115,7 +106,7 @@ def test_concurrent_partitions_survive_a_triggerer_and_a_scheduler_crash(stack, 
             seen_n = sum(once in line for line in ray_lines)
             assert seen_n == 1, f"partition {k}: {once!r} logged {seen_n} times (replayed?):\n{log[-3000:]}"
         job_wall += ti["duration"] or 0.0
-    _no_ray_left()
+    assert_no_ray_left()
     print(
         f"\ntopology run: wall={wall:.0f}s for 6 partitions, sum of embed task durations={job_wall:.0f}s, "
         f"peak deferred={seen['peak_deferred']}, max in flight={capacity}"
@@ -153,7 +144,7 @@ def test_a_partition_marked_failed_stops_its_job_and_fails_the_run_with_a_report
     log = stack.task_log(run_id, "embed", 0)
     assert f"stop requested for Ray job {marked['sid']} (partition 0)" in log, log[-3000:]
     assert "on_kill() raised" not in log
-    _no_ray_left()
+    assert_no_ray_left()
 
 
 @pytest.mark.parametrize("while_running", ["check_inputs", "cluster_up"])
@@ -188,4 +179,4 @@ def test_a_run_marked_failed_early_ends_failed_and_leaves_no_cluster(stack, demo
         assert "run incomplete: it ended before its inputs were checked" in verdict, verdict[-2000:]
     else:
         assert "run incomplete" in verdict and _report(str(tmp_path), run_id)["valid"] is False
-    _no_ray_left(within_s=30)
+    assert_no_ray_left(within_s=30)

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.topology.airflow_stack import DAG_ID, FINISHED, ROOT
+from tests.topology.airflow_stack import DAG_ID, FINISHED, ROOT, assert_no_ray_left
 from tests.topology.trigger_form import BrowserConfig, BrowserUnavailable, TriggerDialog, start_chromium
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,6 @@ def _end_run(stack, run_id: str) -> str:
 
 
 def test_the_three_uris_alone_trigger_a_run_with_every_default(stack, dialog, demo_assets, tmp_path):
-    from ray_embeddings.backends.local import processes_referencing
     from ray_embeddings.dag_config import load_defaults
 
     uris = _uris(demo_assets, tmp_path)
@@ -102,7 +101,7 @@ def test_the_three_uris_alone_trigger_a_run_with_every_default(stack, dialog, de
     final = _end_run(stack, run_id)
     tis = {t["task_id"]: t["state"] for t in stack.task_instances(run_id)}
     assert final == "failed" and tis["report"] == "failed" and tis["cluster_down"] == "success", (final, tis)
-    _wait(lambda: processes_referencing("rayemb-") == [], 30, "the run's Ray processes to be gone")
+    assert_no_ray_left(within_s=30)
 
 
 def test_invalid_values_are_shown_in_the_form_and_create_no_run(stack, dialog, demo_assets, tmp_path):
