@@ -61,7 +61,7 @@ def multimodal_embeddings():
     def plan(checked: dict, params=None, run_id=None) -> dict:
         from ray_embeddings.embedding_run import plan_partitions
 
-        return plan_partitions(params, run_id, checked["model_id"])
+        return plan_partitions(params, run_id, checked["model_id"], checked.get("stages"))
 
     @task
     def jobs(planned: dict) -> list[dict]:

@@ -93,11 +93,19 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         wall = time.time() - self.started_at
         timings = {"wall_s": round(wall, 3), "rows_per_s": round(self.rows_in / wall, 3) if wall > 0 else 0.0}
         if self.pipeline_started_at is not None:
+            actors = collect(self.attempt_id)
+            for a in sorted(actors, key=lambda a: a.init_done_at):
+                t0 = self.pipeline_started_at
+                log.info(
+                    "start-up of %s (pid %d), seconds after the pipeline's start: process %.1f, "
+                    "constructor %.1f-%.1f (model load %.1f)",
+                    a.op, a.pid, a.process_started_at - t0, a.init_started_at - t0, a.init_done_at - t0, a.model_load_s,
+                )
             startup = breakdown(
                 driver_started_at=self.driver_started_at,
                 pipeline_started_at=self.pipeline_started_at,
                 admission_wait_s=self.admission_wait_s,
-                actors=collect(self.attempt_id),
+                actors=actors,
             )
             if startup.actor_start_s is None:
                 log.warning("attempt %s: no actor recorded its start-up (driver figures only)", self.attempt_id)

@@ -420,12 +420,19 @@ def admitted(job: PreparedJob):
     import ray
 
     cfg = job.config
-    # Never wait forever for actors (Ray Data's default is -1): the reservation already holds
-    # their resources, so this only fires if an actor cannot start at all.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = int(cfg.admission_timeout_s)
+    ctx = ray.data.DataContext.get_current()
     if cfg.admission == "none":
+        # Nothing reserved the actors' resources: never wait forever for them (Ray Data's
+        # default, -1, would). The wait is per operator, in pipeline order, so the pools start
+        # one after another; that is the price of starting without a reservation.
+        ctx.wait_for_min_actors_s = int(cfg.admission_timeout_s)
         yield job, no_remote_args
         return
+    # The reservation holds every actor's resources before any starts, so an actor cannot
+    # queue for them: all pools start at once (-1: Ray Data does not block each operator's
+    # start until its actors are up, which would start them one pool after another: ~5 s of
+    # worker boot and imports per pool, in series, on every partition).
+    ctx.wait_for_min_actors_s = -1
     from ray_jobs.admission import reserve
 
     with reserve(job.footprint, name=reservation_name(job), timeout_s=cfg.admission_timeout_s) as reservation:

@@ -175,11 +175,18 @@ EMBED_FLAGS = (
 
 
 def embed_argv(
-    params: dict[str, Any], plan_uri: str, partition: int, python: str, model_id: str | None = None
+    params: dict[str, Any],
+    plan_uri: str,
+    partition: int,
+    python: str,
+    model_id: str | None = None,
+    stages: str | None = None,
 ) -> list[str]:
     """The job's argv from validated values only: each value one ``--flag=value`` element, so
-    no value is ever read as a flag of its own or split by a shell. *model_id* is the one
-    ``check_inputs`` computed for the run (the job then reads no checkpoint metadata for it)."""
+    no value is ever read as a flag of its own or split by a shell. *model_id* and *stages*
+    (the resolved stage spec) are the ones ``check_inputs`` computed for the run: the job then
+    reads no checkpoint metadata for its id and builds no tower to balance its stages (that
+    imports torch and transformers: seconds of every job's driver start)."""
     argv = [python, "-m", "ray_jobs", "embed", f"--plan={plan_uri}", f"--partition={int(partition)}"]
     if model_id is not None:
         argv.append(f"--model-id={model_id}")
@@ -187,22 +194,31 @@ def embed_argv(
         value = params.get(name)
         if value is not None:
             argv.append(f"{flag}={value}")
-    if params.get("stages"):
-        argv.append(f"--stages={params['stages']}")
+    spec = stages or params.get("stages")
+    if spec:
+        argv.append(f"--stages={spec}")
     else:
         argv.append(f"--num-stages={int(params['num_stages'])}")
     return argv
 
 
 def embed_command(
-    params: dict[str, Any], plan_uri: str, partition: int, python: str, model_id: str | None = None
+    params: dict[str, Any],
+    plan_uri: str,
+    partition: int,
+    python: str,
+    model_id: str | None = None,
+    stages: str | None = None,
 ) -> str:
     """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex."""
-    return shlex.join(embed_argv(params, plan_uri, partition, python, model_id))
+    return shlex.join(embed_argv(params, plan_uri, partition, python, model_id, stages))
 
 
-def plan_partitions(params: dict[str, Any], airflow_run_id: str, model_id: str) -> dict[str, Any]:
-    """Write the plan; return one job per partition that is not committed yet (resume)."""
+def plan_partitions(
+    params: dict[str, Any], airflow_run_id: str, model_id: str, stages: str | None = None
+) -> dict[str, Any]:
+    """Write the plan; return one job per partition that is not committed yet (resume).
+    *stages*: the stage spec ``check_inputs`` resolved, passed to every job as ``--stages``."""
     params = _checked(params)
     from ray_jobs.contract import partition_dir
     from ray_jobs.errors import JobInputError
@@ -242,7 +258,7 @@ def plan_partitions(params: dict[str, Any], airflow_run_id: str, model_id: str) 
     jobs = [
         {
             "partition": k,
-            "entrypoint": embed_command(params, result.uri, k, python, model_id),
+            "entrypoint": embed_command(params, result.uri, k, python, model_id, stages),
             "runtime_env": runtime_env,
             "entrypoint_num_cpus": DEFAULT_DRIVER_CPUS,  # counted in the footprint; keeps drivers off a 0-CPU head
         }

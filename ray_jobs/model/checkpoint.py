@@ -40,6 +40,12 @@ PROJECTION_FILE = "projection.safetensors"
 _POOLINGS = ("mean", "cls")
 
 
+def declared_num_layers(config: dict) -> int | None:
+    """``num_hidden_layers`` of a Hugging Face config dict where it is a positive integer."""
+    value = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 @dataclass(frozen=True)
 class TwinTowerConfig:
     """``twin_tower.json``: how the two towers form one embedding model."""
@@ -184,7 +190,19 @@ class Checkpoint:
         return self._towers[tower]
 
     def layer_counts(self) -> dict[str, int]:
+        """Transformer layers per tower. Read from the configs' JSON where they state it (a
+        partition job's driver needs only these to lay out its stages, and building a tower
+        imports torch and transformers: seconds of every driver's start-up); otherwise from
+        the built towers, which always agree (tests/ray_jobs/model/test_checkpoint.py)."""
+        declared = self._declared_layer_counts()
+        if declared is not None:
+            return declared
         return {t: self.tower(t).num_layers for t in ("text", "image")}
+
+    def _declared_layer_counts(self) -> dict[str, int] | None:
+        """``num_hidden_layers`` of each tower's config as written, or None where a config
+        leaves it to its class's default (then only transformers knows it)."""
+        return None
 
     @cached_property
     def model_id(self) -> str:
@@ -231,6 +249,13 @@ class TwinTowerCheckpoint(Checkpoint):
     @property
     def projection_uri(self) -> str:
         return join_uri(self.uri, PROJECTION_FILE)
+
+    def _declared_layer_counts(self) -> dict[str, int] | None:
+        counts = {}
+        for tower in ("text", "image"):
+            with open(os.path.join(self.tower_local_dir(tower), "config.json")) as fh:
+                counts[tower] = declared_num_layers(json.load(fh))
+        return None if None in counts.values() else counts
 
     def hf_config(self, tower: str):
         from transformers import AutoConfig

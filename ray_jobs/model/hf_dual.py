@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ray_jobs.errors import ModelError
-from ray_jobs.model.checkpoint import Checkpoint
+from ray_jobs.model.checkpoint import Checkpoint, declared_num_layers
 from ray_jobs.model.image_ops import ImageProcessing, has_image_processor, load_image_processing
 from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.text_ops import TextProcessing, tokenizer_max_length
@@ -100,7 +100,8 @@ class HFDualCheckpoint(Checkpoint):
         if not os.path.exists(path):
             raise ModelError(f"model {uri}: config.json is missing")
         with open(path) as fh:
-            self.model_type = json.load(fh).get("model_type")
+            self._config_json = json.load(fh)
+        self.model_type = self._config_json.get("model_type")
         if self.model_type not in FAMILIES:
             raise ModelError(f"model {uri}: model_type {self.model_type!r} is not one of {sorted(FAMILIES)}")
         self.family = FAMILIES[self.model_type]
@@ -117,6 +118,13 @@ class HFDualCheckpoint(Checkpoint):
             raise ModelError(
                 f"model {uri}: no tokenizer files (tokenizer.json / tokenizer_config.json) beside the model"
             )
+
+    def _declared_layer_counts(self) -> dict[str, int] | None:
+        counts = {
+            tower: declared_num_layers(self._config_json.get(key) or {})
+            for tower, key in (("text", "text_config"), ("image", "vision_config"))
+        }
+        return None if None in counts.values() else counts
 
     @cached_property
     def hf_config(self):
@@ -142,6 +150,14 @@ class HFDualCheckpoint(Checkpoint):
 
     @property
     def embed_dim(self) -> int:
+        """As the config JSON states it where it does (no transformers import: see
+        :meth:`Checkpoint.layer_counts`), else from the full config; the two always agree."""
+        if self.family.text_projection:
+            value = self._config_json.get("projection_dim")
+        else:
+            value = (self._config_json.get("vision_config") or {}).get("hidden_size")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
         return self.family.embed_dim(self.hf_config)
 
     @cached_property

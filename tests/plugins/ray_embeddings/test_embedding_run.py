@@ -105,6 +105,22 @@ def test_numbers_reach_the_job_as_typed_flags(recorder):
     assert args.num_stages is None
 
 
+def test_the_stage_spec_check_inputs_resolved_reaches_every_job_instead_of_num_stages(recorder):
+    """The job then balances nothing itself (that builds towers: torch and transformers in the driver)."""
+    from ray_jobs.cli import build_parser
+
+    python, out = recorder
+    deployment, params = _defaults(num_stages=2)
+    params = validated_params(params, deployment)
+    resolved = "text:0-3@cpus=1,gpus=0,pool=1-1|image:0-5@cpus=1,gpus=0,pool=1-1"
+    subprocess.run(embed_command(params, "/o/plan.json", 0, python, stages=resolved), shell=True, check=True, timeout=30)
+    args = build_parser().parse_args(json.loads(out.read_text())[2:])
+    assert args.stages == resolved and args.num_stages is None
+    subprocess.run(embed_command(params, "/o/plan.json", 0, python), shell=True, check=True, timeout=30)
+    args = build_parser().parse_args(json.loads(out.read_text())[2:])
+    assert args.stages is None and args.num_stages == 2, "without a resolved spec: the param as given"
+
+
 def test_a_conf_with_the_removed_params_changes_nothing():
     deployment, params = _defaults(backend="kuberay")
     params["kuberay"] = {"image": "evil.example/x", "kube_config": "/tmp/evil", "service_account": "admin"}

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import time
 
 import fsspec
@@ -97,6 +99,39 @@ def test_model_id_of_a_multi_gb_checkpoint_reads_under_1mb_in_under_1s(clip_dir,
     assert elapsed < 1.0, elapsed
     assert CountingFileSystem.bytes_read < 1 << 20, CountingFileSystem.bytes_read
     assert model_id == compute_model_id(str(big), "big-model"), "the same bytes whichever way they are read"
+
+
+def test_layer_counts_come_from_the_config_json_or_else_from_the_built_towers(demo_checkpoint, tmp_path):
+    ckpt = open_checkpoint(demo_checkpoint)
+    assert ckpt._declared_layer_counts() == {t: ckpt.tower(t).num_layers for t in ("text", "image")} == {
+        "text": 4,
+        "image": 6,
+    }
+    # a config that leaves the depth to its class's default: only transformers knows it
+    copy = shutil.copytree(demo_checkpoint, tmp_path / "model")
+    path = copy / "text" / "config.json"
+    config = json.loads(path.read_text())
+    del config["num_hidden_layers"]
+    path.write_text(json.dumps(config))
+    ckpt = open_checkpoint(str(copy))
+    assert ckpt._declared_layer_counts() is None
+    assert ckpt.layer_counts() == {"text": 12, "image": 6}, "AlbertConfig's default depth, via the built tower"
+
+
+def test_a_partition_driver_with_a_resolved_stage_spec_imports_no_torch(demo_assets, tmp_path):
+    """What the DAG runs: check_inputs resolves the stages once; each job's driver then lays
+    them out from config.json alone (torch and transformers cost seconds of every driver's start)."""
+    code = (
+        "import sys\n"
+        "from ray_jobs.embed_job import EmbedConfig, prepare\n"
+        f"job = prepare(EmbedConfig(output_uri={str(tmp_path)!r}, model_uri={demo_assets.model!r}, "
+        f"manifest_uri={demo_assets.manifest!r}, stages='text:0-3|image:0-5'))\n"
+        "assert job.layout.spec().startswith('text:0-3@'), job.layout.spec()\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_embed_dim_and_model_id_reach_the_prepared_job(clip_dir, demo_assets, tmp_path):

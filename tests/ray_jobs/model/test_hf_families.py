@@ -119,6 +119,16 @@ def _run_staged(ckpt, layout, cols, dtype="float32"):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_layer_counts_and_embed_dim_read_from_the_json_equal_the_full_configs(family, checkpoints):
+    """A partition job's driver reads these from config.json alone (no transformers import)."""
+    ckpt = open_checkpoint(checkpoints(family))
+    declared = ckpt._declared_layer_counts()
+    assert declared is not None, "save_pretrained writes num_hidden_layers of both towers"
+    assert declared == {t: ckpt.tower(t).num_layers for t in ("text", "image")}
+    assert ckpt.embed_dim == ckpt.family.embed_dim(ckpt.hf_config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pixels_equal_the_hf_processor_within_one_grey_level(family, checkpoints, tmp_path):
     from transformers import AutoImageProcessor
 
