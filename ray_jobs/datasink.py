@@ -99,7 +99,12 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 log.info(
                     "start-up of %s (pid %d), seconds after the pipeline's start: process %.1f, "
                     "constructor %.1f-%.1f (model load %.1f)",
-                    a.op, a.pid, a.process_started_at - t0, a.init_started_at - t0, a.init_done_at - t0, a.model_load_s,
+                    a.op,
+                    a.pid,
+                    a.process_started_at - t0,
+                    a.init_started_at - t0,
+                    a.init_done_at - t0,
+                    a.model_load_s,
                 )
             startup = breakdown(
                 driver_started_at=self.driver_started_at,

@@ -113,7 +113,9 @@ def test_the_stage_spec_check_inputs_resolved_reaches_every_job_instead_of_num_s
     deployment, params = _defaults(num_stages=2)
     params = validated_params(params, deployment)
     resolved = "text:0-3@cpus=1,gpus=0,pool=1-1|image:0-5@cpus=1,gpus=0,pool=1-1"
-    subprocess.run(embed_command(params, "/o/plan.json", 0, python, stages=resolved), shell=True, check=True, timeout=30)
+    subprocess.run(
+        embed_command(params, "/o/plan.json", 0, python, stages=resolved), shell=True, check=True, timeout=30
+    )
     args = build_parser().parse_args(json.loads(out.read_text())[2:])
     assert args.stages == resolved and args.num_stages is None
     subprocess.run(embed_command(params, "/o/plan.json", 0, python), shell=True, check=True, timeout=30)

@@ -103,10 +103,14 @@ def test_model_id_of_a_multi_gb_checkpoint_reads_under_1mb_in_under_1s(clip_dir,
 
 def test_layer_counts_come_from_the_config_json_or_else_from_the_built_towers(demo_checkpoint, tmp_path):
     ckpt = open_checkpoint(demo_checkpoint)
-    assert ckpt._declared_layer_counts() == {t: ckpt.tower(t).num_layers for t in ("text", "image")} == {
-        "text": 4,
-        "image": 6,
-    }
+    assert (
+        ckpt._declared_layer_counts()
+        == {t: ckpt.tower(t).num_layers for t in ("text", "image")}
+        == {
+            "text": 4,
+            "image": 6,
+        }
+    )
     # a config that leaves the depth to its class's default: only transformers knows it
     copy = shutil.copytree(demo_checkpoint, tmp_path / "model")
     path = copy / "text" / "config.json"
