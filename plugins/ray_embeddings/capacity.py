@@ -57,7 +57,7 @@ def nodes_from_state_api(payload: dict[str, Any]) -> list[dict[str, float]]:
     ]
 
 
-def live_nodes(handle, wait_s: float = 60.0, poll_s: float = 2.0) -> list[dict[str, float]]:
+def live_nodes(handle, wait_s: float = 60.0, poll_s: float = 0.25) -> list[dict[str, float]]:
     """The live cluster's alive nodes. A head that just came up answers on its dashboard a few
     seconds before its node is listed: wait (bounded) for at least one node with resources."""
     import httpx

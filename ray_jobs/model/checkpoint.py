@@ -40,10 +40,15 @@ PROJECTION_FILE = "projection.safetensors"
 _POOLINGS = ("mean", "cls")
 
 
-def declared_num_layers(config: dict) -> int | None:
-    """``num_hidden_layers`` of a Hugging Face config dict where it is a positive integer."""
-    value = config.get("num_hidden_layers") if isinstance(config, dict) else None
+def declared_positive_int(config: dict, key: str) -> int | None:
+    """``config[key]`` of a Hugging Face config dict where it is written as a positive integer."""
+    value = config.get(key) if isinstance(config, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def declared_num_layers(config: dict) -> int | None:
+    """``num_hidden_layers`` of a Hugging Face config dict where it is written."""
+    return declared_positive_int(config, "num_hidden_layers")
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,17 @@ class Checkpoint:
         leaves it to its class's default (then only transformers knows it)."""
         return None
 
+    def layer_costs(self) -> dict[str, list[float]]:
+        """Rough FLOPs per layer per row of each tower (what a balanced stage split weighs).
+        From the configs' JSON where it states every figure, like :meth:`layer_counts`."""
+        declared = self._declared_layer_costs()
+        if declared is not None:
+            return declared
+        return {t: [self.tower(t).layer_cost()] * self.tower(t).num_layers for t in ("text", "image")}
+
+    def _declared_layer_costs(self) -> dict[str, list[float]] | None:
+        return None
+
     @cached_property
     def model_id(self) -> str:
         """``{name}-{hash of the checkpoint's metadata}``; reads no weight bytes (see :mod:`.model_id`)."""
@@ -250,12 +266,29 @@ class TwinTowerCheckpoint(Checkpoint):
     def projection_uri(self) -> str:
         return join_uri(self.uri, PROJECTION_FILE)
 
+    def _tower_json(self, tower: str) -> dict:
+        with open(os.path.join(self.tower_local_dir(tower), "config.json")) as fh:
+            return json.load(fh)
+
     def _declared_layer_counts(self) -> dict[str, int] | None:
-        counts = {}
-        for tower in ("text", "image"):
-            with open(os.path.join(self.tower_local_dir(tower), "config.json")) as fh:
-                counts[tower] = declared_num_layers(json.load(fh))
+        counts = {tower: declared_num_layers(self._tower_json(tower)) for tower in ("text", "image")}
         return None if None in counts.values() else counts
+
+    def _declared_layer_costs(self) -> dict[str, list[float]] | None:
+        from ray_jobs.model.tower_def import layer_flops, vit_seq_len
+
+        counts = self._declared_layer_counts()
+        if counts is None:
+            return None
+        out = {}
+        for tower in ("text", "image"):
+            cfg = self._tower_json(tower)
+            keys = ("hidden_size", "intermediate_size") + (("image_size", "patch_size") if tower == "image" else ())
+            if not all(declared_positive_int(cfg, k) for k in keys):
+                return None  # a figure left to the config class's default
+            seq = vit_seq_len(cfg["image_size"], cfg["patch_size"]) if tower == "image" else self.config.text_max_length
+            out[tower] = [layer_flops(cfg["hidden_size"], cfg["intermediate_size"], seq)] * counts[tower]
+        return out
 
     def hf_config(self, tower: str):
         from transformers import AutoConfig

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ray_jobs.errors import ModelError
-from ray_jobs.model.checkpoint import Checkpoint, declared_num_layers
+from ray_jobs.model.checkpoint import Checkpoint, declared_num_layers, declared_positive_int
 from ray_jobs.model.image_ops import ImageProcessing, has_image_processor, load_image_processing
 from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.text_ops import TextProcessing, tokenizer_max_length
@@ -153,12 +153,10 @@ class HFDualCheckpoint(Checkpoint):
         """As the config JSON states it where it does (no transformers import: see
         :meth:`Checkpoint.layer_counts`), else from the full config; the two always agree."""
         if self.family.text_projection:
-            value = self._config_json.get("projection_dim")
+            config, key = self._config_json, "projection_dim"
         else:
-            value = (self._config_json.get("vision_config") or {}).get("hidden_size")
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-        return self.family.embed_dim(self.hf_config)
+            config, key = self._config_json.get("vision_config") or {}, "hidden_size"
+        return declared_positive_int(config, key) or self.family.embed_dim(self.hf_config)
 
     @cached_property
     def text_processing(self) -> TextProcessing:

@@ -32,7 +32,7 @@ def tower_layer_counts(ckpt: Checkpoint) -> dict[str, int]:
 
 def layer_costs(ckpt: Checkpoint) -> dict[str, list[float]]:
     """Rough per-layer FLOPs of each tower at the lengths this checkpoint runs at."""
-    return {t: [ckpt.tower(t).layer_cost()] * ckpt.tower(t).num_layers for t in ("text", "image")}
+    return ckpt.layer_costs()
 
 
 def build_layout(

@@ -18,6 +18,16 @@ from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.towers import ATTENTIONS, Step, get_module
 
 
+def layer_flops(hidden: int, intermediate: int, seq_len: int) -> float:
+    """Rough FLOPs of one transformer layer on one row of *seq_len* tokens."""
+    return float(seq_len * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * seq_len * seq_len * hidden)
+
+
+def vit_seq_len(image_size: int, patch_size: int) -> int:
+    """Tokens a ViT layer sees: one per patch plus the class token."""
+    return (int(image_size) // int(patch_size)) ** 2 + 1
+
+
 @dataclass(frozen=True)
 class TowerDef:
     """Everything a stage needs to build and run its share of one tower."""
@@ -57,9 +67,7 @@ class TowerDef:
     def layer_cost(self) -> float:
         """Rough FLOPs of one layer on one row."""
         hid = int(self.config.hidden_size)
-        inter = int(getattr(self.config, "intermediate_size", 4 * hid))
-        seq = self.seq_len
-        return float(seq * (4 * hid * hid + 2 * hid * inter) + 2 * seq * seq * hid)
+        return layer_flops(hid, int(getattr(self.config, "intermediate_size", 4 * hid)), self.seq_len)
 
     # -- building pieces
     def _fresh(self, path: str, dtype=None):

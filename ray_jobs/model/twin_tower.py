@@ -8,7 +8,7 @@ linear projection stored in ``projection.safetensors``.
 from __future__ import annotations
 
 from ray_jobs.model.safetensors_io import SafetensorsIndex
-from ray_jobs.model.tower_def import TowerDef
+from ray_jobs.model.tower_def import TowerDef, vit_seq_len
 from ray_jobs.model.towers import apply, checkpoint_key_map, layer_paths, meta_model, parts_for, pool
 
 TEXT_ARCHS = ("albert", "bert", "roberta", "xlm-roberta")
@@ -40,7 +40,7 @@ def build_twin_tower(ckpt, tower: str) -> TowerDef:
     head = []
     if tower == "image":
         head.append(apply("tower.layernorm"))
-        seq = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        seq = vit_seq_len(cfg.image_size, cfg.patch_size)
         how = ckpt.config.image_pooling
     else:
         seq = ckpt.config.text_max_length

@@ -53,7 +53,7 @@ RAY_SUBDIR = "r"
 
 
 #: Seconds the cluster's processes get to exit on SIGTERM before SIGKILL (see ``_kill_leftovers``).
-KILL_GRACE_S = 2.0
+KILL_GRACE_S = 0.5
 
 
 def _free_ports(n: int) -> list[int]:

@@ -122,6 +122,21 @@ def test_layer_counts_come_from_the_config_json_or_else_from_the_built_towers(de
     assert ckpt.layer_counts() == {"text": 12, "image": 6}, "AlbertConfig's default depth, via the built tower"
 
 
+def test_layer_costs_come_from_the_config_json_or_else_from_the_built_towers(demo_checkpoint, tmp_path):
+    """What check_inputs balances the stages on, without importing torch where the JSON says it all."""
+    ckpt = open_checkpoint(demo_checkpoint)
+    built = {t: [ckpt.tower(t).layer_cost()] * ckpt.tower(t).num_layers for t in ("text", "image")}
+    assert ckpt._declared_layer_costs() == built and ckpt.layer_costs() == built
+    copy = shutil.copytree(demo_checkpoint, tmp_path / "model")
+    path = copy / "image" / "config.json"
+    config = json.loads(path.read_text())
+    del config["intermediate_size"]  # ViTConfig's default (3072) applies, not 4 x hidden
+    path.write_text(json.dumps(config))
+    ckpt = open_checkpoint(str(copy))
+    assert ckpt._declared_layer_costs() is None
+    assert ckpt.layer_costs()["image"] == [ckpt.tower("image").layer_cost()] * 6
+
+
 def test_a_partition_driver_with_a_resolved_stage_spec_imports_no_torch(demo_assets, tmp_path):
     """What the DAG runs: check_inputs resolves the stages once; each job's driver then lays
     them out from config.json alone (torch and transformers cost seconds of every driver's start)."""
