@@ -176,7 +176,11 @@ def test_a_run_marked_failed_early_ends_failed_and_leaves_no_cluster(stack, demo
     assert tis["report"] == "failed" and tis["cluster_down"] == "success", tis
     verdict = stack.task_log(run_id, "report")
     if while_running == "check_inputs":
-        assert "run incomplete: it ended before its inputs were checked" in verdict, verdict[-2000:]
+        # check_inputs' own work takes ~0.2 s of its ~2 s as a running task (most is the task
+        # process's start): the mark may land after it returned its result, before plan ran
+        assert re.search(
+            r"run incomplete: it ended before its (inputs were checked|partitions were planned)", verdict
+        ), verdict[-2000:]
     else:
         assert "run incomplete" in verdict and _report(str(tmp_path), run_id)["valid"] is False
     assert_no_ray_left(within_s=30)
