@@ -202,16 +202,10 @@ def embed_argv(
     return argv
 
 
-def embed_command(
-    params: dict[str, Any],
-    plan_uri: str,
-    partition: int,
-    python: str,
-    model_id: str | None = None,
-    stages: str | None = None,
-) -> str:
-    """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex."""
-    return shlex.join(embed_argv(params, plan_uri, partition, python, model_id, stages))
+def embed_command(params: dict[str, Any], plan_uri: str, partition: int, python: str, **resolved: str | None) -> str:
+    """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex;
+    *resolved*: its ``model_id`` and ``stages``."""
+    return shlex.join(embed_argv(params, plan_uri, partition, python, **resolved))
 
 
 def plan_partitions(
@@ -258,7 +252,7 @@ def plan_partitions(
     jobs = [
         {
             "partition": k,
-            "entrypoint": embed_command(params, result.uri, k, python, model_id, stages),
+            "entrypoint": embed_command(params, result.uri, k, python, model_id=model_id, stages=stages),
             "runtime_env": runtime_env,
             "entrypoint_num_cpus": DEFAULT_DRIVER_CPUS,  # counted in the footprint; keeps drivers off a 0-CPU head
         }
