@@ -94,8 +94,8 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         timings = {"wall_s": round(wall, 3), "rows_per_s": round(self.rows_in / wall, 3) if wall > 0 else 0.0}
         if self.pipeline_started_at is not None:
             actors = collect(self.attempt_id)
+            t0 = self.pipeline_started_at
             for a in sorted(actors, key=lambda a: a.init_done_at):
-                t0 = self.pipeline_started_at
                 log.info(
                     "start-up of %s (pid %d), seconds after the pipeline's start: process %.1f, "
                     "constructor %.1f-%.1f (model load %.1f)",

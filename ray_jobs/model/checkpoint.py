@@ -266,28 +266,30 @@ class TwinTowerCheckpoint(Checkpoint):
     def projection_uri(self) -> str:
         return join_uri(self.uri, PROJECTION_FILE)
 
-    def _tower_json(self, tower: str) -> dict:
-        with open(os.path.join(self.tower_local_dir(tower), "config.json")) as fh:
-            return json.load(fh)
+    @cached_property
+    def _tower_configs(self) -> dict[str, dict]:
+        """Each tower's ``config.json`` as written, read once."""
+        out = {}
+        for tower in ("text", "image"):
+            with open(os.path.join(self.tower_local_dir(tower), "config.json")) as fh:
+                out[tower] = json.load(fh)
+        return out
 
     def _declared_layer_counts(self) -> dict[str, int] | None:
-        counts = {tower: declared_num_layers(self._tower_json(tower)) for tower in ("text", "image")}
+        counts = {tower: declared_num_layers(cfg) for tower, cfg in self._tower_configs.items()}
         return None if None in counts.values() else counts
 
     def _declared_layer_costs(self) -> dict[str, list[float]] | None:
         from ray_jobs.model.tower_def import layer_flops, vit_seq_len
 
-        counts = self._declared_layer_counts()
-        if counts is None:
-            return None
         out = {}
-        for tower in ("text", "image"):
-            cfg = self._tower_json(tower)
-            keys = ("hidden_size", "intermediate_size") + (("image_size", "patch_size") if tower == "image" else ())
+        for tower, cfg in self._tower_configs.items():
+            keys = ("num_hidden_layers", "hidden_size", "intermediate_size")
+            keys += ("image_size", "patch_size") if tower == "image" else ()
             if not all(declared_positive_int(cfg, k) for k in keys):
                 return None  # a figure left to the config class's default
             seq = vit_seq_len(cfg["image_size"], cfg["patch_size"]) if tower == "image" else self.config.text_max_length
-            out[tower] = [layer_flops(cfg["hidden_size"], cfg["intermediate_size"], seq)] * counts[tower]
+            out[tower] = [layer_flops(cfg["hidden_size"], cfg["intermediate_size"], seq)] * cfg["num_hidden_layers"]
         return out
 
     def hf_config(self, tower: str):

@@ -30,11 +30,6 @@ def tower_layer_counts(ckpt: Checkpoint) -> dict[str, int]:
     return ckpt.layer_counts()
 
 
-def layer_costs(ckpt: Checkpoint) -> dict[str, list[float]]:
-    """Rough per-layer FLOPs of each tower at the lengths this checkpoint runs at."""
-    return ckpt.layer_costs()
-
-
 def build_layout(
     ckpt: Checkpoint,
     *,
@@ -48,7 +43,7 @@ def build_layout(
     if spec:
         parsed = parse_spec(spec, defaults)
     else:
-        parsed = [(ranges, defaults) for ranges in balanced_spec(num_stages or 1, layer_costs(ckpt))]
+        parsed = [(ranges, defaults) for ranges in balanced_spec(num_stages or 1, ckpt.layer_costs())]
     return resolve(parsed, counts)
 
 
