@@ -563,8 +563,19 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except JobInputError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _fail(exc)
         return 2
     except AdmissionTimeout as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _fail(exc)
         return 3
+
+
+def _fail(exc: Exception) -> None:
+    """Print *exc* as the command's last line. A driver still connected to Ray prints the
+    cluster's log lines and autoscaler events from a thread (an unschedulable request shows
+    up seconds later as "(autoscaler +3s) Error: ..."), which could land after the error; Ray is
+    shut down first, which stops and joins that thread."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs.cli import main
+from ray_jobs.errors import AdmissionTimeout, JobInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -163,3 +164,30 @@ def test_help(command):
         [sys.executable, "-m", "ray_jobs", command, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("exc, rc", [(AdmissionTimeout("admission: could not reserve GPU:3"), 3),
+                                     (JobInputError("manifest: gone"), 2)])  # fmt: skip
+def test_the_error_is_the_last_line_when_ray_is_still_connected(capsys, monkeypatch, exc, rc):
+    """A driver connected to Ray prints the cluster's autoscaler events from a thread; Ray is
+    shut down (which stops and joins that thread) before the error is printed. A stand-in for
+    the ray module: its shutdown prints the event that the real logger thread would flush."""
+    import types
+
+    import ray_jobs.cli as cli
+
+    calls = []
+
+    def shutdown():
+        print("(autoscaler +3s) Error: No available node types can fulfill resource request", file=sys.stderr)
+        calls.append("shutdown")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True, shutdown=shutdown))
+
+    def failing(args):
+        raise exc
+
+    monkeypatch.setitem(cli.COMMANDS, "model-id", failing)
+    assert main(["model-id", "--model", "x"]) == rc
+    err = capsys.readouterr().err.strip().splitlines()
+    assert calls == ["shutdown"] and err[-1] == f"error: {exc}", err
