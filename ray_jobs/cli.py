@@ -559,23 +559,29 @@ def main(argv: list[str] | None = None) -> int:
     ):
         os.environ.setdefault(key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ray_was_connected = _ray_connected()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except JobInputError as exc:
-        _fail(exc)
+        _fail(exc, ray_was_connected)
         return 2
     except AdmissionTimeout as exc:
-        _fail(exc)
+        _fail(exc, ray_was_connected)
         return 3
 
 
-def _fail(exc: Exception) -> None:
-    """Print *exc* as the command's last line. A driver still connected to Ray prints the
-    cluster's log lines and autoscaler events from a thread (an unschedulable request shows
-    up seconds later as "(autoscaler +3s) Error: ..."), which could land after the error; Ray is
-    shut down first, which stops and joins that thread."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: `plan` and bad arguments stay Ray-free
+    return ray is not None and ray.is_initialized()
+
+
+def _fail(exc: Exception, ray_was_connected: bool) -> None:
+    """Print *exc* as the command's last line. A driver connected to Ray prints the cluster's
+    log lines and autoscaler events from a thread (an unschedulable request shows up seconds
+    later as "(autoscaler +3s) Error: ..."), which could land after the error: a connection
+    this command made is shut down first, which stops and joins that thread. A connection the
+    caller made before calling :func:`main` in-process is left alone."""
+    if not ray_was_connected and _ray_connected():
+        sys.modules["ray"].shutdown()
     print(f"error: {exc}", file=sys.stderr, flush=True)

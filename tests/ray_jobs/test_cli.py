@@ -168,26 +168,33 @@ def test_help(command):
 
 @pytest.mark.parametrize("exc, rc", [(AdmissionTimeout("admission: could not reserve GPU:3"), 3),
                                      (JobInputError("manifest: gone"), 2)])  # fmt: skip
-def test_the_error_is_the_last_line_when_ray_is_still_connected(capsys, monkeypatch, exc, rc):
-    """A driver connected to Ray prints the cluster's autoscaler events from a thread; Ray is
-    shut down (which stops and joins that thread) before the error is printed. A stand-in for
-    the ray module: its shutdown prints the event that the real logger thread would flush."""
+@pytest.mark.parametrize("connected_before", [False, True])
+def test_the_error_is_the_last_line_when_ray_is_still_connected(capsys, monkeypatch, exc, rc, connected_before):
+    """A driver connected to Ray prints the cluster's autoscaler events from a thread; a
+    connection the command made is shut down (which stops and joins that thread) before the
+    error is printed. One the caller made before calling main() in-process (a test session's
+    Ray) is left alone: shutting it down broke every later test on it. A stand-in for the ray
+    module: its shutdown prints the event that the real logger thread would flush."""
     import types
 
     import ray_jobs.cli as cli
 
-    calls = []
+    calls, state = [], {"up": connected_before}
 
     def shutdown():
         print("(autoscaler +3s) Error: No available node types can fulfill resource request", file=sys.stderr)
         calls.append("shutdown")
+        state["up"] = False
 
-    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: True, shutdown=shutdown))
+    fake = types.SimpleNamespace(is_initialized=lambda: state["up"], shutdown=shutdown)
+    monkeypatch.setitem(sys.modules, "ray", fake)
 
     def failing(args):
+        state["up"] = True  # the command connected (ray.init), then failed
         raise exc
 
     monkeypatch.setitem(cli.COMMANDS, "model-id", failing)
     assert main(["model-id", "--model", "x"]) == rc
     err = capsys.readouterr().err.strip().splitlines()
-    assert calls == ["shutdown"] and err[-1] == f"error: {exc}", err
+    assert err[-1] == f"error: {exc}", err
+    assert calls == ([] if connected_before else ["shutdown"]) and state["up"] is connected_before
