@@ -5,7 +5,8 @@ measurement is not about) and serves every call the DAG's tasks make against the
 ``/api/version``, the state API's node list (``/api/v0/nodes``: ``nodes`` alive nodes of
 ``node_resources`` each, so the ``capacity`` task computes the in-flight limit from it as
 from a real cluster), job submission (``POST /api/jobs/``), status (``GET /api/jobs/{id}``),
-``stop``, the whole log and the log websocket (``/logs/tail``), behind bearer-token auth.
+``stop``, the job list (``GET /api/jobs/``, with each job's metadata), the whole log and the
+log websocket (``/logs/tail``), behind bearer-token auth.
 
 A submitted job is RUNNING for ``delays[partition]`` seconds (the partition from the
 submission's metadata), then SUCCEEDED; it writes ``log_lines`` lines spread over its run,
@@ -38,6 +39,7 @@ class TimedJob:
     delay_s: float
     submitted_at: float  # epoch seconds
     log_lines: int
+    metadata: dict[str, str] = field(default_factory=dict)
     stopped_at: float | None = None
     seen_terminal_at: float | None = None  # first status call that answered terminal
     status_calls: int = 0
@@ -116,6 +118,7 @@ class RayClusterStandIn:
             app.router.add_get("/api/version", self._version)
             app.router.add_get("/api/v0/nodes", self._nodes)
             app.router.add_post("/api/jobs/", self._submit)
+            app.router.add_get("/api/jobs/", self._list)
             app.router.add_get("/api/jobs/{sid}", self._get)
             app.router.add_post("/api/jobs/{sid}/stop", self._stop_job)
             app.router.add_get("/api/jobs/{sid}/logs", self._logs)
@@ -162,8 +165,20 @@ class RayClusterStandIn:
             return web.Response(status=400, text=f"no delay for the submission's partition: {body.get('metadata')}")
         if not sid or sid in self.jobs:
             return web.Response(status=400, text=f"submission id {sid!r} missing or already used")
-        self.jobs[sid] = TimedJob(sid, partition, delay, time.time(), self.log_lines)
+        self.jobs[sid] = TimedJob(sid, partition, delay, time.time(), self.log_lines, dict(body["metadata"]))
         return web.json_response({"submission_id": sid})
+
+    async def _list(self, request):
+        from aiohttp import web
+
+        now = time.time()
+        rows = [
+            {"submission_id": j.submission_id, "type": "SUBMISSION", "status": j.status(now), "metadata": j.metadata}
+            for j in list(self.jobs.values())
+        ]
+        # a driver started by hand on the cluster: listed, with no submission id
+        rows.append({"submission_id": None, "type": "DRIVER", "status": "RUNNING", "metadata": {}})
+        return web.json_response(rows)
 
     async def _get(self, request):
         from aiohttp import web

@@ -154,6 +154,49 @@ def test_a_partition_marked_failed_stops_its_job_and_fails_the_run_with_a_report
     assert_no_ray_left()
 
 
+def test_a_job_left_running_on_a_borrowed_cluster_is_stopped_at_run_end(stack, ray_standin, demo_assets, tmp_path):
+    """The window "Stopping a partition" names, made certain: the triggerer is down, so a
+    partition marked failed while deferred never has its trigger run and nothing calls on_kill.
+    On a cluster the run borrows (``existing``: the stand-in dashboard of the deployment's
+    ``ray_default`` connection, whose jobs run for ``delays`` seconds and write nothing), the
+    job would run on after the run; the run's teardown stops it."""
+    ray_standin.delays = [600.0, 1.0]
+    stack.kill("triggerer")
+    try:
+        r = stack.trigger(_conf(demo_assets, tmp_path, partition_rows=64, backend="existing"))
+        assert r.status_code == 200, r.text
+        run_id = r.json()["dag_run_id"]
+        marked = {}
+
+        def mark_once_deferred():
+            if marked or stack.embed_states(run_id).get(0) != "deferred":
+                return
+            sid = stack.xcom(run_id, "embed", "submission_id", 0)
+            assert sid in ray_standin.jobs, (sid, list(ray_standin.jobs))
+            resp = stack.api(
+                "PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/embed/0", json={"new_state": "failed"}
+            )
+            assert resp.status_code == 200, resp.text
+            marked["sid"] = sid
+            stack.start("triggerer")
+
+        state = stack.wait_run(run_id, timeout=600, on_poll=mark_once_deferred)
+    finally:
+        if "triggerer" not in stack.procs:
+            stack.start("triggerer")
+    assert marked, "partition 0 was never seen deferred"
+    assert state == "failed"
+    tis = {(t["task_id"], t["map_index"]): t["state"] for t in stack.task_instances(run_id)}
+    assert tis[("embed", 0)] == "failed" and tis[("embed", 1)] == "success", tis
+    assert tis[("cluster_down", -1)] == "success", tis
+    orphan = ray_standin.jobs[marked["sid"]]
+    assert orphan.stopped_at is not None, "the job of the partition marked failed still runs after its run"
+    assert "stop requested" not in stack.task_log(run_id, "embed", 0), "its trigger ran: not the window"
+    log = stack.task_log(run_id, "cluster_down")
+    assert f"stopped Ray job {marked['sid']} (partition 0): still RUNNING after its task ended" in log, log[-3000:]
+    assert "1 job(s) of this run were left running" in log, log[-3000:]
+
+
 @pytest.mark.parametrize("while_running", ["check_inputs", "cluster_up"])
 def test_a_run_marked_failed_early_ends_failed_and_leaves_no_cluster(stack, demo_assets, tmp_path, while_running):
     """The whole run marked failed (PATCH dagRuns, as the UI's "Mark as failed") while

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from ray_embeddings.cluster import ClusterHandle
 
 
 class ClusterBackend(Protocol):
     name: str
+    #: True when :meth:`down` deletes the cluster, and with it every job still on it; False
+    #: for a cluster the run only borrows, whose teardown stops the run's leftover jobs instead.
+    deletes_cluster: ClassVar[bool]
 
     def up(self, cluster_name: str) -> ClusterHandle:
         """Create the cluster, or adopt the one this name already made; return when usable."""

@@ -9,6 +9,7 @@ before a single request is made.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ray_embeddings.cluster import ClusterHandle, TokenRef
 from ray_embeddings.errors import ClusterError
@@ -20,6 +21,7 @@ CONN_TYPE = "ray_dashboard"
 class ExistingClusterBackend:
     conn_id: str = "ray_default"
     name: str = "existing"
+    deletes_cluster: ClassVar[bool] = False
 
     def _hook(self):
         from ray_embeddings.hooks.ray_jobs import RayJobsHook
@@ -49,4 +51,4 @@ class ExistingClusterBackend:
         return ClusterHandle(backend=self.name, name=cluster_name, dashboard_url="", details={"conn_id": self.conn_id})
 
     def down(self, handle: ClusterHandle) -> None:
-        """Not ours to delete."""
+        """Not ours to delete (the teardown operator stops the run's leftover jobs on it)."""

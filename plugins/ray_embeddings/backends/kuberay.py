@@ -16,7 +16,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from ray_embeddings.cluster import ClusterHandle, TokenRef
 from ray_embeddings.errors import ClusterError, ClusterNotReady
@@ -71,6 +71,7 @@ class KubeRayBackend:
     poll_interval_s: float = 10.0
     labels: dict[str, str] = field(default_factory=dict)
     name: str = "kuberay"
+    deletes_cluster: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> KubeRayBackend:

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ray_embeddings.cluster import ClusterHandle, TokenRef
 from ray_embeddings.errors import ClusterError, ClusterNotReady
@@ -143,6 +144,7 @@ class LocalRayBackend:
     temp_root: str | None = None
     ready_timeout_s: float = 180.0
     name: str = "local"
+    deletes_cluster: ClassVar[bool] = True
 
     def _root(self) -> str:
         return os.path.realpath(self.temp_root or tempfile.gettempdir())

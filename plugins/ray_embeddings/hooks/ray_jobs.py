@@ -56,6 +56,14 @@ class RayJobsClient:
         _check(resp, "list nodes")
         return resp.json()
 
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job the cluster knows (``GET /api/jobs/``): submitted jobs carry their
+        ``submission_id``, ``status`` and ``metadata``; drivers started by hand have no
+        submission id."""
+        resp = self._client.get("/api/jobs/")
+        _check(resp, "list jobs")
+        return resp.json()
+
     def get(self, submission_id: str) -> dict[str, Any] | None:
         """The job's info, or None if no job has this submission id."""
         resp = self._client.get(f"/api/jobs/{submission_id}")

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import httpx
 from airflow.sdk import BaseOperator
 
 from ray_embeddings.backends import get_backend
-from ray_embeddings.cluster import ClusterHandle
+from ray_embeddings.cluster import ClusterHandle, resolve_token
+from ray_embeddings.errors import ClusterError, RayJobsApiError
+from ray_embeddings.hooks.ray_jobs import RayJobsClient
 from ray_embeddings.naming import cluster_name
+from ray_embeddings.operators.ray_job import META_PARTITION, stop_jobs_of_run
 
 
 class RayClusterSetupOperator(BaseOperator):
@@ -59,7 +63,15 @@ class RayClusterSetupOperator(BaseOperator):
 class RayClusterTeardownOperator(BaseOperator):
     """Delete the run's cluster. Give it the setup's handle; without one (setup failed before
     returning) it finds the cluster by its deterministic name. Deleting a cluster that is
-    already gone is success."""
+    already gone is success.
+
+    A cluster the run only borrows (``existing``) is not deleted: instead every job of this run
+    still PENDING or RUNNING is stopped. By then each partition's task has ended, so such a job
+    is one whose task ended without stopping it: marked failed in the moment between its
+    deferral and the triggerer loading its trigger (Airflow then never runs the trigger, and
+    nothing calls ``on_kill``), or sensed by a worker that died. No job outlives its run on a
+    shared cluster. If the jobs cannot be listed the task fails, naming the run to look for.
+    """
 
     template_fields: Sequence[str] = ("cluster", "backend", "backend_config")
     ui_color = "#f7e1e1"
@@ -84,5 +96,34 @@ class RayClusterTeardownOperator(BaseOperator):
             handle = ClusterHandle.from_dict(self.cluster)
         else:
             handle = backend.handle_for(cluster_name(ti.dag_id, ti.run_id))
+        if not backend.deletes_cluster:
+            self._stop_leftover_jobs(handle, ti.dag_id, ti.run_id)
+            return
         backend.down(handle)
         self.log.info("Ray cluster %s is down", handle.name)
+
+    def _stop_leftover_jobs(self, handle: ClusterHandle, dag_id: str, run_id: str) -> None:
+        if not handle.dashboard_url:  # no handle from the setup: it failed, no job was submitted
+            self.log.info("cluster %s was never set up for this run: no job of it to stop", handle.name)
+            return
+        try:
+            with RayJobsClient(handle.dashboard_url, resolve_token(handle.token)) as client:
+                stopped = stop_jobs_of_run(client, dag_id, run_id)
+        except (httpx.HTTPError, RayJobsApiError) as exc:
+            raise ClusterError(
+                f"could not list this run's Ray jobs on cluster {handle.name} ({exc}); a job of run {run_id!r} may "
+                f"still be running there: `ray job list` shows it by its metadata, `ray job stop` stops it"
+            ) from exc
+        for info in stopped:
+            meta = info.get("metadata") or {}
+            self.log.warning(
+                "stopped Ray job %s (partition %s): still %s after its task ended",
+                info["submission_id"],
+                meta.get(META_PARTITION, "?"),
+                info.get("status"),
+            )
+        self.log.info(
+            "cluster %s is not this run's to delete; %d job(s) of this run were left running and are stopped",
+            handle.name,
+            len(stopped),
+        )

@@ -19,6 +19,28 @@ from ray_embeddings.triggers.ray_job import LOG_OFFSET_XCOM_KEY, RayJobTrigger
 from ray_embeddings.version_guard import check_compatible
 
 MAX_RESUBMISSIONS = 20
+#: Metadata every job of a DAG run carries (shows in ``ray job list`` and the dashboard); the
+#: run's teardown finds the run's jobs by it.
+META_DAG_ID, META_RUN_ID, META_PARTITION = "airflow_dag_id", "airflow_run_id", "partition"
+
+
+def job_metadata(dag_id: str, run_id: str, partition: int | str) -> dict[str, str]:
+    return {META_DAG_ID: dag_id, META_RUN_ID: run_id, META_PARTITION: str(partition)}
+
+
+def stop_jobs_of_run(client: RayJobsClient, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """Stop every job of this DAG run that is still PENDING or RUNNING; returns their infos
+    (status as found). Jobs of other runs and DAGs, and jobs submitted by hand, are left alone."""
+    stopped = []
+    for info in client.jobs():
+        meta = info.get("metadata") or {}
+        sid = info.get("submission_id")
+        if not sid or meta.get(META_DAG_ID) != dag_id or meta.get(META_RUN_ID) != run_id:
+            continue
+        if info.get("status") in ACTIVE:
+            client.stop(sid)
+            stopped.append(info)
+    return stopped
 
 
 def find_job(client: RayJobsClient, base_key: tuple[str, str, int | str]) -> tuple[str, dict[str, Any] | None]:
@@ -206,7 +228,7 @@ class RayJobOperator(BaseOperator):
                 key,
                 self.entrypoint,
                 runtime_env=self.runtime_env,
-                metadata={"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id, "partition": str(self.partition)},
+                metadata=job_metadata(ti.dag_id, ti.run_id, self.partition),
                 entrypoint_num_cpus=self.entrypoint_num_cpus,
                 entrypoint_memory=self.entrypoint_memory,
             )
