@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -155,11 +157,15 @@ def test_a_partition_marked_failed_stops_its_job_and_fails_the_run_with_a_report
 
 
 def test_a_job_left_running_on_a_borrowed_cluster_is_stopped_at_run_end(stack, ray_standin, demo_assets, tmp_path):
-    """The window "Stopping a partition" names, made certain: the triggerer is down, so a
-    partition marked failed while deferred never has its trigger run and nothing calls on_kill.
-    On a cluster the run borrows (``existing``: the stand-in dashboard of the deployment's
-    ``ray_default`` connection, whose jobs run for ``delays`` seconds and write nothing), the
-    job would run on after the run; the run's teardown stops it."""
+    """The window "Stopping a partition" names, made certain. In it, the triggerer's loop runs
+    ``Trigger.clean_unused()`` after the mark and before its next ``load_triggers()``: the
+    trigger row is deleted unloaded, and nothing calls on_kill. Here the triggerer is down while
+    partition 0 defers and is marked failed, the test calls that same ``clean_unused()`` against
+    the deployment's database, then restarts the triggerer (restarted without it, the triggerer
+    would load the trigger and cancel it, calling on_kill). On a cluster the run borrows
+    (``existing``: the stand-in dashboard of the deployment's ``ray_default`` connection, whose
+    jobs run for ``delays`` seconds and write nothing) the job would run on after the run; the
+    run's teardown stops it."""
     ray_standin.delays = [600.0, 1.0]
     stack.kill("triggerer")
     try:
@@ -178,6 +184,14 @@ def test_a_job_left_running_on_a_borrowed_cluster_is_stopped_at_run_end(stack, r
             )
             assert resp.status_code == 200, resp.text
             marked["sid"] = sid
+            clean = subprocess.run(
+                [sys.executable, "-c", "from airflow.models.trigger import Trigger; Trigger.clean_unused()"],
+                env=stack.env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert clean.returncode == 0, clean.stderr[-3000:]
             stack.start("triggerer")
 
         state = stack.wait_run(run_id, timeout=600, on_poll=mark_once_deferred)
