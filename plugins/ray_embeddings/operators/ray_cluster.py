@@ -70,7 +70,7 @@ class RayClusterTeardownOperator(BaseOperator):
     is one whose task ended without stopping it: marked failed in the moment between its
     deferral and the triggerer loading its trigger (Airflow then never runs the trigger, and
     nothing calls ``on_kill``), or sensed by a worker that died. No job outlives its run on a
-    shared cluster. If the jobs cannot be listed the task fails, naming the run to look for.
+    shared cluster. If the jobs cannot be listed or stopped the task fails, naming the run.
     """
 
     template_fields: Sequence[str] = ("cluster", "backend", "backend_config")
@@ -111,8 +111,9 @@ class RayClusterTeardownOperator(BaseOperator):
                 stopped = stop_jobs_of_run(client, dag_id, run_id)
         except (httpx.HTTPError, RayJobsApiError) as exc:
             raise ClusterError(
-                f"could not list this run's Ray jobs on cluster {handle.name} ({exc}); a job of run {run_id!r} may "
-                f"still be running there: `ray job list` shows it by its metadata, `ray job stop` stops it"
+                f"could not list or stop this run's Ray jobs on cluster {handle.name} ({exc}); a job of run "
+                f"{run_id!r} may still be running there: `ray job list` shows it by its metadata, `ray job stop` "
+                "stops it"
             ) from exc
         for info in stopped:
             meta = info.get("metadata") or {}

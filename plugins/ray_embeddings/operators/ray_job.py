@@ -29,16 +29,16 @@ def job_metadata(dag_id: str, run_id: str, partition: int | str) -> dict[str, st
 
 
 def stop_jobs_of_run(client: RayJobsClient, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    """Stop every job of this DAG run that is still PENDING or RUNNING; returns their infos
-    (status as found). Jobs of other runs and DAGs, and jobs submitted by hand, are left alone."""
+    """Stop every job of this DAG run that is still PENDING or RUNNING; returns the infos (status
+    as listed) of those the stop ended (one that finished meanwhile is not counted). Jobs of
+    other runs and DAGs, and jobs submitted by hand, are left alone."""
     stopped = []
     for info in client.jobs():
         meta = info.get("metadata") or {}
         sid = info.get("submission_id")
         if not sid or meta.get(META_DAG_ID) != dag_id or meta.get(META_RUN_ID) != run_id:
             continue
-        if info.get("status") in ACTIVE:
-            client.stop(sid)
+        if info.get("status") in ACTIVE and client.stop(sid):
             stopped.append(info)
     return stopped
 

@@ -12,7 +12,10 @@ log's size.
 
 ``deadline`` (epoch seconds) bounds the whole wait: past it the trigger stops the Ray job and
 ends with ``TIMEOUT``, so a stuck job fails its task clearly instead of blocking the night.
-Marking the deferred task failed (or clearing it) calls :meth:`on_kill`, which stops the job.
+Marking the deferred task failed (or clearing it) calls :meth:`on_kill`, which stops the job;
+marked in the moment before the triggerer loads the trigger, nothing does, and the job ends
+with its run: the teardown deletes the cluster, or on a borrowed one stops the run's leftover
+jobs (README: "Stopping a partition").
 """
 
 from __future__ import annotations
