@@ -46,11 +46,6 @@ def declared_positive_int(config: dict, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def declared_num_layers(config: dict) -> int | None:
-    """``num_hidden_layers`` of a Hugging Face config dict where it is written."""
-    return declared_positive_int(config, "num_hidden_layers")
-
-
 @dataclass(frozen=True)
 class TwinTowerConfig:
     """``twin_tower.json``: how the two towers form one embedding model."""
@@ -276,7 +271,7 @@ class TwinTowerCheckpoint(Checkpoint):
         return out
 
     def _declared_layer_counts(self) -> dict[str, int] | None:
-        counts = {tower: declared_num_layers(cfg) for tower, cfg in self._tower_configs.items()}
+        counts = {tower: declared_positive_int(cfg, "num_hidden_layers") for tower, cfg in self._tower_configs.items()}
         return None if None in counts.values() else counts
 
     def _declared_layer_costs(self) -> dict[str, list[float]] | None:

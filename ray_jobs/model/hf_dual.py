@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ray_jobs.errors import ModelError
-from ray_jobs.model.checkpoint import Checkpoint, declared_num_layers, declared_positive_int
+from ray_jobs.model.checkpoint import Checkpoint, declared_positive_int
 from ray_jobs.model.image_ops import ImageProcessing, has_image_processor, load_image_processing
 from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.text_ops import TextProcessing, tokenizer_max_length
@@ -121,7 +121,7 @@ class HFDualCheckpoint(Checkpoint):
 
     def _declared_layer_counts(self) -> dict[str, int] | None:
         counts = {
-            tower: declared_num_layers(self._config_json.get(key) or {})
+            tower: declared_positive_int(self._config_json.get(key) or {}, "num_hidden_layers")
             for tower, key in (("text", "text_config"), ("image", "vision_config"))
         }
         return None if None in counts.values() else counts

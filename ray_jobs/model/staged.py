@@ -26,10 +26,6 @@ EMBEDDING = {"text": "text_embedding", "image": "image_embedding"}
 INPUTS = {"text": ("input_ids", "attention_mask"), "image": ("pixels",)}
 
 
-def tower_layer_counts(ckpt: Checkpoint) -> dict[str, int]:
-    return ckpt.layer_counts()
-
-
 def build_layout(
     ckpt: Checkpoint,
     *,
@@ -38,7 +34,7 @@ def build_layout(
     defaults: StageResources | None = None,
 ) -> StageLayout:
     """A validated layout from an explicit *spec* or a balanced split into *num_stages*."""
-    counts = tower_layer_counts(ckpt)
+    counts = ckpt.layer_counts()
     defaults = defaults or StageResources()
     if spec:
         parsed = parse_spec(spec, defaults)
@@ -252,7 +248,7 @@ class ModelStage:
         if num_threads:
             torch.set_num_threads(num_threads)
         ckpt = open_checkpoint(model_uri)
-        layout = resolve(parse_spec(layout_spec), tower_layer_counts(ckpt))
+        layout = resolve(parse_spec(layout_spec), ckpt.layer_counts())
         stage = layout.stages[stage_index]
         device = "cuda" if stage.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.name = stage.name
