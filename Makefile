@@ -10,10 +10,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system-deps test test-unit lint demo bench bench-job clean lock airflow-ui
 
-$(VENV)/.installed: requirements.txt constraints.txt
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
 # PostgreSQL (Debian's package) for the tests that run Airflow as deployed; each test starts
@@ -56,8 +57,8 @@ test-unit: setup
 # The DAG run locally: Airflow on SQLite under $(DEMO_DIR)/airflow, local Ray, local storage.
 DEMO_ABS = $(abspath $(DEMO_DIR))
 AIRFLOW_ENV = AIRFLOW_HOME=$(DEMO_ABS)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False \
-	PYTHONPATH=$(CURDIR):$(CURDIR)/plugins
+	AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	PYTHONPATH=$(CURDIR):$(CURDIR)/dags
 DEMO_CONF = {"manifest_uri": "$(DEMO_ABS)/manifest", "output_uri": "$(DEMO_ABS)/output", \
 	"model_uri": "$(DEMO_ABS)/model", "partition_rows": $(DEMO_PARTITION_ROWS), "batch_size": 32, "poll_interval_s": 2}
 DEMO_PARTITION_ROWS ?= 1000

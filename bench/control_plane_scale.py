@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (ROOT, os.path.join(ROOT, "plugins")):
+for _p in (ROOT, os.path.join(ROOT, "dags")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -101,8 +101,8 @@ class BenchConfig:
 def job_node_resources() -> dict[str, float]:
     """One node of exactly one job's footprint under the DAG's default stage layout (as
     ``check_inputs`` computes it), so the stand-in's N nodes fit exactly N jobs."""
-    from ray_embeddings.dag_config import load_defaults
-    from ray_jobs.footprint import job_footprint
+    from embedding_run.config import load_defaults
+    from ray_jobs.job.footprint import job_footprint
 
     p = load_defaults()["params"]
     if p["stages"]:
@@ -220,7 +220,7 @@ def latencies(tis: list[dict], jobs: dict, limit: int) -> tuple[list[float], lis
 
 
 def run(cfg: BenchConfig, workdir: str) -> dict:
-    from ray_jobs.demo_assets import write_demo_assets
+    from ray_jobs.demo.assets import write_demo_assets
     from tests.topology.airflow_stack import AirflowStack
     from tests.topology.ray_cluster_standin import RayClusterStandIn
 

@@ -2,7 +2,7 @@
 
 Mostly JPEG photos-sized images (RGB), some PNG (RGB and RGBA), sides drawn between
 *min_side* and *max_side* with aspect ratios from 1:2 to 2:1, rendered by the demo's own
-seeded generator (:func:`ray_jobs.demo_assets.render_image`); the manifest has the project's
+seeded generator (:func:`ray_jobs.demo.assets.render_image`); the manifest has the project's
 schema (id, text, image_uri, image_bytes). The same arguments give the same files.
 """
 
@@ -33,8 +33,8 @@ def write_job_assets(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ray_jobs.demo_assets import render_image
-    from ray_jobs.model.demo_checkpoint import caption
+    from ray_jobs.demo.assets import render_image
+    from ray_jobs.demo.checkpoint import caption
 
     if rows <= 0 or files <= 0:
         raise BenchError(f"rows and files must be > 0, got {rows} and {files}")

@@ -57,8 +57,8 @@ class JobFigures:
 
 @contextlib.contextmanager
 def _observed_datasets(found: list):
-    """Record every dataset ``ray_jobs.embed_job.build_dataset`` returns (the job runs unchanged)."""
-    from ray_jobs import embed_job
+    """Record every dataset ``ray_jobs.job.embed.build_dataset`` returns (the job runs unchanged)."""
+    from ray_jobs.job import embed as embed_job
 
     original = embed_job.build_dataset
 
@@ -116,7 +116,7 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
     try:
         import ray
 
-        from ray_jobs.embed_job import WORKER_ENV, EmbedConfig, prepare, run_prepared
+        from ray_jobs.job.embed import WORKER_ENV, EmbedConfig, prepare, run_prepared
         from ray_jobs.model.stage_spec import StageResources
 
         cfg = EmbedConfig(

@@ -1,7 +1,7 @@
 """The user's alternative in bench/job_vs_torch.py: a torch ``DataLoader`` feeding the unsplit model.
 
 Worker processes fetch and decode each image and tokenise each batch with the project's own
-functions (:func:`ray_jobs.preprocess.fetch_bytes`, :func:`ray_jobs.preprocess.decode_image`,
+functions (:func:`ray_jobs.job.preprocess.fetch_bytes`, :func:`ray_jobs.job.preprocess.decode_image`,
 the checkpoint's tokenizer and text encoding), so the CPU work is the job's; the main process
 runs the reference model (``reference_for``) with *threads* intra-op threads and writes the
 embeddings to Parquet as batches come. Each run is a fresh spawned process; its end-to-end
@@ -64,8 +64,8 @@ class ManifestImages:
         return len(self.ids)
 
     def __getitem__(self, i: int):
+        from ray_jobs.job.preprocess import ImageLimits, RowRejected, decode_image, fetch_bytes
         from ray_jobs.model.checkpoint import open_checkpoint
-        from ray_jobs.preprocess import ImageLimits, RowRejected, decode_image, fetch_bytes
 
         if self._processing is None:  # once per worker process
             self._processing = open_checkpoint(self.model).image_processing
@@ -117,8 +117,8 @@ def _loader_process(settings: LoaderSettings, variant: LoaderVariant, spawned_at
         from torch.utils.data import DataLoader
         from transformers.utils import logging as hf_logging
 
+        from bench.reference_model import reference_for
         from ray_jobs.model.checkpoint import open_checkpoint
-        from ray_jobs.model.reference import reference_for
 
         hf_logging.disable_progress_bar()
         torch.set_num_threads(variant.threads)

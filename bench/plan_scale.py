@@ -61,9 +61,9 @@ def main() -> None:
     parser.add_argument("--keep", help="generate into this directory and keep it")
     args = parser.parse_args()
 
-    from ray_jobs.counting_fs import CountingFileSystem
-    from ray_jobs.counting_fs import register as register_counting_fs
-    from ray_jobs.planning import PlanSettings, make_plan
+    from bench.counting_fs import CountingFileSystem
+    from bench.counting_fs import register as register_counting_fs
+    from ray_jobs.planning.plan import PlanSettings, make_plan
 
     register_counting_fs()
     root = args.keep or tempfile.mkdtemp(prefix="plan-scale-")

@@ -12,8 +12,8 @@ TINY_PRESETS = ("tiny", "clip-tiny")
 
 
 def preset_names() -> list[str]:
-    from ray_jobs.model.demo_checkpoint import PRESETS
-    from ray_jobs.model.demo_hf import CLIP_PRESETS
+    from bench.hf_presets import CLIP_PRESETS
+    from ray_jobs.demo.checkpoint import PRESETS
 
     return sorted(PRESETS) + [f"clip-{p}" for p in CLIP_PRESETS]
 
@@ -21,8 +21,8 @@ def preset_names() -> list[str]:
 def build_preset(preset: str, out: str | None = None) -> str:
     """A random-init checkpoint of *preset* (a twin-tower preset or ``clip-<CLIP preset>``) under
     *out* (default: a new temp dir); returns its directory."""
-    from ray_jobs.model.demo_checkpoint import PRESETS, build_demo_checkpoint
-    from ray_jobs.model.demo_hf import CLIP_PRESETS, build_clip
+    from bench.hf_presets import CLIP_PRESETS, build_clip
+    from ray_jobs.demo.checkpoint import PRESETS, build_demo_checkpoint
 
     out = out or tempfile.mkdtemp(prefix="bench-ckpt-")
     if preset in PRESETS:
@@ -36,7 +36,7 @@ def make_rows(ckpt, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """*n* rows as the preprocessing actors emit them (the checkpoint's own tokenizer and image size).
 
     Text is padded to the longest caption of all rows, so every batch has one shape on both sides."""
-    from ray_jobs.model.demo_checkpoint import caption
+    from ray_jobs.demo.checkpoint import caption
 
     rng = random.Random(seed)
     text = ckpt.text_processing

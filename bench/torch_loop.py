@@ -49,9 +49,9 @@ def _process(settings: LoopSettings, variant: TorchVariant, index: int, barrier,
         import torch
         from transformers.utils import logging as hf_logging
 
+        from bench.reference_model import reference_for
         from bench.rows import make_rows
         from ray_jobs.model.checkpoint import open_checkpoint
-        from ray_jobs.model.reference import reference_for
 
         hf_logging.disable_progress_bar()
         torch.set_num_threads(variant.threads)

@@ -24,9 +24,9 @@ import datetime as dt
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import Asset, dag, task
 
-from ray_embeddings.dag_config import build_params, load_defaults
-from ray_embeddings.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
-from ray_embeddings.operators.ray_job import RayJobOperator
+from airflow_ray.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
+from airflow_ray.operators.ray_job import RayJobOperator
+from embedding_run.config import build_params, load_defaults
 
 CONFIG = load_defaults()
 EMBEDDINGS_TABLE = Asset(name="multimodal_embeddings_table", uri="iceberg://embeddings/multimodal")
@@ -53,13 +53,13 @@ EMBEDDINGS_TABLE = Asset(name="multimodal_embeddings_table", uri="iceberg://embe
 def multimodal_embeddings():
     @task(retries=0)
     def check_inputs(params=None) -> dict:
-        from ray_embeddings.embedding_run import check_inputs as run
+        from embedding_run.steps import check_inputs as run
 
         return run(params)
 
     @task
     def plan(checked: dict, params=None, run_id=None) -> dict:
-        from ray_embeddings.embedding_run import plan_partitions
+        from embedding_run.steps import plan_partitions
 
         return plan_partitions(params, run_id, checked["model_id"], checked.get("stages"))
 
@@ -69,13 +69,13 @@ def multimodal_embeddings():
 
     @task(trigger_rule="all_done")  # runs after failed partitions too, and names them
     def validate(planned: dict, checked: dict, params=None) -> dict:
-        from ray_embeddings.embedding_run import validate_partitions
+        from embedding_run.steps import validate_partitions
 
         return validate_partitions(params, planned, checked["model_id"])
 
     @task(outlets=[EMBEDDINGS_TABLE])
     def catalog(planned: dict, checked: dict, validated: dict, params=None, run_id=None, outlet_events=None):
-        from ray_embeddings.embedding_run import register_catalog
+        from embedding_run.steps import register_catalog
 
         result = register_catalog(params, planned, checked["model_id"], run_id)
         outlet_events[EMBEDDINGS_TABLE].extra = {**result, **validated, "run_id": run_id}
@@ -83,19 +83,19 @@ def multimodal_embeddings():
 
     @task  # its verdict raises AirflowFailException (no retry); storage errors are retried
     def report(planned: dict | None, checked: dict | None, params=None, ti=None) -> dict:
-        from ray_embeddings.embedding_run import write_run_report
+        from embedding_run.steps import write_run_report
 
         return write_run_report(params, planned, (checked or {}).get("model_id"), ti)
 
     @task(multiple_outputs=True)
     def capacity(cluster: dict, checked: dict, params=None) -> dict:
-        from ray_embeddings.embedding_run import partition_capacity
+        from embedding_run.steps import partition_capacity
 
         return partition_capacity(params, cluster, checked["footprint"])
 
     @task
     def cluster_config(params=None) -> dict:
-        from ray_embeddings.embedding_run import backend_config
+        from embedding_run.steps import backend_config
 
         return backend_config(params)
 

@@ -1,4 +1,4 @@
-# Airflow image: Airflow 3.3.2 + the control plane (plugins/) + what the DAG's Python tasks use
+# Airflow image: Airflow 3.3.2 + the Ray provider (airflow_ray, installed) + what the DAG's Python tasks use
 # from the data plane (footers, planning, validation, Iceberg). No torch: model stages run on Ray.
 ARG AIRFLOW_VERSION=3.3.2
 ARG PYTHON_VERSION=3.11
@@ -15,11 +15,14 @@ RUN pip install --no-cache-dir -c /opt/embeddings/constraints.txt \
         transformers tokenizers pyarrow fsspec s3fs pyiceberg[sql-sqlite,sql-postgres] httpx pyyaml \
         psycopg2-binary asyncpg  # the metadata DB on PostgreSQL: Airflow 3 opens sync and async connections
 
+COPY --chown=airflow:0 pyproject.toml /opt/embeddings/
 COPY --chown=airflow:0 ray_jobs /opt/embeddings/ray_jobs
-COPY --chown=airflow:0 plugins /opt/airflow/plugins
+COPY --chown=airflow:0 airflow_ray /opt/embeddings/airflow_ray
+# Installs the provider's entry point (connection type, extra link) and the data plane's code.
+RUN pip install --no-cache-dir --no-deps /opt/embeddings
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 include /opt/airflow/include
-ENV PYTHONPATH=/opt/embeddings:/opt/airflow/plugins \
+ENV PYTHONPATH=/opt/airflow/dags \
     EMB_DEFAULTS_FILE=/opt/airflow/include/multimodal_embeddings.defaults.yaml \
     HF_HUB_OFFLINE=1
 USER airflow

@@ -303,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_embed(args) -> int:
-    from ray_jobs.embed_job import EmbedConfig, run_embed
+    from ray_jobs.job.embed import EmbedConfig, run_embed
+    from ray_jobs.job.preprocess import DEFAULT_MAX_OBJECT_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
     from ray_jobs.model.stage_spec import StageResources
-    from ray_jobs.preprocess import DEFAULT_MAX_OBJECT_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 
     cfg = EmbedConfig(
         output_uri=args.output,
@@ -344,7 +344,7 @@ def _cmd_embed(args) -> int:
 
 
 def _cmd_demo_assets(args) -> int:
-    from ray_jobs.demo_assets import write_demo_assets
+    from ray_jobs.demo.assets import write_demo_assets
 
     assets = write_demo_assets(args.out, rows=args.rows, bad_images=args.bad_images, seed=args.seed, files=args.files)
     broken = ", ".join(f"{k}={v}" for k, v in sorted(assets.broken.items())) or "none"
@@ -356,7 +356,7 @@ def _cmd_demo_assets(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from ray_jobs.planning import PlanSettings, run_plan
+    from ray_jobs.planning.plan import PlanSettings, run_plan
 
     settings = PlanSettings(args.partition_rows, args.partition_bytes, args.max_partitions, args.avg_image_bytes)
     result = run_plan(args.manifest, args.output, settings, run_id=args.run_id, model_uri=args.model, force=args.force)
@@ -380,8 +380,8 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from ray_jobs.planning import load_plan
-    from ray_jobs.validate import resolve_model_id, validate_plan
+    from ray_jobs.output.validate import resolve_model_id, validate_plan
+    from ray_jobs.planning.plan import load_plan
 
     if not 0 <= args.max_reject_rate <= 1:
         raise UsageError(f"--max-reject-rate must be between 0 and 1, got {args.max_reject_rate}")
@@ -395,11 +395,11 @@ def _cmd_validate(args) -> int:
         with open(args.summary_json, "w") as fh:
             json.dump(asdict(report) | {"ok": report.ok, "problems": report.problems()}, fh, indent=2)
     if args.report:
-        from ray_jobs.report import build_report, write_report
+        from ray_jobs.output.report import build_report, write_report
 
         catalog = None
         if args.catalog_uri and report.ok:
-            from ray_jobs.catalog import register_plan
+            from ray_jobs.output.catalog import register_plan
 
             result = register_plan(plan, model_id, args.catalog_uri, run_id=plan.run_id, dataset=args.dataset)
             print(result.summary(), flush=True)
@@ -450,7 +450,7 @@ def _cmd_summary(args) -> int:
     if data.get("rejects_by_reason"):
         print("rejects:    " + ", ".join(f"{k}={v}" for k, v in data["rejects_by_reason"].items()))
     if data.get("startup_median"):
-        from ray_jobs.report import STARTUP_LABELS
+        from ray_jobs.output.report import STARTUP_LABELS
 
         medians = data["startup_median"]
         figures = ", ".join(f"{label} {medians[k]:.1f}s" for k, label in STARTUP_LABELS.items() if k in medians)
@@ -467,8 +467,8 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from ray_jobs.model.layer_profile import ProfileSettings, profile_layers
-    from ray_jobs.tune import tune_lines, tune_result
+    from ray_jobs.perf.layer_profile import ProfileSettings, profile_layers
+    from ray_jobs.perf.tune import tune_lines, tune_result
 
     settings = ProfileSettings(
         batch_size=args.batch_size,
@@ -484,12 +484,12 @@ def _cmd_tune(args) -> int:
 
 
 def _dataset_size(args):
-    from ray_jobs.capacity_model import DatasetSize
+    from ray_jobs.perf.capacity_model import DatasetSize
 
     if args.manifest:
         if args.rows or args.bytes:
             raise UsageError("give --manifest or --rows/--bytes, not both")
-        from ray_jobs.manifest import read_manifest
+        from ray_jobs.planning.manifest import read_manifest
 
         files = read_manifest(args.manifest)
         rows = sum(f.rows for f in files)
@@ -505,9 +505,9 @@ def _dataset_size(args):
 def _cmd_capacity(args) -> int:
     from dataclasses import replace
 
-    from ray_jobs.capacity_model import Hardware, Prices, RunShape, plan_capacity
-    from ray_jobs.rate_sources import load_rates
-    from ray_jobs.stage_balance import StageRate
+    from ray_jobs.perf.capacity_model import Hardware, Prices, RunShape, plan_capacity
+    from ray_jobs.perf.rate_sources import load_rates
+    from ray_jobs.perf.stage_balance import StageRate
 
     measured = load_rates(args.rates, recommended=args.recommended)
     rates = list(measured.rates)

@@ -66,7 +66,7 @@ def filesystem_for(uri: str, *, single_try: bool = False) -> tuple[fsspec.Abstra
     """The fsspec filesystem holding *uri* and the path inside it.
 
     ``single_try=True``: the S3 client makes one attempt per call, for callers that retry with
-    their own bounded backoff (image fetches, :func:`ray_jobs.preprocess.fetch_bytes`)."""
+    their own bounded backoff (image fetches, :func:`ray_jobs.job.preprocess.fetch_bytes`)."""
     if uri.startswith("file://"):
         return LocalFileSystem(), os.path.abspath(uri[len("file://") :])
     if is_remote(uri):

@@ -10,14 +10,13 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, "plugins")):  # Airflow puts plugins/ on sys.path too
+for _path in (ROOT, os.path.join(ROOT, "dags")):  # Airflow puts the DAGs folder on sys.path too
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-# Airflow reads its config at import: give the test session its own home, our dags and plugins.
+# Airflow reads its config at import: give the test session its own home, our DAGs.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", os.path.join(ROOT, "dags"))
-os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", os.path.join(ROOT, "plugins"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -39,7 +38,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory) -> str:
-    from ray_jobs.model.demo_checkpoint import build_demo_checkpoint
+    from ray_jobs.demo.checkpoint import build_demo_checkpoint
 
     return build_demo_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "model"))
 
@@ -47,7 +46,7 @@ def demo_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
     """120 rows, every broken-image kind twice."""
-    from ray_jobs.demo_assets import write_demo_assets
+    from ray_jobs.demo.assets import write_demo_assets
 
     return write_demo_assets(str(tmp_path_factory.mktemp("demo")), rows=120, bad_images=12, files=2, row_group_rows=16)
 

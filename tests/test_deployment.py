@@ -66,7 +66,7 @@ def _substituted(env):
 
 
 def test_static_every_env_var_the_dag_reads_is_set_and_known(compose):
-    from ray_embeddings.dag_config import build_params, load_defaults
+    from embedding_run.config import build_params, load_defaults
 
     defaults = load_defaults({})
     keys = (
@@ -139,7 +139,7 @@ def _args(dockerfile):
 
 
 def test_static_dockerfiles_pin_the_versions_of_requirements_txt():
-    from ray_embeddings.version_guard import EXPECTED_RAY_VERSION
+    from airflow_ray.version_guard import EXPECTED_RAY_VERSION
 
     pins = _requirements()
     airflow, airflow_text = _args("airflow.Dockerfile")
@@ -159,7 +159,7 @@ def test_static_dockerfiles_pin_the_versions_of_requirements_txt():
 
 
 def test_static_kubernetes_manifests_parse_and_validate():
-    from tests.plugins.ray_embeddings.test_kuberay import _validate
+    from tests.airflow_ray.test_kuberay import _validate
 
     for path in ("include/kuberay/rbac.yaml", "include/helm/airflow-values.yaml"):
         with open(os.path.join(ROOT, path)) as fh:
@@ -168,7 +168,7 @@ def test_static_kubernetes_manifests_parse_and_validate():
     _validate(example)
     with open(os.path.join(ROOT, "include/kuberay/raycluster-gpu-example.yaml")) as fh:
         config = json.loads(next(line for line in fh if line.startswith("# Config: "))[len("# Config: ") :])
-    from ray_embeddings.backends.kuberay import KubeRayBackend
+    from airflow_ray.backends.kuberay import KubeRayBackend
 
     assert KubeRayBackend.from_config(config).render("emb-example") == example, "example is stale: regenerate it"
     gpu = next(g for g in example["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-stages")
@@ -176,8 +176,8 @@ def test_static_kubernetes_manifests_parse_and_validate():
 
 
 def test_version_skew_guard():
-    from ray_embeddings.errors import RayJobError
-    from ray_embeddings.version_guard import check_compatible
+    from airflow_ray.errors import RayJobError
+    from airflow_ray.version_guard import check_compatible
 
     check_compatible("2.60.3", "2.60.0")
     with pytest.raises(RayJobError, match=r"runs Ray 2\.59\.1 but this Airflow deployment is built for Ray 2\.60\.0"):

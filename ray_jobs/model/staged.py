@@ -237,7 +237,7 @@ class ModelStage:
         dtype: str = "float32",
         startup_scope: str = "",
     ):
-        from ray_jobs.startup import ActorTimer
+        from ray_jobs.job.startup import ActorTimer
 
         timer = ActorTimer(f"stage{stage_index}", startup_scope)
         import torch

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ray_embeddings.dag_config import APPROVED_TAGS, load_defaults
+from embedding_run.config import APPROVED_TAGS, load_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAGS = os.path.join(ROOT, "dags")
@@ -51,7 +51,7 @@ def test_no_import_errors(dagbag):
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=os.path.basename)
 def test_dag_file_imports_fast_light_and_offline(dag_file):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "plugins")])
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "dags")])
     best = None
     for _ in range(3):  # best of three: a loaded CI machine should not flake the budget
         proc = subprocess.run(

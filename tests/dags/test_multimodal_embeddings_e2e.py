@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ray_embeddings.backends.local import processes_referencing
+from airflow_ray.backends.local import processes_referencing
 
 pytestmark = pytest.mark.integration
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,9 +31,8 @@ def _env(home, extra=None):
         {
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": os.path.join(ROOT, "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": os.path.join(ROOT, "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "plugins")]),
+            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "dags")]),
             "EMB_RETRIES": "0",
             **(extra or {}),
         }
@@ -99,7 +98,7 @@ def test_run_accounts_for_every_row_and_registers_the_table(first_run, demo_asse
     assert report["rows_in"] == 120 and report["rows_rejected"] == 12 and report["rows_ok"] == 108
     assert len(report["partitions"]) == 2 and report["valid"]
     assert report["rejects_by_reason"]["missing object"] == 2
-    from ray_jobs.catalog import open_catalog
+    from ray_jobs.output.catalog import open_catalog
 
     cat = report["catalog"]
     table = open_catalog(cat["catalog_uri"], os.path.join(output, "warehouse")).load_table(cat["table"])
@@ -183,8 +182,8 @@ def test_bad_input_fails_before_any_cluster(airflow_home, demo_assets, tmp_path)
 def test_everything_on_s3(airflow_home, s3_bucket, tmp_path):
     """Manifest, images, model, outputs and the Iceberg warehouse on a real S3 endpoint (moto, loopback)."""
     from ray_jobs import storage
-    from ray_jobs.catalog import open_catalog
-    from ray_jobs.demo_assets import write_demo_assets
+    from ray_jobs.demo.assets import write_demo_assets
+    from ray_jobs.output.catalog import open_catalog
 
     assets = write_demo_assets(f"{s3_bucket}/dag-demo", rows=40, bad_images=6, files=2, row_group_rows=8)
     output = f"{s3_bucket}/dag-out"

@@ -7,7 +7,7 @@ import json
 import pytest
 from airflow.sdk.exceptions import ParamValidationError
 
-from ray_embeddings.dag_config import REQUIRED, ConfigError, build_params, load_defaults
+from embedding_run.config import REQUIRED, ConfigError, build_params, load_defaults
 
 VALID = {"manifest_uri": "s3://b/m/", "output_uri": "s3://b/o/", "model_uri": "s3://b/model/"}
 

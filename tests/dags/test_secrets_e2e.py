@@ -65,7 +65,7 @@ def test_the_catalog_password_appears_nowhere_after_a_full_run(demo_assets, tmp_
         assert ok, log[-4000:]
 
         # the password was really used: the table is in PostgreSQL
-        from ray_jobs.catalog import open_catalog
+        from ray_jobs.output.catalog import open_catalog
 
         report = _report(output)
         cat = report["catalog"]

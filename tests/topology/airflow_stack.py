@@ -58,7 +58,6 @@ class AirflowStack:
             {
                 "AIRFLOW_HOME": self.home,
                 "AIRFLOW__CORE__DAGS_FOLDER": os.path.join(ROOT, "dags"),
-                "AIRFLOW__CORE__PLUGINS_FOLDER": os.path.join(ROOT, "plugins"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
@@ -81,7 +80,7 @@ class AirflowStack:
                 "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "30",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "20",
                 "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
-                "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "plugins")]),
+                "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "dags")]),
                 "EMB_RETRIES": "1",
                 "EMB_RETRY_DELAY_S": "5",
                 **self.extra_env,
@@ -265,7 +264,7 @@ class AirflowStack:
 def assert_no_ray_left(within_s: float = 0.0) -> None:
     """No process of a local cluster this harness's runs started (``rayemb-`` dirs) is left,
     waiting up to *within_s* for a teardown still under way."""
-    from ray_embeddings.backends.local import processes_referencing
+    from airflow_ray.backends.local import processes_referencing
 
     deadline = time.monotonic() + within_s
     while processes_referencing("rayemb-") and time.monotonic() < deadline:

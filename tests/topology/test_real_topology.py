@@ -34,7 +34,7 @@ def _conf(assets, output, **over):
 
 
 def _report(output, run_id):
-    from ray_embeddings.embedding_run import plan_run_id
+    from embedding_run.steps import plan_run_id
 
     with open(os.path.join(output, "runs", plan_run_id(run_id), "report.json")) as fh:
         return json.load(fh)

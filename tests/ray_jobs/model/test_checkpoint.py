@@ -14,10 +14,10 @@ import time
 import fsspec
 import pytest
 
-from ray_jobs.counting_fs import CountingFileSystem
+from bench.counting_fs import CountingFileSystem
+from bench.hf_presets import build_clip, build_dual_encoder
 from ray_jobs.errors import ModelError
 from ray_jobs.model.checkpoint import TwinTowerCheckpoint, describe_checkpoint, open_checkpoint
-from ray_jobs.model.demo_hf import build_clip, build_dual_encoder
 from ray_jobs.model.hf_dual import HFDualCheckpoint
 from ray_jobs.model.model_id import compute_model_id
 
@@ -142,7 +142,7 @@ def test_a_partition_driver_with_a_resolved_stage_spec_imports_no_torch(demo_ass
     them out from config.json alone (torch and transformers cost seconds of every driver's start)."""
     code = (
         "import sys\n"
-        "from ray_jobs.embed_job import EmbedConfig, prepare\n"
+        "from ray_jobs.job.embed import EmbedConfig, prepare\n"
         f"job = prepare(EmbedConfig(output_uri={str(tmp_path)!r}, model_uri={demo_assets.model!r}, "
         f"manifest_uri={demo_assets.manifest!r}, stages='text:0-3|image:0-5'))\n"
         "assert job.layout.spec().startswith('text:0-3@'), job.layout.spec()\n"
@@ -154,7 +154,7 @@ def test_a_partition_driver_with_a_resolved_stage_spec_imports_no_torch(demo_ass
 
 
 def test_embed_dim_and_model_id_reach_the_prepared_job(clip_dir, demo_assets, tmp_path):
-    from ray_jobs.embed_job import EmbedConfig, prepare
+    from ray_jobs.job.embed import EmbedConfig, prepare
 
     job = prepare(EmbedConfig(output_uri=str(tmp_path), model_uri=clip_dir, manifest_uri=demo_assets.manifest))
     assert job.embed_dim == 16 and job.model_id == open_checkpoint(clip_dir).model_id

@@ -2,7 +2,7 @@
 ``get_text_features`` / ``get_image_features`` with the family's own processor.
 
 Every checkpoint is a tiny seeded random model built with transformers' own classes and saved
-with ``save_pretrained`` (see :mod:`ray_jobs.model.demo_hf`); the reference side loads it with
+with ``save_pretrained`` (see :mod:`bench.hf_presets`); the reference side loads it with
 ``AutoModel`` / ``AutoTokenizer`` / ``AutoImageProcessor`` exactly as a user would.
 """
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.hf_presets import BUILDERS
+from ray_jobs.job.preprocess import Preprocessor, decode_image
 from ray_jobs.model.checkpoint import open_checkpoint
-from ray_jobs.model.demo_hf import BUILDERS
 from ray_jobs.model.image_ops import pixels_to_tensor
 from ray_jobs.model.staged import StageModule, build_layout
-from ray_jobs.preprocess import Preprocessor, decode_image
 
 FAMILIES = sorted(BUILDERS)
 TEXTS = ["a red cat on the river", "", "dog", "two small boats near a bridge at night under the moon", "snow"]

@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs.embed_job import EmbedConfig, prepare, run_prepared
+from bench.hf_presets import build_clip
+from bench.reference_model import reference_for
+from ray_jobs.job.embed import EmbedConfig, prepare, run_prepared
+from ray_jobs.job.preprocess import Preprocessor
 from ray_jobs.model.checkpoint import open_checkpoint
-from ray_jobs.model.demo_hf import build_clip
-from ray_jobs.model.reference import reference_for
-from ray_jobs.preprocess import Preprocessor
-from ray_jobs.sink import read_marker
+from ray_jobs.output.sink import read_marker
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def test_clip_job_equals_get_features_in_fp32_and_is_close_in_bf16(ray_session, 
 
 def test_siglip2_job_carries_patch_grids_between_stages(ray_session, demo_assets, tmp_path_factory, tmp_path):
     """SigLIP 2's variable patch grids (``spatial_shapes``) travel with the rows through Ray Data."""
-    from ray_jobs.model.demo_hf import build_siglip2
+    from bench.hf_presets import build_siglip2
 
     path = build_siglip2(str(tmp_path_factory.mktemp("siglip2") / "siglip2-tiny"), seed=3)
     job = prepare(

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_jobs.embed_job import EmbedConfig, prepare
 from ray_jobs.errors import ModelError, UsageError
+from ray_jobs.job.embed import EmbedConfig, prepare
 from ray_jobs.model.precision import check_device, from_numpy, to_numpy
 
 
@@ -39,7 +39,7 @@ def test_cli_passes_dtype_and_model_id(monkeypatch, demo_assets, tmp_path):
         seen["cfg"] = cfg
         raise UsageError("stop here")
 
-    monkeypatch.setattr("ray_jobs.embed_job.run_embed", fake_run)
+    monkeypatch.setattr("ray_jobs.job.embed.run_embed", fake_run)
     argv = ["embed", "--manifest", demo_assets.manifest, "--output", str(tmp_path), "--model", demo_assets.model]
     assert cli.main([*argv, "--dtype", "bfloat16", "--model-id", "tiny_albert_vit-0123456789"]) == 2
     assert seen["cfg"].dtype == "bfloat16" and seen["cfg"].model_id == "tiny_albert_vit-0123456789"
@@ -62,9 +62,9 @@ def test_model_id_command_prints_the_id(demo_assets, capsys, tmp_path):
 def test_model_stage_actors_chain_in_bfloat16_with_a_rejected_row(tmp_path):
     """The Ray Data callable classes themselves (no Ray): bf16 hidden states between two stage
     actors, a row rejected upstream passes through untouched, embeddings come out float32."""
+    from bench.hf_presets import build_clip
+    from bench.reference_model import reference_for
     from ray_jobs.model.checkpoint import open_checkpoint
-    from ray_jobs.model.demo_hf import build_clip
-    from ray_jobs.model.reference import reference_for
     from ray_jobs.model.staged import ModelStage, build_layout
 
     path = build_clip(str(tmp_path / "clip"), seed=4)

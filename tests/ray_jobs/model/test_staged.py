@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from bench.reference_model import TwinTowerReference
 from ray_jobs.model.checkpoint import TwinTowerCheckpoint
-from ray_jobs.model.reference import TwinTowerReference
 from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.staged import ModelStage, StageModule, build_layout
 

@@ -1,0 +1,204 @@
+"""``kuberay``: a ``RayCluster`` per DAG run on Kubernetes, created through the KubernetesHook.
+
+The manifest is rendered from the provider's ``backends/raycluster.yaml`` with the settings below:
+a head (ClusterIP service, token auth), a CPU worker group for decoding and a GPU worker
+group for model stages, both autoscaled in-tree between min and max replicas. The settings
+are the deployment's (``deployment.kuberay`` in the defaults file); the trigger form only
+picks an image the deployment lists and lowers the worker maxima.
+
+``service_account`` is the *workers'* account (no API access, no token mounted): the head
+keeps the account KubeRay creates for the in-tree autoscaler, which needs the API.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from airflow_ray.cluster import ClusterHandle, TokenRef
+from airflow_ray.errors import ClusterError, ClusterNotReady
+from airflow_ray.hooks.kuberay import KubeRayHook, head_pod_ready
+
+TEMPLATE = os.path.join(os.path.dirname(__file__), "raycluster.yaml")
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    min_replicas: int
+    max_replicas: int
+    cpu: str = "8"
+    memory: str = "32Gi"
+    gpus: int = 0
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(
+                f"worker group needs 0 <= min_replicas <= max_replicas, got {self.min_replicas}-{self.max_replicas}"
+            )
+        if self.gpus < 0:
+            raise ValueError(f"gpus must be >= 0, got {self.gpus}")
+
+
+@dataclass(frozen=True)
+class KubeRayBackend:
+    """Settings of the kuberay backend; validated on construction."""
+
+    image: str = "ghcr.io/example/multimodal-embeddings-ray:2.60.0-py311"
+    namespace: str = "ray-embeddings"
+    service_account: str | None = None
+    kubernetes_conn_id: str = "kubernetes_default"
+    kube_config: str | None = None
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    cpu_workers: WorkerGroup = field(default_factory=lambda: WorkerGroup(1, 8))
+    gpu_workers: WorkerGroup = field(
+        default_factory=lambda: WorkerGroup(
+            0,
+            8,
+            cpu="8",
+            memory="64Gi",
+            gpus=1,
+            tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+        )
+    )
+    idle_timeout_s: int = 120
+    ready_timeout_s: float = 900.0
+    poll_interval_s: float = 10.0
+    labels: dict[str, str] = field(default_factory=dict)
+    name: str = "kuberay"
+    deletes_cluster: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> KubeRayBackend:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown kuberay backend setting(s) {unknown}; known: {sorted(known)}")
+        cfg = dict(config)
+        for group in ("cpu_workers", "gpu_workers"):
+            if isinstance(cfg.get(group), dict):
+                g = dict(cfg[group])
+                g["tolerations"] = tuple(g.get("tolerations", ()))
+                cfg[group] = WorkerGroup(**g)
+        return cls(**cfg)
+
+    # ------------------------------------------------------------------ render
+    def render(self, cluster_name: str) -> dict[str, Any]:
+        import yaml
+
+        with open(TEMPLATE) as fh:
+            body = yaml.safe_load(fh)
+        body = copy.deepcopy(body)
+        body["metadata"] = {
+            "name": cluster_name,
+            "namespace": self.namespace,
+            "labels": {**body["metadata"].get("labels", {}), **self.labels, "ray-embeddings/cluster": cluster_name},
+        }
+        head = body["spec"]["headGroupSpec"]["template"]["spec"]
+        head["containers"][0]["image"] = self.image
+        head["containers"][0]["resources"] = {
+            "requests": {"cpu": self.head_cpu, "memory": self.head_memory},
+            "limits": {"cpu": self.head_cpu, "memory": self.head_memory},
+        }
+        body["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] = self.idle_timeout_s
+        groups = {g["groupName"]: g for g in body["spec"]["workerGroupSpecs"]}
+        for group_name, cfg in (("cpu-decode", self.cpu_workers), ("gpu-stages", self.gpu_workers)):
+            g = groups[group_name]
+            g["minReplicas"], g["maxReplicas"], g["replicas"] = cfg.min_replicas, cfg.max_replicas, cfg.min_replicas
+            pod = g["template"]["spec"]
+            pod["containers"][0]["image"] = self.image
+            res = {"cpu": cfg.cpu, "memory": cfg.memory}
+            if cfg.gpus:
+                res["nvidia.com/gpu"] = str(cfg.gpus)
+            pod["containers"][0]["resources"] = {"requests": dict(res), "limits": dict(res)}
+            if cfg.node_selector:
+                pod["nodeSelector"] = dict(cfg.node_selector)
+            if cfg.tolerations:
+                pod["tolerations"] = [dict(t) for t in cfg.tolerations]
+            if self.service_account:
+                pod["serviceAccountName"] = self.service_account
+        return body
+
+    # ------------------------------------------------------------------ lifecycle
+    def _hook(self) -> KubeRayHook:
+        return KubeRayHook(self.kubernetes_conn_id, self.kube_config)
+
+    def _secret_name(self, obj: dict[str, Any] | None, cluster_name: str) -> str:
+        auth = ((obj or {}).get("spec") or {}).get("authOptions") or {}
+        return auth.get("secretName") or cluster_name
+
+    def handle_for(self, cluster_name: str, obj: dict[str, Any] | None = None) -> ClusterHandle:
+        return ClusterHandle(
+            backend=self.name,
+            name=cluster_name,
+            dashboard_url="",
+            token=TokenRef(
+                kind="k8s_secret",
+                namespace=self.namespace,
+                name=self._secret_name(obj, cluster_name),
+                conn_id=self.kubernetes_conn_id,
+                kube_config=self.kube_config,
+            ),
+            details={"namespace": self.namespace},
+        )
+
+    def _ready_handle(self, cluster_name: str, obj: dict[str, Any] | None) -> ClusterHandle:
+        handle = self.handle_for(cluster_name, obj)
+        address = self._hook().dashboard_address(cluster_name, self.namespace)
+        return ClusterHandle(handle.backend, handle.name, address, handle.token, handle.details)
+
+    def create(self, cluster_name: str) -> tuple[dict[str, Any], bool]:
+        return self._hook().create_cluster(self.render(cluster_name))
+
+    def up(self, cluster_name: str) -> ClusterHandle:
+        """Blocking variant: create (or adopt) and poll until the head pod is ready."""
+        obj, _ = self.create(cluster_name)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not head_pod_ready(obj):
+            if time.monotonic() > deadline:
+                raise ClusterNotReady(
+                    f"RayCluster {self.namespace}/{cluster_name}: head pod not ready after {self.ready_timeout_s:.0f}s"
+                )
+            time.sleep(self.poll_interval_s)
+            obj = self._hook().get_cluster(cluster_name, self.namespace)
+            if obj is None:
+                raise ClusterError(f"RayCluster {self.namespace}/{cluster_name} disappeared while starting")
+        return self._ready_handle(cluster_name, obj)
+
+    def up_deferrable(self, operator, cluster_name: str) -> dict[str, Any]:
+        """From a setup operator: create (or adopt); defer the wait for HeadPodReady."""
+        from airflow_ray.triggers.ray_cluster import RayClusterReadyTrigger
+
+        obj, created = self.create(cluster_name)
+        operator.log.info("%s RayCluster %s/%s", "created" if created else "adopted", self.namespace, cluster_name)
+        if head_pod_ready(obj):
+            return self._ready_handle(cluster_name, obj).to_dict()
+        operator.defer(
+            trigger=RayClusterReadyTrigger(
+                name=cluster_name,
+                namespace=self.namespace,
+                deadline=time.time() + self.ready_timeout_s,
+                kubernetes_conn_id=self.kubernetes_conn_id,
+                kube_config=self.kube_config,
+                poll_interval=self.poll_interval_s,
+            ),
+            method_name="execute_complete",
+        )
+        raise AssertionError("defer() returned")  # pragma: no cover - defer always raises
+
+    def complete(self, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("status") != "ready":
+            raise ClusterNotReady(
+                f"RayCluster {self.namespace}/{event.get('name')} {event.get('status')}: {event.get('message', '')}"
+            )
+        obj = self._hook().get_cluster(event["name"], self.namespace)
+        return self._ready_handle(event["name"], obj).to_dict()
+
+    def down(self, handle: ClusterHandle) -> None:
+        namespace = handle.details.get("namespace", self.namespace)
+        self._hook().delete_cluster(handle.name, namespace)

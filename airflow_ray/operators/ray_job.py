@@ -1,0 +1,285 @@
+"""Submit a Ray job (deterministic submission id, adopt on retry) and sense it, deferrably."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_ray.cluster import ClusterHandle, resolve_token
+from airflow_ray.errors import RayJobError
+from airflow_ray.hooks.ray_jobs import ACTIVE, FAILED, RayJobsClient
+from airflow_ray.links import XCOM_JOB_URL, RayJobLink, job_url
+from airflow_ray.naming import submission_id as make_submission_id
+from airflow_ray.triggers.in_flight_gate import InFlightGateTrigger, fetch_states, unfinished_ahead
+from airflow_ray.triggers.ray_job import LOG_OFFSET_XCOM_KEY, RayJobTrigger
+from airflow_ray.version_guard import check_compatible
+
+MAX_RESUBMISSIONS = 20
+#: Metadata every job of a DAG run carries (shows in ``ray job list`` and the dashboard); the
+#: run's teardown finds the run's jobs by it.
+META_DAG_ID, META_RUN_ID, META_PARTITION = "airflow_dag_id", "airflow_run_id", "partition"
+
+
+def job_metadata(dag_id: str, run_id: str, partition: int | str) -> dict[str, str]:
+    return {META_DAG_ID: dag_id, META_RUN_ID: run_id, META_PARTITION: str(partition)}
+
+
+def stop_jobs_of_run(client: RayJobsClient, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """Stop every job of this DAG run that is still PENDING or RUNNING; returns the infos (status
+    as listed) of those the stop ended (one that finished meanwhile is not counted). Jobs of
+    other runs and DAGs, and jobs submitted by hand, are left alone."""
+    stopped = []
+    for info in client.jobs():
+        meta = info.get("metadata") or {}
+        sid = info.get("submission_id")
+        if not sid or meta.get(META_DAG_ID) != dag_id or meta.get(META_RUN_ID) != run_id:
+            continue
+        if info.get("status") in ACTIVE and client.stop(sid):
+            stopped.append(info)
+    return stopped
+
+
+def find_job(client: RayJobsClient, base_key: tuple[str, str, int | str]) -> tuple[str, dict[str, Any] | None]:
+    """This task's job: the first deterministic id (attempt 0, 1, 2, ...) whose job is PENDING,
+    RUNNING or SUCCEEDED (returned with its info), or else the first id with no job (info None).
+    FAILED and STOPPED jobs are stepped over."""
+    dag_id, run_id, partition = base_key
+    for attempt in range(MAX_RESUBMISSIONS):
+        sid = make_submission_id(dag_id, run_id, partition, attempt)
+        info = client.get(sid)
+        if info is None or info.get("status") in ACTIVE or info.get("status") == "SUCCEEDED":
+            return sid, info
+    raise RayJobError(f"{MAX_RESUBMISSIONS} earlier jobs for partition {partition} failed; not resubmitting again")
+
+
+def submit_or_adopt(
+    client: RayJobsClient, base_key: tuple[str, str, int | str], entrypoint: str, **submit_kwargs
+) -> tuple[str, str, dict[str, Any] | None]:
+    """Find this task's job (:func:`find_job`) or submit it under the first free id.
+    Returns ``(submission_id, "adopted" | "submitted", info)``."""
+    sid, info = find_job(client, base_key)
+    if info is None:
+        client.submit(sid, entrypoint, **submit_kwargs)
+        return sid, "submitted", None
+    return sid, "adopted", info
+
+
+def runs_one_task_at_a_time() -> bool:
+    """True under ``airflow dags test`` / ``dag.test()``: the task runs in the test's own process
+    (an in-process supervisor channel), tasks one after another and triggers in line."""
+    try:
+        from airflow.sdk.execution_time import task_runner
+        from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
+    except ImportError:
+        return False
+    return isinstance(getattr(task_runner, "SUPERVISOR_COMMS", None), InProcessSupervisorComms)
+
+
+class RayJobOperator(BaseOperator):
+    """Run ``entrypoint`` as a Ray job on the cluster described by ``cluster`` (a ClusterHandle dict).
+
+    :param partition: the key of this job within the DAG run (the submission id derives from
+        ``(dag_id, run_id, partition)``, so a retried task adopts its job instead of duplicating it)
+    :param runtime_env: Ray runtime environment for the job (``working_dir``, ``env_vars``, ...)
+    :param entrypoint_num_cpus: CPUs of the job's driver; > 0 keeps drivers off a head that has
+        ``num-cpus: 0`` (KubeRay's), since Ray places the driver where these resources are
+    :param entrypoint_memory: memory of the job's driver, bytes
+    :param max_in_flight: at most this many map indices of this task run their jobs at once
+        (a sliding window over map indices, see :mod:`airflow_ray.triggers.in_flight_gate`);
+        ``None`` or 0: no bound
+    :param timeout_s: absolute deadline of one try, from its start: waiting for a slot plus
+        the job; past it the job is stopped and the task fails naming the partition
+    :param deferrable: sense from the triggerer (default) instead of occupying a worker slot
+    """
+
+    template_fields: Sequence[str] = (
+        "entrypoint",
+        "cluster",
+        "partition",
+        "runtime_env",
+        "poll_interval",
+        "max_in_flight",
+        "timeout_s",
+    )
+    operator_extra_links = (RayJobLink(),)
+    ui_color = "#e8f1fb"
+
+    def __init__(
+        self,
+        *,
+        cluster: dict[str, Any] | Any,
+        entrypoint: str,
+        partition: int | str = 0,
+        runtime_env: dict[str, Any] | None = None,
+        entrypoint_num_cpus: float | None = None,
+        entrypoint_memory: int | None = None,
+        max_in_flight: int | str | None = None,
+        timeout_s: float | str | None = None,
+        deferrable: bool = True,
+        poll_interval: float = 5.0,
+        tail_lines: int = 40,
+        max_log_lines: int = 500,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.cluster = cluster
+        self.entrypoint = entrypoint
+        self.partition = partition
+        self.runtime_env = runtime_env
+        self.entrypoint_num_cpus = entrypoint_num_cpus
+        self.entrypoint_memory = entrypoint_memory
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.tail_lines = tail_lines
+        self.max_log_lines = max_log_lines
+        self._submission_id: str | None = None
+        self._handle: ClusterHandle | None = None
+
+    def _client(self, handle: ClusterHandle) -> RayJobsClient:
+        return RayJobsClient(handle.dashboard_url, resolve_token(handle.token))
+
+    # ------------------------------------------------------------------ gate
+    def _limit(self) -> int:
+        return int(self.max_in_flight or 0)
+
+    def _deadline(self, context) -> float | None:
+        if not self.timeout_s:
+            return None
+        start = context["ti"].start_date
+        base = start.timestamp() if start is not None else time.time()
+        return base + float(self.timeout_s)
+
+    def _may_start(self, ti) -> bool:
+        """The in-flight gate, checked from the worker before deferring to wait for it."""
+        limit = self._limit()
+        if limit <= 0 or getattr(ti, "map_index", -1) < 0:
+            return True
+        if runs_one_task_at_a_time():
+            # `airflow dags test` runs mapped tasks one by one, in any order, and a deferred
+            # task's trigger in line: a gate waiting for a lower index would wait forever, and
+            # one task at a time never exceeds a limit >= 1
+            self.log.info("partition %s: tasks run one at a time (dag.test), no in-flight gate", self.partition)
+            return True
+        try:
+            states = fetch_states(ti.dag_id, ti.run_id, ti.task_id)
+        except Exception as exc:  # no supervisor channel (e.g. a unit-test harness): nothing to bound
+            self.log.warning("in-flight bound not enforced: task states unavailable (%s)", exc)
+            return True
+        ahead = unfinished_ahead(states, ti.map_index)
+        if ahead < limit:
+            return True
+        self.log.info(
+            "partition %s waits for a slot: %d earlier partitions unfinished, at most %d in flight",
+            self.partition,
+            ahead,
+            limit,
+        )
+        return False
+
+    def execute(self, context) -> dict[str, Any]:
+        self.poll_interval = float(self.poll_interval)
+        handle = ClusterHandle.from_dict(self.cluster)
+        ti = context["ti"]
+        key = (ti.dag_id, ti.run_id, self.partition)
+        with self._client(handle) as client:
+            check_compatible(client.version().get("ray_version", ""))
+            _, info = find_job(client, key)
+        if info is None and self.deferrable and not self._may_start(ti):
+            self.defer(
+                trigger=InFlightGateTrigger(
+                    dag_id=ti.dag_id,
+                    run_id=ti.run_id,
+                    task_id=ti.task_id,
+                    map_index=ti.map_index,
+                    limit=self._limit(),
+                    poll_interval=self.poll_interval,
+                    deadline=self._deadline(context),
+                ),
+                method_name="execute_after_gate",
+            )
+        return self._submit_and_sense(context, handle)
+
+    def execute_after_gate(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("status") != "open":
+            raise RayJobError(
+                f"partition {self.partition} waited {event.get('waited_s')}s for a slot ({event.get('ahead')} earlier "
+                f"partitions still unfinished, at most {self._limit()} in flight) and reached its deadline "
+                f"(timeout_s={self.timeout_s}); nothing was submitted"
+            )
+        self.log.info("partition %s got a slot after %ss", self.partition, event.get("waited_s"))
+        return self._submit_and_sense(context, ClusterHandle.from_dict(self.cluster))
+
+    # ------------------------------------------------------------------ job
+    def _submit_and_sense(self, context, handle: ClusterHandle) -> dict[str, Any]:
+        # a try resumed after the gate is a new operator whose templates rendered again (a string)
+        self.poll_interval = float(self.poll_interval)
+        self._handle = handle
+        ti = context["ti"]
+        key = (ti.dag_id, ti.run_id, self.partition)
+        with self._client(handle) as client:
+            sid, how, info = submit_or_adopt(
+                client,
+                key,
+                self.entrypoint,
+                runtime_env=self.runtime_env,
+                metadata=job_metadata(ti.dag_id, ti.run_id, self.partition),
+                entrypoint_num_cpus=self.entrypoint_num_cpus,
+                entrypoint_memory=self.entrypoint_memory,
+            )
+        self._submission_id = sid
+        url = job_url(handle.dashboard_url, sid)
+        ti.xcom_push(key="submission_id", value=sid)
+        ti.xcom_push(key=XCOM_JOB_URL, value=url)
+        ti.xcom_push(key=RayJobLink().xcom_key, value=url)
+        self.log.info("%s Ray job %s on cluster %s (%s)", how, sid, handle.name, url)
+        if info is not None and info.get("status") == "SUCCEEDED":
+            return {"submission_id": sid, "status": "SUCCEEDED", "adopted": True}
+        # the log is followed from its start in each try's own log; the trigger checkpoints from here
+        ti.xcom_push(key=LOG_OFFSET_XCOM_KEY, value=0)
+        trigger = RayJobTrigger(
+            dashboard_url=handle.dashboard_url,
+            submission_id=sid,
+            token=handle.token.to_dict(),
+            poll_interval=self.poll_interval,
+            tail_lines=self.tail_lines,
+            max_log_lines=self.max_log_lines,
+            deadline=self._deadline(context),
+            partition=self.partition,
+        )
+        if self.deferrable:
+            self.defer(trigger=trigger, method_name="execute_complete")
+        return self.execute_complete(context, _run_trigger(trigger))
+
+    def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        status, sid = event.get("status"), event.get("submission_id")
+        if status == "SUCCEEDED":
+            self.log.info("Ray job %s succeeded", sid)
+            return {"submission_id": sid, "status": status, "adopted": False}
+        failed = "FAILED/STOPPED" if status in FAILED else status
+        raise RayJobError(
+            f"Ray job {sid} (partition {self.partition}) ended {status} [{failed}]: {event.get('message', '')}\n"
+            f"--- last log lines ---\n{event.get('log_tail', '')}"
+        )
+
+    def on_kill(self) -> None:
+        if self._submission_id and self._handle is not None:
+            with self._client(self._handle) as client:
+                client.stop(self._submission_id)
+            self.log.info("stopped Ray job %s (partition %s)", self._submission_id, self.partition)
+
+
+def _run_trigger(trigger: RayJobTrigger) -> dict[str, Any]:
+    """Non-deferrable mode: run the same trigger in this process until its event."""
+
+    async def first_event() -> dict[str, Any]:
+        async for event in trigger.run():
+            return event.payload
+        raise RayJobError(f"the trigger for {trigger.submission_id} ended without an event")
+
+    return asyncio.run(first_event())

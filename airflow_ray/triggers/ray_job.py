@@ -1,0 +1,255 @@
+"""Deferrable sensing of one Ray job through the Jobs API, without blocking the event loop.
+
+All state is in the trigger's kwargs and its event: rebuilt from ``serialize()`` on another
+triggerer, it resumes polling the same job and ends with the same event.
+
+Logs stream into the task log incrementally (:mod:`airflow_ray.hooks.ray_job_logs`): only
+new log text is fetched, at most ``max_log_lines`` lines per poll are written (a marker says
+how many were cut), and the position reached is checkpointed in the task instance's XCom
+(``ray_log_offset``) after every poll, so a triggerer that restarts resumes after the last
+line it logged instead of replaying the log. Memory per trigger is bounded whatever the
+log's size.
+
+``deadline`` (epoch seconds) bounds the whole wait: past it the trigger stops the Ray job and
+ends with ``TIMEOUT``, so a stuck job fails its task clearly instead of blocking the night.
+Marking the deferred task failed (or clearing it) calls :meth:`on_kill`, which stops the job;
+marked in the moment before the triggerer loads the trigger, nothing does, and the job ends
+with its run: the teardown deletes the cluster, or on a borrowed one stops the run's leftover
+jobs (README: "Stopping a partition").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_ray.cluster import TokenRef, aresolve_token
+from airflow_ray.errors import RayJobsApiError
+from airflow_ray.hooks.ray_job_logs import JobLogFollower
+from airflow_ray.hooks.ray_jobs import TERMINAL, AsyncRayJobsClient
+
+#: Status poll interval once the job's log stream has closed normally (the job is ending).
+_ENDING_POLL_S = 0.25
+_MAX_CONSECUTIVE_ERRORS = 12
+#: XCom key under which a trigger checkpoints how far into the job's log it has logged.
+LOG_OFFSET_XCOM_KEY = "ray_log_offset"
+#: After a terminal status, how long to wait for the log stream to deliver its last lines.
+_DRAIN_S = 15.0
+
+
+class _OffsetCheckpoint:
+    """The log offset in the task instance's XCom, read and written through the Task SDK's
+    supervisor channel (available in the triggerer); a no-op where there is none."""
+
+    def __init__(self, task_instance: Any, log):
+        self.ti = task_instance
+        self.log = log
+        self.saved: int | None = None
+        self.enabled = task_instance is not None and all(
+            getattr(task_instance, a, None) is not None for a in ("dag_id", "task_id", "run_id")
+        )
+
+    def _key(self) -> dict[str, Any]:
+        return {
+            "dag_id": self.ti.dag_id,
+            "task_id": self.ti.task_id,
+            "run_id": self.ti.run_id,
+            "map_index": getattr(self.ti, "map_index", -1),
+        }
+
+    def _load(self) -> int:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        value = XCom.get_one(key=LOG_OFFSET_XCOM_KEY, **self._key())
+        return int(value or 0)
+
+    def _save(self, offset: int) -> None:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        XCom.set(LOG_OFFSET_XCOM_KEY, offset, **self._key())
+
+    async def load(self) -> int:
+        if not self.enabled:
+            return 0
+        try:
+            self.saved = await asyncio.to_thread(self._load)
+        except Exception as exc:  # no supervisor channel (a test harness): checkpointing off
+            self.log.info("log offset checkpoints unavailable here (%s); logs restart from the trigger's offset", exc)
+            self.enabled = False
+            return 0
+        return self.saved
+
+    async def save(self, offset: int) -> None:
+        if not self.enabled or offset == self.saved:
+            return
+        try:
+            await asyncio.to_thread(self._save, offset)
+            self.saved = offset
+        except Exception as exc:
+            self.log.warning("could not checkpoint the log offset (%s); a triggerer restart may repeat lines", exc)
+
+
+class RayJobTrigger(BaseTrigger):
+    def __init__(
+        self,
+        dashboard_url: str,
+        submission_id: str,
+        token: dict[str, Any] | None = None,
+        poll_interval: float = 5.0,
+        log_offset: int = 0,
+        tail_lines: int = 40,
+        stream_logs: bool = True,
+        max_log_lines: int = 500,
+        deadline: float | None = None,
+        partition: int | str | None = None,
+    ):
+        super().__init__()
+        self.dashboard_url = dashboard_url
+        self.submission_id = submission_id
+        self.token = dict(token or {})
+        self.poll_interval = poll_interval
+        self.log_offset = log_offset
+        self.tail_lines = tail_lines
+        self.stream_logs = stream_logs
+        self.max_log_lines = max_log_lines
+        self.deadline = deadline
+        self.partition = partition
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "dashboard_url": self.dashboard_url,
+                "submission_id": self.submission_id,
+                "token": self.token,
+                "poll_interval": self.poll_interval,
+                "log_offset": self.log_offset,
+                "tail_lines": self.tail_lines,
+                "stream_logs": self.stream_logs,
+                "max_log_lines": self.max_log_lines,
+                "deadline": self.deadline,
+                "partition": self.partition,
+            },
+        )
+
+    async def _client(self, timeout: float = 30.0) -> AsyncRayJobsClient:
+        return AsyncRayJobsClient(
+            self.dashboard_url, await aresolve_token(TokenRef.from_dict(self.token)), timeout=timeout
+        )
+
+    def _event(self, status: str, message: str | None, follower: JobLogFollower | None) -> TriggerEvent:
+        return TriggerEvent(
+            {
+                "status": status,
+                "submission_id": self.submission_id,
+                "message": message or "",
+                "log_tail": "\n".join(follower.tail) if follower else "",
+                "log_offset": follower.offset if follower else self.log_offset,
+            }
+        )
+
+    def _write(self, lines: list[str], cut: int) -> None:
+        if not self.stream_logs:
+            return
+        for line in lines:
+            self.log.info("[ray job %s] %s", self.submission_id, line)
+        if cut:
+            self.log.info(
+                "[ray job %s] ... %d more lines not shown (over %d per poll); the full log is in the Ray dashboard",
+                self.submission_id,
+                cut,
+                self.max_log_lines,
+            )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        client = await self._client()
+        checkpoint = _OffsetCheckpoint(getattr(self, "task_instance", None), self.log)
+        offset = max(self.log_offset, await checkpoint.load())
+        follower = JobLogFollower(
+            self.dashboard_url,
+            self.submission_id,
+            client.token,
+            offset=offset,
+            max_lines=self.max_log_lines,
+            tail_lines=self.tail_lines,
+        )
+        errors = 0
+        try:
+            while True:
+                try:
+                    info = await client.get(self.submission_id)
+                    errors = 0
+                except (RayJobsApiError, OSError, ValueError, Exception) as exc:  # httpx errors included
+                    errors += 1
+                    self.log.warning("Ray Jobs API unreachable (%d/%d): %s", errors, _MAX_CONSECUTIVE_ERRORS, exc)
+                    if errors >= _MAX_CONSECUTIVE_ERRORS:
+                        yield self._event("ERROR", f"Ray Jobs API unreachable: {exc}", follower)
+                        return
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                if info is None:
+                    yield self._event("MISSING", f"no Ray job {self.submission_id} on {self.dashboard_url}", follower)
+                    return
+                status = info.get("status", "")
+                if status in TERMINAL:
+                    await self._drain(follower)
+                    await checkpoint.save(follower.offset)
+                    yield self._event(status, info.get("message"), follower)
+                    return
+                if self.deadline is not None and time.time() >= self.deadline:
+                    stopped = await client.stop(self.submission_id)
+                    await self._drain(follower, 2.0)
+                    await checkpoint.save(follower.offset)
+                    msg = (
+                        f"deadline passed ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(self.deadline))} UTC) "
+                        f"with the job {status}; stop requested: {stopped}"
+                    )
+                    yield self._event("TIMEOUT", msg, follower)
+                    return
+                chunk = await follower.read(self.poll_interval)
+                self._write(chunk.lines, chunk.cut)
+                await checkpoint.save(follower.offset)
+                if chunk.ended or not chunk.lines:
+                    # The whole log was sent (normal close): the job is ending, so ask for its status
+                    # again soon instead of holding the slot for a poll interval. A stream that closed
+                    # early (job not started, agent restarted) or brought nothing new: don't spin.
+                    if follower.complete:
+                        await asyncio.sleep(min(_ENDING_POLL_S, self.poll_interval))
+                    else:
+                        await asyncio.sleep(self.poll_interval if chunk.ended else 0)
+        finally:
+            await follower.aclose()
+            await client.aclose()
+
+    async def _drain(self, follower: JobLogFollower, budget_s: float = _DRAIN_S) -> None:
+        """After a terminal status: the stream ends once the log is fully sent."""
+        end = time.monotonic() + budget_s
+        while time.monotonic() < end:
+            chunk = await follower.read(min(2.0, end - time.monotonic()))
+            self._write(chunk.lines, chunk.cut)
+            if chunk.ended:  # the server sent the whole log and closed the stream
+                return
+
+    async def on_kill(self) -> None:
+        """The user marked the task failed/success or cleared it: stop the job, say which, never raise."""
+        try:
+            client = await self._client(timeout=10.0)
+        except Exception:
+            self.log.exception("could not reach the Ray cluster to stop job %s", self.submission_id)
+            return
+        try:
+            stopped = await client.stop(self.submission_id)
+            self.log.info(
+                "task killed by a user action: stop requested for Ray job %s (partition %s): %s",
+                self.submission_id,
+                self.partition,
+                "stopping" if stopped else "already finished or not found",
+            )
+        except Exception:
+            self.log.exception("stopping Ray job %s failed", self.submission_id)
+        finally:
+            await client.aclose()

@@ -1,0 +1,182 @@
+"""Register a validated plan's committed files in an Apache Iceberg table (pyiceberg).
+
+The table ``embeddings.<dataset>__<model_id>`` (one per dataset: the DAG's ``dataset`` param,
+by default derived from the manifest URI) is created with its properties in one commit, and
+gets one snapshot per registration that makes it hold exactly this plan's embeddings: an
+overwrite that removes the previous files and adds the committed part files in place (no
+data is copied; only files a valid commit marker lists). Earlier runs stay reachable by time
+travel, and a run over another manifest writes another table. Registering the same files
+again creates no snapshot, so a re-run never adds rows twice. The snapshot summary carries
+the run id, dataset, manifest, plan id, model id and counts.
+
+``catalog_uri`` is a SQLAlchemy URL for pyiceberg's SQL catalog (``sqlite:///…`` by
+default, PostgreSQL in production), or ``pyiceberg:<name>`` to use a catalog configured the
+pyiceberg way (``.pyiceberg.yaml`` or ``PYICEBERG_CATALOG__<NAME>__*``: REST, Glue, Hive).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ray_jobs import storage
+from ray_jobs.contract import (
+    Plan,
+    default_dataset_name,
+    embeddings_schema,
+    join_uri,
+    partition_dir,
+    sanitize_name,
+)
+from ray_jobs.errors import OutputError, UsageError
+from ray_jobs.output.sink import check_commit
+
+NAMESPACE = "embeddings"
+
+
+def table_identifier(model_id: str, dataset: str) -> str:
+    """``embeddings.<dataset>__<model_id>``: one table per dataset and model, so a run over
+    another manifest never touches this one's rows."""
+    return f"{NAMESPACE}.{sanitize_name(dataset)}__{sanitize_name(model_id)}"
+
+
+def _io_properties() -> dict[str, str]:
+    props = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    for key, env in (
+        ("s3.access-key-id", "AWS_ACCESS_KEY_ID"),
+        ("s3.secret-access-key", "AWS_SECRET_ACCESS_KEY"),
+        ("s3.session-token", "AWS_SESSION_TOKEN"),
+        ("s3.region", "AWS_REGION"),
+    ):
+        if os.environ.get(env):
+            props[key] = os.environ[env]
+    if "s3.region" not in props and os.environ.get("AWS_DEFAULT_REGION"):
+        props["s3.region"] = os.environ["AWS_DEFAULT_REGION"]
+    if endpoint:
+        props["s3.endpoint"] = endpoint
+    return props
+
+
+def open_catalog(catalog_uri: str, warehouse: str):
+    """The pyiceberg catalog behind *catalog_uri*; *warehouse* is where new tables' metadata goes."""
+    if catalog_uri.startswith("pyiceberg:"):
+        from pyiceberg.catalog import load_catalog
+
+        return load_catalog(catalog_uri.removeprefix("pyiceberg:"))
+    if "://" not in catalog_uri:
+        raise UsageError(f"catalog_uri {catalog_uri!r} is not a SQLAlchemy URL (e.g. sqlite:////path/catalog.db)")
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    if catalog_uri.startswith("sqlite:///"):
+        path = catalog_uri.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    if not storage.is_remote(warehouse):
+        os.makedirs(storage.filesystem_for(warehouse)[1], exist_ok=True)
+        warehouse = "file://" + storage.filesystem_for(warehouse)[1]
+    return SqlCatalog("embeddings", uri=catalog_uri, warehouse=warehouse, **_io_properties())
+
+
+@dataclass(frozen=True)
+class CatalogResult:
+    table: str
+    snapshot_id: int
+    rows: int
+    files: int
+    new_snapshot: bool
+
+    def summary(self) -> str:
+        verb = "registered" if self.new_snapshot else "already registered"
+        return f"catalog: {verb} {self.rows} rows in {self.files} files as {self.table} snapshot {self.snapshot_id}"
+
+
+def committed_files(plan: Plan, model_id: str) -> tuple[list[str], int, int, int, int]:
+    """Data file URIs listed by every partition's marker, the summed rows in/ok/rejected, and the dim.
+
+    Only files a valid marker lists are returned (:func:`ray_jobs.output.sink.check_commit`)."""
+    files, rows_in, rows_ok, rejected, dims = [], 0, 0, 0, set()
+    for p in plan.partitions:
+        uri = partition_dir(plan.output_uri, model_id, plan.plan_id, p.index)
+        marker, problems = check_commit(
+            uri, model_id=model_id, plan_id=plan.plan_id, partition=p.index, rows_planned=p.rows
+        )
+        if problems:
+            raise OutputError(
+                f"partition {p.index:05d} is not committed ({uri}: {problems[0]}); validate the plan first"
+            )
+        files += marker.data_uris(uri)
+        rows_in, rows_ok, rejected = rows_in + marker.rows_in, rows_ok + marker.rows_ok, rejected + marker.rows_rejected
+        dims.add((marker.text_dim, marker.image_dim))
+    if len(dims) > 1:
+        raise OutputError(f"partitions of plan {plan.plan_id} disagree on embedding dims: {sorted(dims)}")
+    dim = next(iter(dims))[0] if dims else 0
+    return files, rows_in, rows_ok, rejected, dim
+
+
+def _location(uri: str) -> str:
+    return uri if storage.is_remote(uri) else "file://" + storage.filesystem_for(uri)[1]
+
+
+def _load_or_create(catalog, ident: str, embed_dim: int, properties: dict[str, str]):
+    """The table, created with its schema and properties in one commit if it does not exist."""
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
+    from pyiceberg.schema import assign_fresh_schema_ids
+    from pyiceberg.table.name_mapping import create_mapping_from_schema
+
+    try:
+        return catalog.load_table(ident)
+    except NoSuchTableError:
+        pass
+    schema = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(embeddings_schema(embed_dim, embed_dim)))
+    # our Parquet files carry no field ids: the name mapping lets readers map columns by name
+    props = {**properties, "schema.name-mapping.default": create_mapping_from_schema(schema).model_dump_json()}
+    try:
+        return catalog.create_table(ident, schema=schema, properties=props)
+    except TableAlreadyExistsError:  # another registration created it first
+        return catalog.load_table(ident)
+
+
+def register_plan(
+    plan: Plan,
+    model_id: str,
+    catalog_uri: str,
+    run_id: str,
+    warehouse: str | None = None,
+    dataset: str | None = None,
+) -> CatalogResult:
+    """Make the table of *dataset* (default: derived from the plan's manifest URI) and the
+    model hold exactly this plan's committed embeddings, as one new snapshot."""
+    from pyiceberg.io.pyarrow import parquet_files_to_data_files
+
+    dataset = dataset or default_dataset_name(plan.manifest_uri)
+    files, rows_in, rows_ok, rejected, embed_dim = committed_files(plan, model_id)
+    catalog = open_catalog(catalog_uri, warehouse or join_uri(plan.output_uri, "warehouse"))
+    ident = table_identifier(model_id, dataset)
+    catalog.create_namespace_if_not_exists(NAMESPACE)
+    table = _load_or_create(catalog, ident, embed_dim, {"embeddings.dataset": dataset, "embeddings.model_id": model_id})
+    locations = sorted(_location(f) for f in files)
+    current = table.current_snapshot()
+    if current is not None:
+        present = sorted(task.file.file_path for task in table.scan().plan_files())
+        if present == locations:
+            return CatalogResult(ident, current.snapshot_id, rows_ok, len(files), new_snapshot=False)
+    properties = {
+        "airflow.run_id": run_id,
+        "embeddings.dataset": dataset,
+        "embeddings.manifest_uri": plan.manifest_uri,
+        "embeddings.plan_id": plan.plan_id,
+        "embeddings.model_id": model_id,
+        "embeddings.rows_in": str(rows_in),
+        "embeddings.rows_ok": str(rows_ok),
+        "embeddings.rows_rejected": str(rejected),
+        "embeddings.partitions": str(len(plan.partitions)),
+    }
+    with table.transaction() as tx, tx.update_snapshot(snapshot_properties=properties).overwrite() as ow:
+        for task in table.scan().plan_files():
+            ow.delete_data_file(task.file)
+        for data_file in parquet_files_to_data_files(table.io, table.metadata, iter(locations)):
+            ow.append_data_file(data_file)
+    table = catalog.load_table(ident)
+    return CatalogResult(ident, table.current_snapshot().snapshot_id, rows_ok, len(files), new_snapshot=True)

@@ -1,0 +1,171 @@
+"""The job trigger against a stand-in Jobs API: incremental logs with bounded memory, a
+restart that does not replay, the absolute deadline, and a kill that never raises."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import tracemalloc
+
+import pytest
+
+from airflow_ray.hooks.ray_job_logs import JobLogFollower
+from airflow_ray.triggers import ray_job as trigger_module
+from airflow_ray.triggers.ray_job import RayJobTrigger
+from tests.airflow_ray.jobs_api_standin import JobsApiStandIn, StandInJob, log_line
+
+_LOG = logging.getLogger("test.ray_job_trigger")
+
+
+async def _first(trigger: RayJobTrigger) -> dict:
+    trigger._log = _LOG  # the triggerer's structlog logger, swapped for one pytest's caplog sees
+    async for event in trigger.run():
+        return event.payload
+    raise AssertionError("no event")
+
+
+def _logged(caplog, sid: str) -> list[str]:
+    prefix = f"[ray job {sid}] "
+    return [r.getMessage()[len(prefix) :] for r in caplog.records if r.getMessage().startswith(prefix)]
+
+
+@pytest.fixture
+def in_memory_checkpoints(monkeypatch):
+    """Stand-in for the XCom channel the triggerer gives a trigger (tested for real in the topology tests)."""
+    store: dict[str, int] = {}
+    monkeypatch.setattr(trigger_module._OffsetCheckpoint, "_load", lambda self: store.get("offset", 0))
+    monkeypatch.setattr(trigger_module._OffsetCheckpoint, "_save", lambda self, off: store.__setitem__("offset", off))
+    return store
+
+
+class _TI:
+    dag_id, task_id, run_id, map_index = "d", "embed", "r", 3
+
+
+def test_every_line_exactly_once_in_order_and_the_tail_in_the_event(caplog):
+    caplog.set_level(logging.INFO)
+    with JobsApiStandIn(jobs={"j": StandInJob(lines=1234, width=60)}, token="s3cret") as api:
+        # no token where the API demands one: a clear error after the bounded retries, not a hang
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", poll_interval=0.05)))
+        assert event["status"] == "ERROR" and "HTTP 401" in event["message"]
+
+        api.token = None
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", poll_interval=0.2, max_log_lines=100_000)))
+    assert event["status"] == "SUCCEEDED"
+    lines = _logged(caplog, "j")
+    assert lines == [log_line(i, 60) for i in range(1234)]
+    assert event["log_tail"].splitlines() == [log_line(i, 60) for i in range(1234 - 40, 1234)]
+    assert event["log_offset"] == 1234 * 61
+
+
+def test_a_job_whose_log_has_ended_is_reported_without_waiting_a_poll_interval(caplog):
+    """The whole log sent (normal close) means the job is ending: the status is asked again
+    within a fraction of a second, not after ``poll_interval`` (here 30 s), while still
+    polling until Ray reports the end (here 0.6 s after the log)."""
+    caplog.set_level(logging.INFO)
+    with JobsApiStandIn(jobs={"j": StandInJob(lines=50, status_lag_s=0.6)}) as api:
+        t0 = time.monotonic()
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", poll_interval=30)))
+        took = time.monotonic() - t0
+    assert event["status"] == "SUCCEEDED" and len(_logged(caplog, "j")) == 50
+    assert 0.6 <= took < 5, f"job end reported after {took:.1f}s"
+
+
+@pytest.mark.integration
+def test_a_200_mb_log_streams_with_bounded_memory_and_lines_cut_per_poll(caplog):
+    caplog.set_level(logging.INFO)
+    n, width = 100_000, 2_000  # 200 MB of log
+    with JobsApiStandIn(jobs={"big": StandInJob(lines=n, width=width)}) as api:
+        trigger = RayJobTrigger(api.url, "big", poll_interval=0.5, max_log_lines=200, tail_lines=5)
+        tracemalloc.start()
+        start = time.monotonic()
+        event = asyncio.run(_first(trigger))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        sent = api.jobs["big"].chars_sent
+    assert sent == n * (width + 1) > 200e6
+    assert event["status"] == "SUCCEEDED" and event["log_offset"] == sent
+    assert event["log_tail"].splitlines() == [log_line(i, width) for i in range(n - 5, n)]
+    assert peak < 40e6, f"peak traced memory {peak / 1e6:.1f} MB while following a {sent / 1e6:.0f} MB log"
+    messages = [r.getMessage() for r in caplog.records]
+    cut = [m for m in messages if "more lines not shown" in m]
+    shown = _logged(caplog, "big")
+    assert cut, "with 200 lines per poll most of a fast 1M-line log is cut, and said so"
+    assert len([s for s in shown if s.startswith("line ")]) <= 200 * (time.monotonic() - start) / 0.5 + 400
+
+
+def test_a_rebuilt_trigger_resumes_after_the_last_logged_line(caplog, in_memory_checkpoints):
+    caplog.set_level(logging.INFO)
+    with JobsApiStandIn(jobs={"slow": StandInJob(lines=600, width=40, rate=400)}) as api:
+
+        async def interrupted():
+            first = RayJobTrigger(api.url, "slow", poll_interval=0.2)
+            first.task_instance = _TI()
+            task = asyncio.create_task(_first(first))
+            await asyncio.sleep(0.8)
+            task.cancel()  # the triggerer is SIGKILLed: the trigger simply stops
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(interrupted())
+        before = _logged(caplog, "slow")
+        assert 0 < len(before) < 600 and in_memory_checkpoints["offset"] > 0
+        # a new triggerer rebuilds the trigger from its *original* kwargs (offset 0) ...
+        rebuilt = RayJobTrigger(api.url, "slow", poll_interval=0.2)
+        rebuilt.task_instance = _TI()
+        event = asyncio.run(_first(rebuilt))
+        assert api.jobs["slow"].connections == 2
+    assert event["status"] == "SUCCEEDED"
+    after = _logged(caplog, "slow")
+    # ... and resumes from the checkpoint: nothing replayed, nothing lost
+    assert after == [log_line(i, 40) for i in range(600)]
+
+
+def test_a_stream_that_closes_while_the_job_runs_is_reopened_and_loses_nothing(caplog):
+    caplog.set_level(logging.INFO)
+    with JobsApiStandIn(jobs={"j": StandInJob(lines=300, width=30, rate=600, close_first_after=120)}) as api:
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", poll_interval=0.2)))
+        assert api.jobs["j"].connections >= 2
+    assert event["status"] == "SUCCEEDED"
+    assert _logged(caplog, "j") == [log_line(i, 30) for i in range(300)]
+
+
+def test_the_deadline_stops_the_job_and_ends_with_timeout():
+    with JobsApiStandIn(jobs={"stuck": StandInJob(lines=10**9, width=10, rate=1)}) as api:
+        trigger = RayJobTrigger(api.url, "stuck", poll_interval=0.2, deadline=time.time() + 1.5)
+        start = time.monotonic()
+        event = asyncio.run(_first(trigger))
+        assert api.jobs["stuck"].status == "STOPPED"
+    assert event["status"] == "TIMEOUT" and "deadline passed" in event["message"]
+    assert time.monotonic() - start < 10
+
+
+def test_on_kill_stops_the_job_says_which_and_never_raises(caplog):
+    caplog.set_level(logging.INFO)
+    with JobsApiStandIn(jobs={"k": StandInJob(lines=10**9, rate=1)}) as api:
+        for sid, partition in (("k", 7), ("gone", 8)):  # "gone": 404, no exception
+            trigger = RayJobTrigger(api.url, sid, partition=partition)
+            trigger._log = _LOG
+            asyncio.run(trigger.on_kill())
+        assert api.jobs["k"].status == "STOPPED"
+    unreachable = RayJobTrigger("http://127.0.0.1:9", "k")
+    unreachable._log = _LOG
+    asyncio.run(unreachable.on_kill())  # logged with its traceback, no exception
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "stopping Ray job k failed" in text and any(r.exc_info for r in caplog.records)
+    assert "stop requested for Ray job k (partition 7): stopping" in text
+    assert "Ray job gone (partition 8): already finished or not found" in text
+
+
+def test_follower_hands_out_a_partial_last_line_once_the_stream_ends():
+    follower = JobLogFollower("http://x", "j", max_lines=10)
+    from airflow_ray.hooks.ray_job_logs import LogChunk
+
+    out = LogChunk()
+    follower._take("a\nb", out)
+    follower._take("c\n" + "z" * 20_000, out)
+    assert out.lines[:2] == ["a", "bc"] and len(out.lines[2]) == 16_384
+    assert follower.offset == 2 + 3 + 16_384
+    follower._flush_partial(out)
+    assert len(out.lines[3]) == 20_000 - 16_384

@@ -1,0 +1,254 @@
+import errno
+import io
+import os
+import random
+from typing import ClassVar
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec import AbstractFileSystem
+from PIL import Image
+
+from ray_jobs.demo.assets import _bomb_png, _broken, _image_bytes
+from ray_jobs.errors import TransientFailure
+from ray_jobs.job.preprocess import Preprocessor, RowRejected, decode_image, fetch_bytes
+from ray_jobs.model.image_ops import ImageProcessing
+
+FIXED = ImageProcessing(resize=("fixed", 32, 32), crop=None, resample=2)
+CLIP_LIKE = ImageProcessing(resize=("shortest_edge", 36, 0), crop=(32, 32), resample=3)
+
+
+@pytest.mark.parametrize("n", range(8))
+def test_every_demo_format_and_mode_decodes_to_rgb_uint8(n):
+    data, _ = _image_bytes(random.Random(n), n)
+    for processing in (FIXED, CLIP_LIKE):
+        out, _ = decode_image(data, processing, 10_000_000)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("truncated", "truncated image"),
+        ("not_image", "not an image"),
+        ("bomb", "decompression bomb"),
+        ("corrupt_png", "undecodable image"),
+    ],
+)
+def test_broken_bytes_are_rejected_with_a_reason(kind, reason):
+    data, _ = _broken(kind, random.Random(1))
+    with pytest.raises(RowRejected) as exc:
+        decode_image(data, FIXED, 10_000_000)
+    assert exc.value.stage == "decode" and exc.value.reason.startswith(reason)
+
+
+def test_pixel_cap_is_ours_not_only_pillows():
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, format="PNG")
+    with pytest.raises(RowRejected, match=r"decompression bomb: 300x300 exceeds 1000 pixels"):
+        decode_image(buf.getvalue(), FIXED, 1000)
+    assert _bomb_png()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fetch_reasons(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "big.jpg").write_bytes(b"x" * 100)
+    (tmp_path / "ok.jpg").write_bytes(b"abc")
+    with pytest.raises(RowRejected, match="missing object"):
+        fetch_bytes(str(tmp_path / "nope.jpg"), 50)
+    with pytest.raises(RowRejected, match="empty object"):
+        fetch_bytes(f"file://{tmp_path}/empty.jpg", 50)
+    with pytest.raises(RowRejected, match="object too large"):
+        fetch_bytes(str(tmp_path / "big.jpg"), 50)
+    with pytest.raises(RowRejected, match="missing object: empty image_uri"):
+        fetch_bytes("", 50)
+    assert fetch_bytes(f"file://{tmp_path}/ok.jpg", 50) == b"abc"
+
+
+def test_preprocessor_accounts_for_every_row(demo_checkpoint, tmp_path):
+    good, _ = _image_bytes(random.Random(0), 0)
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    pre = Preprocessor(demo_checkpoint)
+    out = pre(
+        {
+            "id": np.array(["a", "b", None, "d"], dtype=object),
+            "text": np.array(["a red cat", None, "x", ""], dtype=object),
+            "image_uri": np.array(
+                [str(tmp_path / "good.jpg"), str(tmp_path / "bad.jpg"), "x", str(tmp_path / "good.jpg")], dtype=object
+            ),
+        }
+    )
+    assert out["ok"].tolist() == [True, False, False, True]
+    assert out["reject_reason"][1].startswith("not an image")
+    assert out["reject_reason"][2].startswith("missing id")
+    assert out["pixels"].shape == (4, 32, 32, 3) and out["pixels"].dtype == np.uint8
+    assert not out["pixels"][1].any()
+    longest = max(int(m.sum()) for m in out["attention_mask"])
+    assert out["input_ids"].shape == (4, longest) and longest < 32, "padded to the longest row, not the max length"
+    assert out["attention_mask"][3].sum() == 2  # [CLS] [SEP] for ""
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_shortest_edge_resize_then_centre_crop_keeps_the_aspect_ratio():
+    """A wide image is resized so its short side is 36, then the centre 32x32 is cut:
+    the left and right thirds are cropped away, nothing is squashed."""
+    wide = np.zeros((60, 180, 3), dtype=np.uint8)
+    wide[:, :60] = (255, 0, 0)  # left third red
+    wide[:, 60:120] = (0, 255, 0)  # middle third green
+    wide[:, 120:] = (0, 0, 255)
+    out, _ = decode_image(_png(Image.fromarray(wide)), CLIP_LIKE, 10_000_000)
+    assert out.shape == (32, 32, 3)
+    assert (out[..., 1] > 250).all() and (out[..., 0] < 5).all(), "only the green middle survives the crop"
+    squashed, _ = decode_image(_png(Image.fromarray(wide)), FIXED, 10_000_000)
+    assert squashed[:, 0, 0].min() > 200, "a fixed-size resize keeps all three thirds"
+
+
+def test_transparency_is_composited_onto_white_like_the_hf_processor():
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # fully transparent black
+    out, _ = decode_image(_png(Image.fromarray(rgba, "RGBA")), ImageProcessing(("fixed", 8, 8), None), 10_000_000)
+    assert (out == 255).all()
+
+
+def test_a_config_that_cannot_batch_is_refused():
+    from ray_jobs.errors import ModelError
+
+    with pytest.raises(ModelError, match="cannot be batched"):
+        ImageProcessing(resize=("shortest_edge", 224, 0), crop=None)
+
+
+# ----------------------------------------------------------------------------- fetch classification
+
+
+class ScriptedFS(AbstractFileSystem):
+    """A stand-in object store whose every open follows a script (S3-like failures on demand)."""
+
+    protocol = "scripted"
+    script: ClassVar[dict[str, list]] = {}
+    opens: ClassVar[dict[str, int]] = {}
+
+    def _open(self, path, mode="rb", **kwargs):
+        path = path.removeprefix("scripted://")
+        self.opens[path] = self.opens.get(path, 0) + 1
+        steps = self.script[path]
+        outcome = steps.pop(0) if len(steps) > 1 else steps[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if callable(outcome):
+            return outcome()
+        return io.BytesIO(outcome)
+
+
+fsspec.register_implementation("scripted", ScriptedFS, clobber=True)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr("ray_jobs.job.preprocess.time.sleep", sleeps.append)
+    ScriptedFS.script.clear()
+    ScriptedFS.opens.clear()
+    return sleeps
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (FileNotFoundError("NoSuchKey"), "missing object"),
+        (PermissionError("AccessDenied"), "access denied"),
+        (IsADirectoryError("a prefix"), "not a regular file"),
+        (OSError(errno.EINVAL, "InvalidRange"), "unreadable object"),
+        (ValueError("Bucket name must match the regex"), "unreadable object"),
+    ],
+)
+def test_permanent_fetch_errors_are_rejects_at_once(scripted, error, reason):
+    ScriptedFS.script["b/k.jpg"] = [error]
+    with pytest.raises(RowRejected) as exc:
+        fetch_bytes("scripted://b/k.jpg", 100)
+    assert exc.value.stage == "fetch" and exc.value.reason.startswith(f"{reason}: scripted://b/k.jpg")
+    assert ScriptedFS.opens["b/k.jpg"] == 1 and scripted == [], "never retried"
+
+
+def test_transient_fetch_errors_are_retried_with_backoff_and_jitter(scripted):
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+    ScriptedFS.script["b/k.jpg"] = [
+        OSError(errno.EBUSY, "SlowDown: Please reduce your request rate."),
+        ConnectionClosedError(endpoint_url="http://s3"),
+        ReadTimeoutError(endpoint_url="http://s3"),
+        b"image bytes",
+    ]
+    assert fetch_bytes("scripted://b/k.jpg", 100, attempts=4, backoff_s=0.2) == b"image bytes"
+    assert len(scripted) == 3
+    for n, delay in enumerate(scripted):  # exponential, jittered into [50 %, 100 %] of the step
+        assert 0.5 * 0.2 * 2**n <= delay <= 0.2 * 2**n
+
+
+def test_a_fetch_that_keeps_failing_transiently_fails_the_batch_not_the_row(scripted):
+    ScriptedFS.script["b/k.jpg"] = [ConnectionResetError(104, "Connection reset by peer")]
+    with pytest.raises(TransientFailure, match=r"^transient failure: fetching scripted://b/k.jpg failed 4 times"):
+        fetch_bytes("scripted://b/k.jpg", 100, attempts=4)
+    assert ScriptedFS.opens["b/k.jpg"] == 4
+
+
+def test_a_connection_cut_mid_body_is_transient_not_a_truncated_image(scripted):
+    class Short(io.BytesIO):
+        size = 50  # the object's size from its HEAD; the body stopped after 10 bytes
+
+    ScriptedFS.script["b/k.jpg"] = [lambda: Short(b"x" * 10), b"y" * 50]
+    assert fetch_bytes("scripted://b/k.jpg", 100) == b"y" * 50
+    assert len(scripted) == 1
+
+
+def test_only_regular_files_are_read_a_fifo_is_a_reject_never_a_hang(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(RowRejected, match=r"not a regular file: .* is a FIFO"):
+        fetch_bytes(str(fifo), 100)
+    with pytest.raises(RowRejected, match="not a regular file: /dev/zero is a special file"):
+        fetch_bytes("/dev/zero", 100)
+    with pytest.raises(RowRejected, match=r"not a regular file: .* is a directory"):
+        fetch_bytes(str(tmp_path), 100)
+
+
+def test_preprocessor_fails_the_batch_on_a_transient_fetch_and_rejects_only_real_problems(demo_checkpoint, scripted):
+    good, _ = _image_bytes(random.Random(0), 0)
+    ScriptedFS.script.update({"b/good.jpg": [good], "b/gone.jpg": [FileNotFoundError("NoSuchKey")]})
+    pre = Preprocessor(demo_checkpoint)
+    batch = {
+        "id": np.array(["a", "b"], dtype=object),
+        "text": np.array(["x", "y"], dtype=object),
+        "image_uri": np.array(["scripted://b/good.jpg", "scripted://b/gone.jpg"], dtype=object),
+    }
+    out = pre(batch)
+    assert out["ok"].tolist() == [True, False] and out["reject_reason"][1].startswith("missing object")
+    ScriptedFS.script["b/gone.jpg"] = [OSError(errno.EBUSY, "SlowDown")]
+    with pytest.raises(TransientFailure, match="SlowDown"):
+        pre(batch)
+
+
+def test_preprocessor_times_out_a_fetch_that_hangs(demo_checkpoint, scripted):
+    import threading
+
+    release = threading.Event()
+
+    def hang():
+        release.wait(30)
+        return io.BytesIO(b"late")
+
+    ScriptedFS.script["b/slow.jpg"] = [hang]
+    pre = Preprocessor(demo_checkpoint, fetch_timeout_s=0.5)
+    batch = {"id": np.array(["a"], dtype=object), "text": np.array(["x"], dtype=object)}
+    batch["image_uri"] = np.array(["scripted://b/slow.jpg"], dtype=object)
+    try:
+        with pytest.raises(TransientFailure, match=r"scripted://b/slow.jpg took more than 0.5s"):
+            pre(batch)
+    finally:
+        release.set()

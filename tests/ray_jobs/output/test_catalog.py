@@ -1,0 +1,115 @@
+"""Iceberg registration: committed partitions are written with the real sink (no Ray needed)."""
+
+import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+
+from ray_jobs.contract import default_dataset_name
+from ray_jobs.errors import OutputError
+from ray_jobs.output.catalog import open_catalog, register_plan, table_identifier
+from ray_jobs.planning.plan import PlanSettings, run_plan
+from tests.ray_jobs.output.test_validate import MODEL, _commit
+from tests.ray_jobs.planning.test_plan import write_manifest
+
+
+def _plan(tmp_path, rows=50, run_id="r1", **kw):
+    m = write_manifest(tmp_path / "m", n_files=2, **kw)
+    return run_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=rows), run_id=run_id).plan
+
+
+def _table(uri, tmp_path, plan):
+    ident = table_identifier(MODEL, default_dataset_name(plan.manifest_uri))
+    return open_catalog(uri, str(tmp_path / "out" / "warehouse")).load_table(ident)
+
+
+def test_register_holds_exactly_the_committed_rows_and_rerun_adds_nothing(tmp_path):
+    plan = _plan(tmp_path)
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rejected=2)
+    uri = f"sqlite:///{tmp_path}/catalog.db"
+    first = register_plan(plan, MODEL, uri, run_id="manual__1")
+    dataset = default_dataset_name(plan.manifest_uri)
+    assert dataset.startswith("m_") and first.new_snapshot and first.table == f"embeddings.{dataset}__tiny_0123456789"
+    table = _table(uri, tmp_path, plan)
+    assert len(table.metadata.metadata_log) == 1, "created with its properties in one commit, then one snapshot"
+    assert table.properties["embeddings.dataset"] == dataset and "schema.name-mapping.default" in table.properties
+    assert table.scan().to_arrow().num_rows == 120 - 2 * len(plan.partitions) == first.rows
+    summary = table.current_snapshot().summary
+    assert summary["embeddings.plan_id"] == plan.plan_id and summary["airflow.run_id"] == "manual__1"
+    assert summary["embeddings.model_id"] == MODEL and summary["embeddings.rows_rejected"] == str(
+        2 * len(plan.partitions)
+    )
+
+    again = register_plan(plan, MODEL, uri, run_id="manual__2")
+    assert not again.new_snapshot and again.snapshot_id == first.snapshot_id
+    assert len(_table(uri, tmp_path, plan).snapshots()) == 1
+
+
+def test_a_new_plan_replaces_the_table_content_and_the_old_one_stays_reachable(tmp_path):
+    uri = f"sqlite:///{tmp_path}/catalog.db"
+    plan1 = _plan(tmp_path)
+    for i in range(len(plan1.partitions)):
+        _commit(plan1, i)
+    first = register_plan(plan1, MODEL, uri, run_id="night-1")
+    write_manifest(tmp_path / "m", n_files=1, start=1000)  # tonight's manifest has one more file
+    plan2 = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="r2").plan
+    assert plan2.plan_id != plan1.plan_id
+    for i in range(len(plan2.partitions)):
+        _commit(plan2, i)
+    second = register_plan(plan2, MODEL, uri, run_id="night-2")
+    assert second.table == first.table, "the same manifest location is the same dataset"
+    table = _table(uri, tmp_path, plan2)
+    assert table.scan().to_arrow().num_rows == 180 == second.rows
+    assert table.scan(snapshot_id=first.snapshot_id).to_arrow().num_rows == 120
+
+
+def _commit_all(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i)
+    return plan
+
+
+def test_a_run_over_another_manifest_never_removes_this_manifests_rows(tmp_path):
+    uri = f"sqlite:///{tmp_path}/catalog.db"
+    products = _commit_all(_plan(tmp_path))
+    first = register_plan(products, MODEL, uri, run_id="products-1")
+    m2 = write_manifest(tmp_path / "other" / "m", n_files=1, start=5000)
+    other = _commit_all(run_plan(m2, str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="o1").plan)
+    second = register_plan(other, MODEL, uri, run_id="other-1")
+    assert second.table != first.table
+    table = _table(uri, tmp_path, products)
+    assert table.current_snapshot().snapshot_id == first.snapshot_id
+    assert table.scan().to_arrow().num_rows == 120
+    named = register_plan(other, MODEL, uri, run_id="other-2", dataset="Other Shop")
+    assert named.table == "embeddings.other_shop__tiny_0123456789" and named.rows == 60
+
+
+def test_uncommitted_partitions_are_refused(tmp_path):
+    plan = _plan(tmp_path)
+    _commit(plan, 0)
+    with pytest.raises(OutputError, match="partition 00001 is not committed"):
+        register_plan(plan, MODEL, f"sqlite:///{tmp_path}/catalog.db", run_id="r")
+
+
+def test_catalog_uri_must_be_a_url(tmp_path):
+    from ray_jobs.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a SQLAlchemy URL"):
+        open_catalog("catalog.db", str(tmp_path))
+    assert isinstance(open_catalog(f"sqlite:///{tmp_path}/c.db", str(tmp_path / "wh")), SqlCatalog)
+
+
+@pytest.mark.integration
+def test_warehouse_and_data_on_s3(s3_bucket, tmp_path):
+    from ray_jobs import storage
+
+    local = write_manifest(tmp_path / "m", n_files=2)
+    plan = run_plan(local, f"{s3_bucket}/ice/out", PlanSettings(partition_rows=50), run_id="r").plan
+    for i in range(len(plan.partitions)):
+        _commit(plan, i)
+    uri = f"sqlite:///{tmp_path}/catalog.db"
+    result = register_plan(plan, MODEL, uri, run_id="r", warehouse=f"{s3_bucket}/ice/warehouse")
+    ident = table_identifier(MODEL, default_dataset_name(plan.manifest_uri))
+    table = open_catalog(uri, f"{s3_bucket}/ice/warehouse").load_table(ident)
+    assert table.metadata_location.startswith("s3://embeddings-test/ice/warehouse/")
+    assert table.scan().to_arrow().num_rows == 120 == result.rows
+    assert storage.exists(table.metadata_location)

@@ -1,0 +1,123 @@
+"""validate: committed partitions are written here with the real sink (no Ray needed)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from ray_jobs.cli import main
+from ray_jobs.contract import partition_dir
+from ray_jobs.errors import PlanError
+from ray_jobs.output.sink import read_marker
+from ray_jobs.output.validate import resolve_model_id, validate_plan
+from ray_jobs.planning.plan import PlanSettings, run_plan
+from tests.ray_jobs.output.test_sink import commit_batches
+from tests.ray_jobs.planning.test_plan import write_manifest
+
+MODEL = "tiny-0123456789"
+
+
+def _commit(plan, index, rows=None, rejected=0, model_id=MODEL):
+    rows = plan.partitions[index].rows if rows is None else rows
+    ok = np.arange(rows) >= rejected
+    emb = np.full((rows, 4), 0.5, dtype=np.float32)
+    batch = {
+        "id": np.array([f"p{index}-{i}" for i in range(rows)], dtype=object),
+        "ok": ok,
+        "reject_stage": np.array(["" if o else "decode" for o in ok], dtype=object),
+        "reject_reason": np.array(["" if o else "not an image: x" for o in ok], dtype=object),
+        "text_embedding": emb,
+        "image_embedding": emb,
+    }
+    uri = partition_dir(plan.output_uri, model_id, plan.plan_id, index)
+    return commit_batches(
+        uri, [[batch]], rows, rows_per_file=40, force=True, model_id=model_id, plan_id=plan.plan_id, partition=index
+    )
+
+
+@pytest.fixture
+def plan(tmp_path):
+    m = write_manifest(tmp_path / "m", n_files=2)
+    return run_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="r").plan
+
+
+def test_all_committed_is_ok(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rejected=1)
+    report = validate_plan(plan, MODEL, embed_dim=4)
+    assert report.ok and report.rows_in == 120 and report.rows_rejected == len(plan.partitions)
+    assert "validate: OK" in report.table()
+    assert not validate_plan(plan, MODEL, embed_dim=4, max_reject_rate=0.01).ok
+
+
+def test_missing_partition(plan):
+    _commit(plan, 0)
+    report = validate_plan(plan, MODEL)
+    assert not report.ok and [c.index for c in report.failed] == list(range(1, len(plan.partitions)))
+    assert report.failed[0].problems == ("missing: no _SUCCESS",)
+
+
+def test_count_mismatch_with_the_plan(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rows=plan.partitions[i].rows - (1 if i == 1 else 0))
+    report = validate_plan(plan, MODEL)
+    assert [c.index for c in report.failed] == [1]
+    assert "rows_in" in report.failed[0].problems[0] and "!= planned" in report.failed[0].problems[0]
+
+
+def test_deleted_or_changed_listed_file_and_wrong_dims(plan):
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rejected=1)
+    part = partition_dir(plan.output_uri, MODEL, plan.plan_id, 0)
+    marker = read_marker(part)
+    os.remove(os.path.join(part, marker.files[0].path))
+    with open(os.path.join(part, marker.rejects[0].path), "ab") as fh:
+        fh.write(b"x")
+    report = validate_plan(plan, MODEL, embed_dim=8)
+    assert any(f"{marker.files[0].path} is missing" in p for p in report.failed[0].problems)
+    assert any(
+        f"{marker.rejects[0].path} has {marker.rejects[0].bytes + 1} bytes" in p for p in report.failed[0].problems
+    )
+    assert all(any("dims 4/4 != model's 8" in p for p in c.problems) for c in report.checks)
+
+
+def test_model_id_found_when_only_one_model_wrote_the_plan(plan):
+    _commit(plan, 0)
+    assert resolve_model_id(plan, None) == (MODEL, None)
+    _commit(plan, 0, model_id="other-model")
+    with pytest.raises(PlanError, match="pass --model"):
+        resolve_model_id(plan, None)
+
+
+def test_cli_exit_codes(plan, capsys, tmp_path):
+    plan_uri = os.path.join(plan.output_uri, "runs", "r", "plan.json")
+    for i in range(len(plan.partitions)):
+        _commit(plan, i)
+    assert main(["validate", "--plan", plan_uri]) == 0
+    os.remove(os.path.join(partition_dir(plan.output_uri, MODEL, plan.plan_id, 1), "_SUCCESS"))
+    assert main(["validate", "--plan", plan_uri, "--summary-json", str(tmp_path / "v.json")]) == 1
+    out = capsys.readouterr()
+    assert "FAIL: missing: no _SUCCESS" in out.out and "partition 00001: missing" in out.err
+    assert main(["validate", "--plan", str(tmp_path / "nope.json")]) == 2
+
+
+def test_validate_report_and_catalog_from_the_cli(plan, capsys, tmp_path):
+    import json
+
+    plan_uri = os.path.join(plan.output_uri, "runs", "r", "plan.json")
+    for i in range(len(plan.partitions)):
+        _commit(plan, i, rejected=1)
+    catalog = ["--catalog-uri", f"sqlite:///{tmp_path}/cat.db", "--dataset", "Products"]
+    rc = main(["validate", "--plan", plan_uri, "--report", *catalog])
+    out = capsys.readouterr().out
+    assert rc == 0 and "catalog: registered" in out and "report: OK" in out
+    run_dir = os.path.join(plan.output_uri, "runs", "r")
+    with open(os.path.join(run_dir, "report.json")) as fh:
+        report = json.load(fh)
+    assert report["rows_in"] == 120 and report["rows_rejected"] == len(plan.partitions)
+    assert report["rejects_by_reason"] == {"not an image": len(plan.partitions)}
+    assert report["catalog"]["table"] == "embeddings.products__tiny_0123456789"
+    assert {p["attempt"] for p in report["partitions"]} and all(p["attempt"] for p in report["partitions"])
+    with open(os.path.join(run_dir, "report.md")) as fh:
+        md = fh.read()
+    assert md.startswith("# Embedding run `r`") and "| not an image |" in md
