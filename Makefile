@@ -74,7 +74,7 @@ demo: setup
 airflow-ui: setup  ## the same DAG in the Airflow UI: http://localhost:8080 (credentials printed by standalone)
 	$(AIRFLOW_ENV) $(VENV)/bin/airflow standalone
 
-# The fair benchmarks (README: "Performance"); BENCH_ARGS e.g. "--steady-s 3 --reps 1" for a smoke run.
+# The fair benchmarks (docs/performance.md); BENCH_ARGS e.g. "--steady-s 3 --reps 1" for a smoke run.
 BENCH_PRESET ?= albert-base-vit-s16
 BENCH_ARGS ?=
 bench: setup

@@ -1,13 +1,14 @@
-"""How many partitions a cluster runs at once: its nodes ÷ one job's footprint, at run time.
+"""How many jobs a cluster runs at once: its nodes ÷ one job's footprint, at run time.
 
-The footprint (``ray_jobs.job.footprint``, the data plane's contract) comes from ``check_inputs``;
-the nodes come from where the cluster's size is known:
+The footprint (:mod:`airflow_ray.footprint`, a plain dict) comes from whoever builds the jobs;
+the nodes come from where the cluster's size is known (each backend's ``capacity_nodes``,
+:func:`airflow_ray.backends.cluster_nodes`):
 
 * ``local`` / ``existing``: the live cluster's alive nodes and their total resources, from the
-  Ray state API on the dashboard (``/api/v0/nodes``);
+  Ray state API on the dashboard (``/api/v0/nodes``), :func:`live_nodes`;
 * ``kuberay``: the rendered ``RayCluster``'s worker groups at their *maximum* replicas (the
   autoscaler adds nodes as placement groups queue, so that is what the cluster can grow to;
-  the head runs nothing with ``num-cpus: 0``).
+  the head runs nothing with ``num-cpus: 0``), :func:`nodes_from_raycluster`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from typing import Any
 
 from airflow_ray.errors import ClusterError
+from airflow_ray.footprint import JobFootprint
 
 _QTY = re.compile(r"^([0-9.]+)(m?)$")
 
@@ -30,10 +32,11 @@ def _cpu(quantity: Any) -> float:
     return value / 1000 if m.group(2) else value
 
 
-def nodes_from_raycluster(manifest: dict[str, Any]) -> list[dict[str, float]]:
-    """One entry per worker pod the RayCluster can grow to: CPUs and GPUs Ray sees on it."""
+def nodes_from_raycluster(raycluster: dict[str, Any]) -> list[dict[str, float]]:
+    """One entry per worker pod the RayCluster (its Kubernetes object) can grow to: CPUs and GPUs
+    Ray sees on it."""
     nodes: list[dict[str, float]] = []
-    for group in manifest.get("spec", {}).get("workerGroupSpecs", []):
+    for group in raycluster.get("spec", {}).get("workerGroupSpecs", []):
         params = group.get("rayStartParams") or {}
         container = group["template"]["spec"]["containers"][0]
         limits = (container.get("resources") or {}).get("limits") or {}
@@ -84,26 +87,38 @@ def live_nodes(handle, wait_s: float = 60.0, poll_s: float = 0.25) -> list[dict[
             time.sleep(poll_s)
 
 
-def max_in_flight(footprint: dict[str, Any], nodes: list[dict[str, float]], requested: int | None) -> dict[str, Any]:
-    """The bound on partitions in flight, with what it was derived from (for the task log and XCom).
+#: What :func:`max_in_flight` suggests when not even one job fits (a caller may name its own knobs).
+DEFAULT_ADVICE = (
+    "shrink the job's footprint, give the cluster more resources, or (an autoscaling cluster that will grow) "
+    "request a bound on the jobs in flight"
+)
+
+
+def max_in_flight(
+    footprint: dict[str, Any],
+    nodes: list[dict[str, float]],
+    requested: int | None,
+    *,
+    advice: str = DEFAULT_ADVICE,
+) -> dict[str, Any]:
+    """The bound on jobs in flight, with what it was derived from (for the task log and XCom).
+
+    *footprint*: one job's, as :meth:`airflow_ray.footprint.JobFootprint.from_dict` reads it;
+    *requested*: a bound the caller asks for (None or 0: what the cluster holds).
 
     Raises :class:`ClusterError` when not even one job fits and no bound was requested, naming
-    both sides; a requested bound is honoured even then (an autoscaling cluster with no workers
-    yet grows as the jobs' reservations queue)."""
-    from ray_jobs.job.footprint import Footprint
-
-    fp = Footprint.from_dict(footprint)
+    both sides and ending with *advice*; a requested bound is honoured even then (an
+    autoscaling cluster with no workers yet grows as the jobs' reservations queue)."""
+    fp = JobFootprint.from_dict(footprint)
     fits = fp.jobs_that_fit(nodes)
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     if fits == 0 and not requested:
         raise ClusterError(
             f"one partition job needs {fp.describe()}, but the cluster holds at most "
-            f"CPU:{total['CPU']:g},GPU:{total['GPU']:g} over {len(nodes)} nodes (each bundle on one node): "
-            "shrink the stage layout or pool minimums, give the cluster more resources, or (an autoscaling "
-            "cluster that will grow) set max_partitions_in_flight"
+            f"CPU:{total['CPU']:g},GPU:{total['GPU']:g} over {len(nodes)} nodes (each bundle on one node): {advice}"
         )
-    # A request above what fits is honoured: the extra jobs queue at admission (holding only their
-    # drivers), which is what a user who knows the autoscaler will add nodes asks for.
+    # A request above what fits is honoured: the extra jobs queue (holding only their drivers),
+    # which is what a caller who knows the autoscaler will add nodes asks for.
     limit = int(requested) if requested else fits
     return {
         "max_in_flight": limit,

@@ -15,6 +15,6 @@ class RayJobLink(BaseOperatorLink):
     name = "Ray job"
 
     def get_link(self, operator, *, ti_key) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        from airflow_ray.xcom import xcom_backend
 
-        return XCom.get_value(ti_key=ti_key, key=XCOM_JOB_URL) or ""
+        return xcom_backend().get_value(ti_key=ti_key, key=XCOM_JOB_URL) or ""

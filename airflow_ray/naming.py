@@ -23,7 +23,7 @@ def cluster_name(dag_id: str, run_id: str, prefix: str = "emb") -> str:
 
 
 def submission_id(dag_id: str, run_id: str, partition: int | str, attempt: int = 0) -> str:
-    """The Ray job submission id of one partition of one DAG run.
+    """The Ray job submission id of one partition (the job's key) of one DAG run.
 
     ``attempt`` increments only when an earlier job under the previous id ended FAILED or
     STOPPED, so a resubmission is still deterministic and never collides.

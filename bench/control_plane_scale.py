@@ -101,7 +101,7 @@ class BenchConfig:
 def job_node_resources() -> dict[str, float]:
     """One node of exactly one job's footprint under the DAG's default stage layout (as
     ``check_inputs`` computes it), so the stand-in's N nodes fit exactly N jobs."""
-    from embedding_run.config import load_defaults
+    from embedding_run.deployment import load_defaults
     from ray_jobs.job.footprint import job_footprint
 
     p = load_defaults()["params"]

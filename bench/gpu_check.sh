@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fair benchmarks on a CUDA machine, in one prepared run (README: "Performance"):
+# The fair benchmarks on a CUDA machine, in one prepared run (docs/performance.md):
 #   1. bench/pipeline_vs_torch.py on the larger presets (bf16), vs the single-card loop at 3 batch sizes
 #   2. bench/job_vs_torch.py: the whole partition job vs a tuned DataLoader, on real image files
 #   4. python -m ray_jobs tune (skipped, saying so, where the subcommand is absent)

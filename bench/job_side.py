@@ -57,21 +57,21 @@ class JobFigures:
 
 @contextlib.contextmanager
 def _observed_datasets(found: list):
-    """Record every dataset ``ray_jobs.job.embed.build_dataset`` returns (the job runs unchanged)."""
-    from ray_jobs.job import embed as embed_job
+    """Record every dataset ``ray_jobs.job.pipeline.build_dataset`` returns (the job runs unchanged)."""
+    from ray_jobs.job import pipeline
 
-    original = embed_job.build_dataset
+    original = pipeline.build_dataset
 
     def build(*args, **kwargs):
         ds = original(*args, **kwargs)
         found.append(ds)
         return ds
 
-    embed_job.build_dataset = build
+    pipeline.build_dataset = build
     try:
         yield
     finally:
-        embed_job.build_dataset = original
+        pipeline.build_dataset = original
 
 
 def _all_operator_stats(summary) -> list:
@@ -116,15 +116,17 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
     try:
         import ray
 
-        from ray_jobs.job.embed import WORKER_ENV, EmbedConfig, prepare, run_prepared
-        from ray_jobs.model.stage_spec import StageResources
+        from ray_jobs.job.config import EmbedConfig
+        from ray_jobs.job.embed import prepare, run_prepared
+        from ray_jobs.job.ray_start import WORKER_ENV
 
-        cfg = EmbedConfig(
+        cfg = EmbedConfig.of(
             output_uri=settings.output,
             model_uri=settings.model,
             manifest_uri=settings.manifest,
             num_stages=settings.num_stages,
-            stage_defaults=StageResources(settings.stage_cpus, settings.stage_gpus),
+            stage_num_cpus=settings.stage_cpus,
+            stage_num_gpus=settings.stage_gpus,
             batch_size=settings.batch,
             preprocess_pool=settings.preprocess_pool,
             dtype=settings.dtype,
@@ -134,7 +136,7 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
         needed = job.footprint.total()["CPU"] - job.footprint.driver_cpus
         for k, v in WORKER_ENV.items():
             os.environ.setdefault(k, v)
-        ray.init(  # as embed_job._ensure_ray starts a local Ray, but always a new instance
+        ray.init(  # as ray_start.ensure_ray starts a local Ray, but always a new instance
             address="local",
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999) + 2),
             num_gpus=settings.gpus,

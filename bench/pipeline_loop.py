@@ -94,7 +94,8 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
     import ray
 
     from bench.rows import make_rows
-    from ray_jobs.job.embed import WORKER_ENV, add_model_stages
+    from ray_jobs.job.pipeline import add_model_stages
+    from ray_jobs.job.ray_start import WORKER_ENV
     from ray_jobs.model.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(settings.model)

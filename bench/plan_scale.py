@@ -63,7 +63,8 @@ def main() -> None:
 
     from bench.counting_fs import CountingFileSystem
     from bench.counting_fs import register as register_counting_fs
-    from ray_jobs.planning.plan import PlanSettings, make_plan
+    from ray_jobs.config.settings import Partitioning
+    from ray_jobs.planning.plan import make_plan
 
     register_counting_fs()
     root = args.keep or tempfile.mkdtemp(prefix="plan-scale-")
@@ -76,7 +77,7 @@ def main() -> None:
             f"{args.row_groups} row groups each, {stored / 1e9:.2f} GB stored, in {time.perf_counter() - t0:.1f}s"
         )
 
-        settings = PlanSettings(partition_rows=1_000_000)
+        settings = Partitioning(partition_rows=1_000_000)
         out = os.path.join(root, "out")
         # bytes: through the counting wrapper (an fsspec protocol, so planned like a remote store)
         make_plan(f"counting://{manifest}", out, settings, threads=args.threads)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ray_jobs.model.checkpoint import Checkpoint, TwinTowerCheckpoint
+from ray_jobs.model.checkpoint import TwinTowerCheckpoint
+from ray_jobs.model.checkpoint_base import Checkpoint
 from ray_jobs.model.image_ops import pixels_to_tensor
 from ray_jobs.model.precision import check_device, torch_dtype
 from ray_jobs.model.safetensors_io import SafetensorsIndex

@@ -3,7 +3,7 @@
 
 Embeds every row of an (image, text) manifest with the twin-tower model split into pipeline
 stages on a Ray cluster, validates that every input row is accounted for, and registers the
-result as one snapshot of the Iceberg table `embeddings.<model_id>`.
+result as one snapshot of the Iceberg table `embeddings.<dataset>__<model_id>`.
 
 **Flow:** check inputs → plan (Parquet footers only) → cluster up → one deferrable Ray job per
 partition → validate → Iceberg catalog (+ asset event) → report → cluster down (always).
@@ -26,7 +26,8 @@ from airflow.sdk import Asset, dag, task
 
 from airflow_ray.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
 from airflow_ray.operators.ray_job import RayJobOperator
-from embedding_run.config import build_params, load_defaults
+from embedding_run.config import build_params
+from embedding_run.deployment import load_defaults
 
 CONFIG = load_defaults()
 EMBEDDINGS_TABLE = Asset(name="multimodal_embeddings_table", uri="iceberg://embeddings/multimodal")
@@ -58,46 +59,46 @@ def multimodal_embeddings():
         return run(params)
 
     @task
-    def plan(checked: dict, params=None, run_id=None) -> dict:
+    def plan(checked: dict, run_id=None) -> dict:
         from embedding_run.steps import plan_partitions
 
-        return plan_partitions(params, run_id, checked["model_id"], checked.get("stages"))
+        return plan_partitions(checked, run_id)
 
     @task
     def jobs(planned: dict) -> list[dict]:
         return planned["jobs"]
 
     @task(trigger_rule="all_done")  # runs after failed partitions too, and names them
-    def validate(planned: dict, checked: dict, params=None) -> dict:
+    def validate(planned: dict, checked: dict) -> dict:
         from embedding_run.steps import validate_partitions
 
-        return validate_partitions(params, planned, checked["model_id"])
+        return validate_partitions(checked, planned)
 
     @task(outlets=[EMBEDDINGS_TABLE])
-    def catalog(planned: dict, checked: dict, validated: dict, params=None, run_id=None, outlet_events=None):
+    def catalog(planned: dict, checked: dict, validated: dict, run_id=None, outlet_events=None):
         from embedding_run.steps import register_catalog
 
-        result = register_catalog(params, planned, checked["model_id"], run_id)
+        result = register_catalog(checked, planned, run_id)
         outlet_events[EMBEDDINGS_TABLE].extra = {**result, **validated, "run_id": run_id}
         return result
 
     @task  # its verdict raises AirflowFailException (no retry); storage errors are retried
-    def report(planned: dict | None, checked: dict | None, params=None, ti=None) -> dict:
+    def report(planned: dict | None, checked: dict | None, ti=None) -> dict:
         from embedding_run.steps import write_run_report
 
-        return write_run_report(params, planned, (checked or {}).get("model_id"), ti)
+        return write_run_report(checked, planned, ti)
 
     @task(multiple_outputs=True)
-    def capacity(cluster: dict, checked: dict, params=None) -> dict:
+    def capacity(cluster: dict, checked: dict, backend_cfg: dict) -> dict:
         from embedding_run.steps import partition_capacity
 
-        return partition_capacity(params, cluster, checked["footprint"])
+        return partition_capacity(checked, cluster, backend_cfg)
 
     @task
-    def cluster_config(params=None) -> dict:
-        from embedding_run.steps import backend_config
+    def cluster_config(checked: dict) -> dict:
+        from embedding_run.steps import backend_config, config_of
 
-        return backend_config(params)
+        return backend_config(config_of(checked))
 
     # The run's first setup, succeeding at once: the report and cluster_down teardowns name it
     # with cluster_up, so they run whatever happens (a teardown runs once any of its setups
@@ -106,9 +107,9 @@ def multimodal_embeddings():
     started = EmptyOperator(task_id="run_started")
     checked = check_inputs()
     planned = plan(checked)
-    config = cluster_config()
+    config = cluster_config(checked)
     cluster_up = RayClusterSetupOperator(task_id="cluster_up", backend="{{ params.backend }}", backend_config=config)
-    slots = capacity(cluster_up.output, checked)
+    slots = capacity(cluster_up.output, checked, config)
     embed = RayJobOperator.partial(
         task_id="embed",
         cluster=cluster_up.output,

@@ -66,7 +66,8 @@ def _substituted(env):
 
 
 def test_static_every_env_var_the_dag_reads_is_set_and_known(compose):
-    from embedding_run.config import build_params, load_defaults
+    from embedding_run.config import build_params
+    from embedding_run.deployment import load_defaults
 
     defaults = load_defaults({})
     keys = (

@@ -1,24 +1,55 @@
-"""Cluster backends by name: ``local`` (embedded default), ``kuberay`` (production), ``existing``."""
+"""Cluster backends by name: ``local`` (the default: a head on this machine), ``kuberay``
+(a RayCluster per run on Kubernetes), ``existing`` (a cluster someone else runs).
+
+Callers never branch on a backend's name: what differs between backends is a method of
+:class:`~airflow_ray.backends.base.ClusterBackend`, reached through the functions below.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-BACKENDS = ("local", "kuberay", "existing")
+if TYPE_CHECKING:
+    from airflow_ray.backends.base import ClusterBackend
+    from airflow_ray.cluster import ClusterHandle
+
+#: name -> the class implementing it (imported when first used)
+_CLASSES = {
+    "local": "airflow_ray.backends.local.LocalRayBackend",
+    "kuberay": "airflow_ray.backends.kuberay.KubeRayBackend",
+    "existing": "airflow_ray.backends.existing.ExistingClusterBackend",
+}
+BACKENDS = tuple(_CLASSES)
 
 
-def get_backend(name: str, config: dict[str, Any] | None = None):
-    config = dict(config or {})
-    if name == "local":
-        from airflow_ray.backends.local import LocalRayBackend
+def backend_class(name: str) -> type[ClusterBackend]:
+    try:
+        module, _, attr = _CLASSES[name].rpartition(".")
+    except KeyError:
+        raise ValueError(f"unknown cluster backend {name!r}; choose one of {BACKENDS}") from None
+    return getattr(importlib.import_module(module), attr)
 
-        return LocalRayBackend(**config)
-    if name == "kuberay":
-        from airflow_ray.backends.kuberay import KubeRayBackend
 
-        return KubeRayBackend.from_config(config)
-    if name == "existing":
-        from airflow_ray.backends.existing import ExistingClusterBackend
+def get_backend(name: str, config: Mapping[str, Any] | None = None) -> ClusterBackend:
+    """The backend *name* with the settings *config* (:func:`backend_settings` makes one)."""
+    return backend_class(name).from_config(dict(config or {}))
 
-        return ExistingClusterBackend(**config)
-    raise ValueError(f"unknown cluster backend {name!r}; choose one of {BACKENDS}")
+
+def backend_settings(name: str, choices: Mapping[str, Any], deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of backend *name*: *deployment*'s (that backend's own section), narrowed
+    by a run's *choices*; ValueError names a choice the deployment does not allow. The keys
+    are each backend's ``settings_from``'s."""
+    return backend_class(name).settings_from(choices, deployment)
+
+
+def cluster_nodes(handle: ClusterHandle | Mapping[str, Any], config: Mapping[str, Any] | None = None) -> list:
+    """The nodes the cluster of *handle* can run jobs on (``{"CPU": n, "GPU": n}`` each), asked
+    of its backend with the settings *config* it was set up with: what
+    :func:`airflow_ray.capacity.max_in_flight` divides by a job's footprint."""
+    from airflow_ray.cluster import ClusterHandle
+
+    if not isinstance(handle, ClusterHandle):
+        handle = ClusterHandle.from_dict(dict(handle))
+    return get_backend(handle.backend, config).capacity_nodes(handle)

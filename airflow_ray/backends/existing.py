@@ -1,27 +1,44 @@
 """``existing``: a cluster someone else runs; the dashboard address and token come from a connection.
 
-The form may only name a connection the deployment lists (``deployment.existing_conn_ids``),
-and the connection must be of type ``ray_dashboard``: its password is sent as a bearer token
-to its host, so a connection made for anything else (a database, a cloud account) is refused
-before a single request is made.
+A run may only name a connection the deployment lists (``conn_ids`` in
+:meth:`ExistingClusterBackend.settings_from`), and the connection must be of type
+``ray_dashboard``: its password is sent as a bearer token to its host, so a connection made
+for anything else (a database, a cloud account) is refused before a single request is made.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from airflow_ray.backends.base import ClusterBackend, narrowed
 from airflow_ray.cluster import ClusterHandle, TokenRef
 from airflow_ray.errors import ClusterError
-
-CONN_TYPE = "ray_dashboard"
+from airflow_ray.provider_info import CONN_TYPE
 
 
 @dataclass(frozen=True)
-class ExistingClusterBackend:
+class ExistingClusterBackend(ClusterBackend):
     conn_id: str = "ray_default"
     name: str = "existing"
     deletes_cluster: ClassVar[bool] = False
+
+    @classmethod
+    def settings_from(cls, choices: Mapping[str, Any], deployment: Mapping[str, Any]) -> dict[str, Any]:
+        """*deployment*: ``conn_ids``, the connections a run may name (the first is the default);
+        *choices*: ``conn_id``."""
+        unknown = sorted(set(deployment) - {"conn_ids"})
+        if unknown:
+            raise ValueError(f"unknown existing backend setting(s) {unknown}; known: ['conn_ids']")
+        conn_id = narrowed(choices.get("conn_id") or None, deployment.get("conn_ids"), "connection")
+        return {"conn_id": conn_id} if conn_id else {}
+
+    def capacity_nodes(self, handle: ClusterHandle) -> list[dict[str, float]]:
+        """The live cluster's alive nodes (the Ray state API)."""
+        from airflow_ray.capacity import live_nodes
+
+        return live_nodes(handle)
 
     def _hook(self):
         from airflow_ray.hooks.ray_jobs import RayJobsHook

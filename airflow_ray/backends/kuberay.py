@@ -1,10 +1,10 @@
 """``kuberay``: a ``RayCluster`` per DAG run on Kubernetes, created through the KubernetesHook.
 
-The manifest is rendered from the provider's ``backends/raycluster.yaml`` with the settings below:
-a head (ClusterIP service, token auth), a CPU worker group for decoding and a GPU worker
-group for model stages, both autoscaled in-tree between min and max replicas. The settings
-are the deployment's (``deployment.kuberay`` in the defaults file); the trigger form only
-picks an image the deployment lists and lowers the worker maxima.
+The RayCluster object is rendered from the provider's ``backends/raycluster.yaml`` with the settings below:
+a head (ClusterIP service, token auth), a CPU worker group (``cpu_workers``) and a GPU worker
+group (``gpu_workers``), both autoscaled in-tree between min and max replicas. The settings
+are the deployment's (:meth:`KubeRayBackend.settings_from`); a run only picks an image the
+deployment lists and lowers the worker maxima.
 
 ``service_account`` is the *workers'* account (no API access, no token mounted): the head
 keeps the account KubeRay creates for the in-tree autoscaler, which needs the API.
@@ -13,16 +13,24 @@ keeps the account KubeRay creates for the in-tree autoscaler, which needs the AP
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from airflow_ray.backends.base import ClusterBackend, narrowed
 from airflow_ray.cluster import ClusterHandle, TokenRef
 from airflow_ray.errors import ClusterError, ClusterNotReady
 from airflow_ray.hooks.kuberay import KubeRayHook, head_pod_ready
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "raycluster.yaml")
+#: The worker groups a run may shrink: setting name -> the template's ``groupName``.
+WORKER_GROUPS = {"cpu_workers": "cpu-decode", "gpu_workers": "gpu-stages"}
+#: Labels of the RayCluster and of every Ray pod unless the deployment sets ``pod_labels``
+#: (the value this repository's include/kuberay/networkpolicy.yaml selects the Ray pods by).
+DEFAULT_POD_LABELS = {"app.kubernetes.io/name": "multimodal-embeddings"}
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,11 @@ class WorkerGroup:
 
 
 @dataclass(frozen=True)
-class KubeRayBackend:
+class KubeRayBackend(ClusterBackend):
     """Settings of the kuberay backend; validated on construction."""
 
-    image: str = "ghcr.io/example/multimodal-embeddings-ray:2.60.0-py311"
-    namespace: str = "ray-embeddings"
+    image: str = "rayproject/ray:2.60.0-py311"
+    namespace: str = "default"
     service_account: str | None = None
     kubernetes_conn_id: str = "kubernetes_default"
     kube_config: str | None = None
@@ -69,9 +77,35 @@ class KubeRayBackend:
     idle_timeout_s: int = 120
     ready_timeout_s: float = 900.0
     poll_interval_s: float = 10.0
+    #: extra labels of the RayCluster object
     labels: dict[str, str] = field(default_factory=dict)
+    #: labels of the RayCluster and of every Ray pod (what a NetworkPolicy selects the pods by)
+    pod_labels: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_POD_LABELS))
+    #: the label of the RayCluster whose value is the cluster's name
+    cluster_label: str = "ray-embeddings/cluster"
     name: str = "kuberay"
     deletes_cluster: ClassVar[bool] = True
+
+    @classmethod
+    def settings_from(cls, choices: Mapping[str, Any], deployment: Mapping[str, Any]) -> dict[str, Any]:
+        """*deployment*: this class's settings (``None`` values are left to the defaults), and
+        ``images``, the images a run may pick (the first is the default); *choices*: ``image``,
+        ``cpu_workers_max`` and ``gpu_workers_max`` (each lowers that group's ``max_replicas``,
+        and its ``min_replicas`` with it, never raises them)."""
+        cfg = {k: v for k, v in deployment.items() if k != "images" and v is not None}
+        image = narrowed(choices.get("image") or None, deployment.get("images"), "image")
+        if image:
+            cfg["image"] = image
+        for group in WORKER_GROUPS:
+            g = dict(deployment.get(group) or {})
+            chosen = choices.get(f"{group}_max")
+            if chosen is not None:
+                g = g or dataclasses.asdict(getattr(cls(), group))
+                g["max_replicas"] = min(int(chosen), int(g["max_replicas"]))
+                g["min_replicas"] = min(int(g.get("min_replicas", 0)), g["max_replicas"])
+            if g:
+                cfg[group] = g
+        return cfg
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> KubeRayBackend:
@@ -97,9 +131,16 @@ class KubeRayBackend:
         body["metadata"] = {
             "name": cluster_name,
             "namespace": self.namespace,
-            "labels": {**body["metadata"].get("labels", {}), **self.labels, "ray-embeddings/cluster": cluster_name},
+            "labels": {
+                **body["metadata"].get("labels", {}),
+                **self.pod_labels,
+                **self.labels,
+                self.cluster_label: cluster_name,
+            },
         }
-        head = body["spec"]["headGroupSpec"]["template"]["spec"]
+        head_template = body["spec"]["headGroupSpec"]["template"]
+        head_template["metadata"]["labels"] = {**head_template["metadata"]["labels"], **self.pod_labels}
+        head = head_template["spec"]
         head["containers"][0]["image"] = self.image
         head["containers"][0]["resources"] = {
             "requests": {"cpu": self.head_cpu, "memory": self.head_memory},
@@ -107,8 +148,9 @@ class KubeRayBackend:
         }
         body["spec"]["autoscalerOptions"]["idleTimeoutSeconds"] = self.idle_timeout_s
         groups = {g["groupName"]: g for g in body["spec"]["workerGroupSpecs"]}
-        for group_name, cfg in (("cpu-decode", self.cpu_workers), ("gpu-stages", self.gpu_workers)):
-            g = groups[group_name]
+        for setting, group_name in WORKER_GROUPS.items():
+            cfg, g = getattr(self, setting), groups[group_name]
+            g["template"]["metadata"]["labels"] = {**g["template"]["metadata"]["labels"], **self.pod_labels}
             g["minReplicas"], g["maxReplicas"], g["replicas"] = cfg.min_replicas, cfg.max_replicas, cfg.min_replicas
             pod = g["template"]["spec"]
             pod["containers"][0]["image"] = self.image
@@ -202,3 +244,11 @@ class KubeRayBackend:
     def down(self, handle: ClusterHandle) -> None:
         namespace = handle.details.get("namespace", self.namespace)
         self._hook().delete_cluster(handle.name, namespace)
+
+    # ------------------------------------------------------------------ capacity
+    def capacity_nodes(self, handle: ClusterHandle) -> list[dict[str, float]]:
+        """The worker pods the RayCluster can grow to (its groups at ``max_replicas``), from the
+        RayCluster these settings render: the autoscaler adds nodes as jobs queue."""
+        from airflow_ray.capacity import nodes_from_raycluster
+
+        return nodes_from_raycluster(self.render(handle.name))

@@ -1,4 +1,4 @@
-"""``local``: a Ray head on this machine, loopback only, token-protected; the embedded default.
+"""``local``: a Ray head on this machine, loopback only, token-protected; the default backend.
 
 ``ray start --head --block`` runs detached in its own session so the cluster outlives the
 setup task. Its pid, ports and token file live in a private temp dir: made by ``mkdtemp``
@@ -37,9 +37,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from airflow_ray.backends.base import ClusterBackend
 from airflow_ray.cluster import ClusterHandle, TokenRef
 from airflow_ray.errors import ClusterError, ClusterNotReady
 
@@ -136,7 +138,7 @@ def _read_state(tdir: str) -> ClusterHandle | None:
 
 
 @dataclass(frozen=True)
-class LocalRayBackend:
+class LocalRayBackend(ClusterBackend):
     """Settings of the local backend (all optional)."""
 
     num_cpus: int | None = None
@@ -145,6 +147,30 @@ class LocalRayBackend:
     ready_timeout_s: float = 180.0
     name: str = "local"
     deletes_cluster: ClassVar[bool] = True
+    on_this_host: ClassVar[bool] = True
+
+    @classmethod
+    def settings_from(cls, choices: Mapping[str, Any], deployment: Mapping[str, Any]) -> dict[str, Any]:
+        """*deployment*: any of this class's settings (``num_cpus`` as the default), and
+        ``max_num_cpus``, the most CPUs a run may choose; *choices*: ``num_cpus``."""
+        known = set(cls.__dataclass_fields__) - {"name"}
+        unknown = sorted(set(deployment) - known - {"max_num_cpus"})
+        if unknown:
+            raise ValueError(f"unknown local backend setting(s) {unknown}; known: {sorted(known | {'max_num_cpus'})}")
+        cfg = {k: v for k, v in deployment.items() if k != "max_num_cpus" and v is not None}
+        chosen = choices.get("num_cpus")
+        if chosen is not None:
+            cfg["num_cpus"] = int(chosen)
+        limit = deployment.get("max_num_cpus")
+        if limit is not None and cfg.get("num_cpus") is not None and not 1 <= cfg["num_cpus"] <= int(limit):
+            raise ValueError(f"num_cpus {cfg['num_cpus']} is not one the deployment allows (1 to {int(limit)})")
+        return cfg
+
+    def capacity_nodes(self, handle: ClusterHandle) -> list[dict[str, float]]:
+        """The live cluster's nodes (one: the head)."""
+        from airflow_ray.capacity import live_nodes
+
+        return live_nodes(handle)
 
     def _root(self) -> str:
         return os.path.realpath(self.temp_root or tempfile.gettempdir())

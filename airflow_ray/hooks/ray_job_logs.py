@@ -1,7 +1,7 @@
 """Follow a Ray job's log incrementally, with bounded memory, from a resumable offset.
 
 The Ray Jobs API serves a job's log two ways: ``GET /api/jobs/{id}/logs`` returns the whole
-file (200 MB for a chatty night: never used here), and ``/api/jobs/{id}/logs/tail`` streams
+file (200 MB for a chatty job: never used here), and ``/api/jobs/{id}/logs/tail`` streams
 it over a websocket as it is written, in chunks of at most 20,000 characters, ending when the
 job is terminal. :class:`JobLogFollower` keeps one such stream open and counts characters:
 ``offset`` is the position just after the last *complete* line handed out, so a follower

@@ -7,11 +7,13 @@ header and nowhere else: not in URLs, logs, exceptions or XCom.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import httpx
 
 from airflow_ray.errors import RayJobsApiError
+from airflow_ray.provider_info import CONN_TYPE, FIELD_BEHAVIOUR, HOOK_NAME
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ACTIVE = frozenset({"PENDING", "RUNNING"})
@@ -29,12 +31,18 @@ def _check(resp: httpx.Response, what: str) -> None:
         raise RayJobsApiError(f"Ray Jobs API: {what} failed: HTTP {resp.status_code}{hint}: {body}", resp.status_code)
 
 
+def _local_working_dir(runtime_env: dict[str, Any]) -> bool:
+    wd = runtime_env.get("working_dir")
+    return bool(wd) and "://" not in str(wd)
+
+
 class RayJobsClient:
     """Blocking client for one cluster's dashboard address."""
 
     def __init__(self, address: str, token: str | None = None, timeout: float = 30.0):
         self.address = address.rstrip("/")
-        self._client = httpx.Client(base_url=self.address, headers=_headers(token), timeout=timeout)
+        self._auth = _headers(token)  # also for Ray's own client (a submission that uploads a working_dir)
+        self._client = httpx.Client(base_url=self.address, headers=self._auth, timeout=timeout)
 
     def close(self) -> None:
         self._client.close()
@@ -72,32 +80,6 @@ class RayJobsClient:
         _check(resp, f"get job {submission_id}")
         return resp.json()
 
-    def upload_working_dir(self, runtime_env: dict[str, Any]) -> dict[str, Any]:
-        """Replace a local ``working_dir`` by a content-addressed package uploaded to the cluster,
-        as Ray's own job client does (the REST API accepts only package URIs)."""
-        wd = runtime_env.get("working_dir")
-        if not wd or "://" in wd:
-            return runtime_env
-        import tempfile
-        from pathlib import Path
-
-        from ray._private.runtime_env.packaging import create_package, get_uri_for_directory
-
-        excludes = list(runtime_env.get("excludes") or [])
-        uri = get_uri_for_directory(wd, include_gitignore=True, excludes=excludes)
-        protocol, name = uri.split("://", 1)
-        path = f"/api/packages/{protocol}/{name}"
-        resp = self._client.get(path)
-        if resp.status_code == 404:
-            with tempfile.TemporaryDirectory() as tmp:
-                package = Path(tmp) / name
-                create_package(wd, package, include_gitignore=True, excludes=excludes)
-                resp = self._client.put(path, content=package.read_bytes())
-        _check(resp, f"upload working_dir {wd}")
-        out = {k: v for k, v in runtime_env.items() if k != "excludes"}
-        out["working_dir"] = uri
-        return out
-
     def submit(
         self,
         submission_id: str,
@@ -108,10 +90,19 @@ class RayJobsClient:
         entrypoint_memory: int | None = None,
     ) -> str:
         """Submit; ``entrypoint_num_cpus``/``entrypoint_memory`` are the driver's own resources, so
-        Ray places it on a node that has them (never a KubeRay head with ``num-cpus: 0``)."""
+        Ray places it on a node that has them (never a KubeRay head with ``num-cpus: 0``).
+
+        A ``runtime_env`` whose ``working_dir`` is a local directory is submitted through Ray's
+        public ``JobSubmissionClient``, which first uploads the directory as a content-addressed
+        package (``excludes`` and ``.gitignore`` honoured; a package the cluster already has is
+        not sent again): the REST API itself accepts only package URIs."""
+        if runtime_env and _local_working_dir(runtime_env):
+            return self._submit_uploading(
+                submission_id, entrypoint, runtime_env, metadata, entrypoint_num_cpus, entrypoint_memory
+            )
         body: dict[str, Any] = {"entrypoint": entrypoint, "submission_id": submission_id}
         if runtime_env:
-            body["runtime_env"] = self.upload_working_dir(runtime_env)
+            body["runtime_env"] = runtime_env
         if metadata:
             body["metadata"] = metadata
         if entrypoint_num_cpus is not None:
@@ -121,6 +112,33 @@ class RayJobsClient:
         resp = self._client.post("/api/jobs/", json=body)
         _check(resp, f"submit job {submission_id}")
         return resp.json().get("submission_id", submission_id)
+
+    def _submit_uploading(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        runtime_env: dict[str, Any],
+        metadata: dict[str, str] | None,
+        entrypoint_num_cpus: float | None,
+        entrypoint_memory: int | None,
+    ) -> str:
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            client = JobSubmissionClient(self.address, headers=dict(self._auth))
+            return client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env=runtime_env,
+                metadata=dict(metadata or {}),
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                entrypoint_memory=None if entrypoint_memory is None else int(entrypoint_memory),
+            )
+        except (RuntimeError, ConnectionError) as exc:  # what Ray's client raises for a refused request
+            raise RayJobsApiError(
+                f"Ray Jobs API: submit job {submission_id} (working_dir {runtime_env['working_dir']} uploaded "
+                f"first) failed: {str(exc)[:500]}"
+            ) from exc
 
     def logs(self, submission_id: str) -> str:
         resp = self._client.get(f"/api/jobs/{submission_id}/logs")
@@ -178,12 +196,18 @@ class RayJobsHook(_base_hook()):
 
     conn_name_attr = "ray_conn_id"
     default_conn_name = "ray_default"
-    conn_type = "ray_dashboard"
-    hook_name = "Ray cluster (dashboard address + auth token)"
+    conn_type = CONN_TYPE
+    hook_name = HOOK_NAME
 
     def __init__(self, ray_conn_id: str = default_conn_name, **kwargs):
         super().__init__(**kwargs)
         self.ray_conn_id = ray_conn_id
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """The connection form (Airflow < 3.2 reads it here; 3.2+ from the provider info's
+        ``ui-field-behaviour``, :data:`airflow_ray.provider_info.FIELD_BEHAVIOUR`, the same dict)."""
+        return copy.deepcopy(FIELD_BEHAVIOUR)
 
     def _conn(self):
         return self.get_connection(self.ray_conn_id)

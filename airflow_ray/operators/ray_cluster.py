@@ -20,7 +20,8 @@ class RayClusterSetupOperator(BaseOperator):
     """Create (or adopt) the run's cluster; returns the :class:`ClusterHandle` as a dict (no secrets).
 
     The cluster name derives from ``(dag_id, run_id)``, so a retried setup adopts the cluster
-    it already made. For ``kuberay`` the wait for ``HeadPodReady`` is deferred to a trigger.
+    it already made. A backend whose start is slow defers the wait to a trigger (``kuberay``:
+    ``HeadPodReady``); the others block until the cluster answers.
     """
 
     template_fields: Sequence[str] = ("backend", "backend_config")
@@ -37,11 +38,7 @@ class RayClusterSetupOperator(BaseOperator):
         name = cluster_name(ti.dag_id, ti.run_id)
         backend = get_backend(self.backend, self.backend_config)
         self._starting = name
-        if self.backend == "kuberay":
-            return backend.up_deferrable(self, name)
-        handle = backend.up(name)
-        self.log.info("Ray cluster %s is up (%s backend): %s", name, self.backend, handle.dashboard_url)
-        return handle.to_dict()
+        return backend.up_deferrable(self, name)
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
         backend = get_backend(self.backend, self.backend_config)
@@ -66,7 +63,7 @@ class RayClusterTeardownOperator(BaseOperator):
     already gone is success.
 
     A cluster the run only borrows (``existing``) is not deleted: instead every job of this run
-    still PENDING or RUNNING is stopped. By then each partition's task has ended, so such a job
+    still PENDING or RUNNING is stopped. By then each job's task has ended, so such a job
     is one whose task ended without stopping it: marked failed in the moment between its
     deferral and the triggerer loading its trigger (Airflow then never runs the trigger, and
     nothing calls ``on_kill``), or sensed by a worker that died. No job outlives its run on a

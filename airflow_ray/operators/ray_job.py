@@ -20,7 +20,7 @@ from airflow_ray.version_guard import check_compatible
 
 MAX_RESUBMISSIONS = 20
 #: Metadata every job of a DAG run carries (shows in ``ray job list`` and the dashboard); the
-#: run's teardown finds the run's jobs by it.
+#: run's teardown finds the run's jobs by it. ``partition``: the job's key within its run.
 META_DAG_ID, META_RUN_ID, META_PARTITION = "airflow_dag_id", "airflow_run_id", "partition"
 
 
@@ -72,6 +72,7 @@ def runs_one_task_at_a_time() -> bool:
     """True under ``airflow dags test`` / ``dag.test()``: the task runs in the test's own process
     (an in-process supervisor channel), tasks one after another and triggers in line."""
     try:
+        # private: no public API says a task runs under dag.test(); its in-process channel is the only sign
         from airflow.sdk.execution_time import task_runner
         from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
     except ImportError:
@@ -82,8 +83,9 @@ def runs_one_task_at_a_time() -> bool:
 class RayJobOperator(BaseOperator):
     """Run ``entrypoint`` as a Ray job on the cluster described by ``cluster`` (a ClusterHandle dict).
 
-    :param partition: the key of this job within the DAG run (the submission id derives from
-        ``(dag_id, run_id, partition)``, so a retried task adopts its job instead of duplicating it)
+    :param partition: the key of this job within the DAG run, e.g. the index of the slice of
+        the run's work it does (the submission id derives from ``(dag_id, run_id, partition)``,
+        so a retried task adopts its job instead of duplicating it)
     :param runtime_env: Ray runtime environment for the job (``working_dir``, ``env_vars``, ...)
     :param entrypoint_num_cpus: CPUs of the job's driver; > 0 keeps drivers off a head that has
         ``num-cpus: 0`` (KubeRay's), since Ray places the driver where these resources are

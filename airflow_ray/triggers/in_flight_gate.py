@@ -1,4 +1,4 @@
-"""Bounded concurrency for mapped partition tasks: a sliding window over map indices.
+"""Bounded concurrency for the map indices of a mapped task: a sliding window over them.
 
 Map index *i* may submit its Ray job once fewer than ``limit`` of the indices below it are
 unfinished. The rule needs no lock and no counter, only the task instances' states, and
@@ -47,6 +47,7 @@ def mapped_states(task_states: Mapping[str, Mapping[str, Any]], run_id: str, tas
 
 def fetch_states(dag_id: str, run_id: str, task_id: str) -> dict[int, str | None]:
     """The states of every map index of *task_id* in this run (blocking; the Task SDK's channel)."""
+    # private: no public API reads task states from a trigger (Airflow's standard/cncf triggers import it too)
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     raw = RuntimeTaskInstance.get_task_states(dag_id=dag_id, task_ids=[task_id], run_ids=[run_id])

@@ -11,11 +11,11 @@ line it logged instead of replaying the log. Memory per trigger is bounded whate
 log's size.
 
 ``deadline`` (epoch seconds) bounds the whole wait: past it the trigger stops the Ray job and
-ends with ``TIMEOUT``, so a stuck job fails its task clearly instead of blocking the night.
+ends with ``TIMEOUT``, so a stuck job fails its task clearly instead of blocking the run.
 Marking the deferred task failed (or clearing it) calls :meth:`on_kill`, which stops the job;
 marked in the moment before the triggerer loads the trigger, nothing does, and the job ends
 with its run: the teardown deletes the cluster, or on a borrowed one stops the run's leftover
-jobs (README: "Stopping a partition").
+jobs.
 """
 
 from __future__ import annotations
@@ -62,15 +62,15 @@ class _OffsetCheckpoint:
         }
 
     def _load(self) -> int:
-        from airflow.sdk.execution_time.xcom import XCom
+        from airflow_ray.xcom import xcom_backend
 
-        value = XCom.get_one(key=LOG_OFFSET_XCOM_KEY, **self._key())
+        value = xcom_backend().get_one(key=LOG_OFFSET_XCOM_KEY, **self._key())
         return int(value or 0)
 
     def _save(self, offset: int) -> None:
-        from airflow.sdk.execution_time.xcom import XCom
+        from airflow_ray.xcom import xcom_backend
 
-        XCom.set(LOG_OFFSET_XCOM_KEY, offset, **self._key())
+        xcom_backend().set(LOG_OFFSET_XCOM_KEY, offset, **self._key())
 
     async def load(self) -> int:
         if not self.enabled:

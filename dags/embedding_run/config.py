@@ -1,323 +1,187 @@
-"""The nightly DAG's configuration: the form's defaults and the deployment's infrastructure.
+"""The nightly run's one typed configuration, and the trigger form derived from it.
 
-Two kinds of settings, from ``include/multimodal_embeddings.defaults.yaml`` and ``EMB_*`` env:
+:class:`RunConfig` is a tree of frozen settings groups: the data plane's
+(:mod:`ray_jobs.config.settings`: sources, partitioning, stages, the job, acceptance) and the
+control plane's below (the catalog connection, orchestration, the cluster). Each setting is
+declared once; the form's JSON schema and sections, the job's argv, the command line and the
+job's own config are derived from those declarations. ``check_inputs`` validates a run's
+params into a :class:`RunConfig` once, against the deployment as it is then; the other
+tasks get it from XCom (:meth:`RunConfig.to_dict` / :meth:`RunConfig.from_dict`).
 
-* ``params`` — what the trigger form starts from (``EMB_<PARAM>`` overrides a default).
-  Form values are data: each is typed and bounded by the JSON schema in :func:`param_schemas`.
-* ``deployment`` — infrastructure and the lists the form may choose from: the backends, the
-  Airflow connections (Ray dashboards, the Iceberg catalog), the KubeRay image(s), namespace,
-  service account, Kubernetes connection, kubeconfig and worker-group limits
-  (``EMB_DEPLOYMENT_<KEY>``, JSON or a comma list, overrides a key; dicts are merged).
-  Only whoever deploys sets these: no form value can name an image, a connection or a path
-  that is not listed here.
-
-Read at DAG parse time: a small local file and the environment, nothing else.
+Standard library and the data plane's config only: read at DAG parse time.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
+import dataclasses
 from typing import Any
 
-import yaml
+from ray_jobs.config.declare import ConfigError, Field, Settings, check_value, field_schema, fields_of, setting
+from ray_jobs.config.settings import Acceptance, JobSettings, Partitioning, Sources, StageSettings
 
-DEFAULTS_FILE = os.environ.get(
-    "EMB_DEFAULTS_FILE",
-    os.path.join(os.path.dirname(__file__), "..", "..", "include", "multimodal_embeddings.defaults.yaml"),
-)
 REQUIRED = ("manifest_uri", "output_uri", "model_uri")
 APPROVED_TAGS = frozenset({"embeddings", "ray", "kuberay", "iceberg", "nightly", "ml-platform"})
 BACKENDS = ("local", "kuberay", "existing")
-_NULL_WORDS = ("", "null", "none")
+#: Airflow's ``[core] max_map_length`` default: the most mapped embed tasks one run may have
+MAX_MAP_LENGTH = 1024
 
 
-class ConfigError(ValueError):
-    """The defaults file or an ``EMB_*`` variable is invalid (raised at parse time, naming the key)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CatalogChoice(Settings):
+    SECTION = "Input and output"
+
+    catalog_conn_id: str | None = setting(
+        None, help="Airflow connection of the Iceberg catalog (empty: SQLite next to the output)"
+    )
 
 
-# ---------------------------------------------------------------------------------------------- loading
-def _coerce(raw: str, like: Any, key: str) -> Any:
-    text = raw.strip()
-    if not isinstance(like, str) and text.lower() in _NULL_WORDS:  # null; the param's schema says if it may be
-        return type(like)() if isinstance(like, (dict, list)) else None
-    if like is None or isinstance(like, (dict, list)):
-        if text.startswith(("{", "[")):
-            return json.loads(text)
-        if isinstance(like, list):
-            return [item.strip() for item in text.split(",") if item.strip()]
-        if isinstance(like, dict):
-            raise ConfigError(f"{key} must be a JSON object, got {raw!r}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Orchestration(Settings):
+    """How Airflow runs the partitions: how many at once, how often it polls, how long one may take."""
+
+    SECTION = "Embed job"
+
+    poll_interval_s: float = setting(
+        5.0, help="Seconds between polls of a partition's Ray job", minimum=0.1, maximum=600
+    )
+    max_partitions_in_flight: int | None = setting(
+        None,
+        help="Partitions running at once (empty: what the cluster holds, its nodes ÷ one job's "
+        "footprint, computed when the cluster is up)",
+        minimum=1,
+        maximum=1024,
+    )
+    embed_timeout_s: int = setting(
+        21600,
+        help="Deadline of one partition try (waiting for a slot + the Ray job); past it the job is "
+        "stopped and the task fails",
+        minimum=60,
+        maximum=7 * 86400,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterChoice(Settings):
+    """Where the Ray cluster comes from: only what the deployment lists (see :func:`deployment_bounds`)."""
+
+    SECTION = "Cluster"
+
+    backend: str = setting("local", help="Where the Ray cluster comes from", choices=BACKENDS)
+    local_num_cpus: int = setting(4, help="local backend: logical CPUs of the Ray head", minimum=1)
+    existing_conn_id: str = setting("ray_default", help="existing backend: the Airflow connection of the Ray dashboard")
+    kuberay_image: str | None = setting(None, help="kuberay backend: Ray image (empty: the deployment's first)")
+    kuberay_cpu_workers_max: int | None = setting(
+        None, help="kuberay backend: most CPU workers (empty: the deployment's maximum)", minimum=1
+    )
+    kuberay_gpu_workers_max: int | None = setting(
+        None, help="kuberay backend: most GPU workers (empty: the deployment's maximum)", minimum=0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One run's validated settings, grouped as the form's sections are."""
+
+    sources: Sources
+    catalog: CatalogChoice = dataclasses.field(default_factory=CatalogChoice)
+    partitioning: Partitioning = dataclasses.field(default_factory=Partitioning)
+    stage: StageSettings = dataclasses.field(default_factory=StageSettings)
+    job: JobSettings = dataclasses.field(default_factory=JobSettings)
+    acceptance: Acceptance = dataclasses.field(default_factory=Acceptance)
+    orchestration: Orchestration = dataclasses.field(default_factory=Orchestration)
+    cluster: ClusterChoice = dataclasses.field(default_factory=ClusterChoice)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], deployment: dict[str, Any]) -> RunConfig:
+        """The run's params, each checked against its declaration and the deployment's lists
+        and limits as they are now. Raises :class:`ConfigError` naming the param."""
+        bounds = deployment_bounds(deployment)
+        for f, _ in _form_fields():
+            if f.name in params and not (f.required and params[f.name] is None):
+                problem = check_value(f, params[f.name], bounds.get(f.name))
+                if problem:
+                    raise ConfigError(f"param {f.name}: {problem}")
         try:
-            return json.loads(text)  # a number or a boolean for a nullable key
-        except ValueError:
-            return raw
-    if isinstance(like, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    try:
-        if isinstance(like, int):
-            return int(text)
-        if isinstance(like, float):
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number, got {raw!r}") from None
-    return raw
+            return cls.from_dict(params)
+        except ConfigError as exc:
+            raise ConfigError(f"param {exc}") from None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """From a flat dict of settings (params, or :meth:`to_dict`); absent settings default."""
+        groups = {}
+        for name, kind in _GROUPS.items():
+            missing = [f.name for f in fields_of(kind) if f.required and values.get(f.name) is None]
+            if missing:
+                raise ConfigError(f"{missing[0]}: must be set")
+            groups[name] = kind(**{f.name: values[f.name] for f in fields_of(kind) if f.name in values})
+        return cls(**groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Setting name -> JSON value: what XCom carries between the run's tasks."""
+        from ray_jobs.config.declare import to_flat
+
+        return {k: v for group in self.groups() for k, v in to_flat(group).items()}
+
+    def groups(self) -> tuple[Settings, ...]:
+        return tuple(getattr(self, name) for name in _GROUPS)
 
 
-def _merge(base: Any, over: Any) -> Any:
-    if isinstance(base, dict) and isinstance(over, dict):
-        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
-    return over
+_GROUPS: dict[str, type[Settings]] = {
+    "sources": Sources,
+    "catalog": CatalogChoice,
+    "partitioning": Partitioning,
+    "stage": StageSettings,
+    "job": JobSettings,
+    "acceptance": Acceptance,
+    "orchestration": Orchestration,
+    "cluster": ClusterChoice,
+}
 
 
-def load_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    env = os.environ if environ is None else environ
-    with open(DEFAULTS_FILE) as fh:
-        cfg = yaml.safe_load(fh)
-    out = copy.deepcopy(cfg)
-    for key in ("schedule", "owner", "retries", "retry_delay_s"):
-        name = f"EMB_{key.upper()}"
-        if name in env:
-            out[key] = _coerce(env[name], cfg[key], name)
-    for key, value in cfg["params"].items():
-        name = f"EMB_{key.upper()}"
-        if name in env:
-            out["params"][key] = _coerce(env[name], value, name)
-    for key, value in cfg["deployment"].items():
-        name = f"EMB_DEPLOYMENT_{key.upper()}"
-        if name in env:
-            out["deployment"][key] = _merge(value, _coerce(env[name], value, name))
-    out["deployment"] = check_deployment(out["deployment"], out["params"])
-    template = out["deployment"].get("task_pod_template_file")
-    out["executor_config"] = {"pod_template_file": template} if template else {}
-    if str(out["schedule"]).lower() in ("none", "null", ""):
-        out["schedule"] = None
-    # A scheduled run needs valid defaults (Airflow refuses the DAG otherwise): until the
-    # manifest, output and model are configured, the DAG runs only when triggered with params.
-    if not all(out["params"].get(k) for k in REQUIRED):
-        out["unscheduled_reason"] = f"set {', '.join('EMB_' + k.upper() for k in REQUIRED)} to schedule it"
-        out["schedule"] = None
-    return out
+def _form_fields() -> list[tuple[Field, type[Settings]]]:
+    return [(f, kind) for kind in _GROUPS.values() for f in fields_of(kind) if f.spec.form]
 
 
-def _names(deployment: dict[str, Any], key: str, default: Any) -> list[str]:
-    """A deployment list of names; without one, the single param default (if any) is allowed."""
-    values = deployment.get(key)
-    if values is None or values == []:
-        values = [default] if default else []
-    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
-        raise ConfigError(f"deployment.{key} must be a list of non-empty names, got {values!r}")
-    if default and default not in values:
-        raise ConfigError(f"the default {default!r} is not in deployment.{key} {values}")
-    return values
+def form_fields() -> list[Field]:
+    """Every param of the trigger form, in form order."""
+    return [f for f, _ in _form_fields()]
 
 
-def check_deployment(deployment: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """Normalise and check the deployment section: every list non-empty, every limit a count."""
-    dep = copy.deepcopy(deployment)
-    dep["backends"] = _names(dep, "backends", params.get("backend"))
-    unknown = sorted(set(dep["backends"]) - set(BACKENDS))
-    if unknown or not dep["backends"]:
-        raise ConfigError(f"deployment.backends {dep['backends']}: choose among {list(BACKENDS)}")
-    dep["existing_conn_ids"] = _names(dep, "existing_conn_ids", params.get("existing_conn_id"))
-    dep["catalog_conn_ids"] = _names(dep, "catalog_conn_ids", params.get("catalog_conn_id"))
-    template = dep.get("task_pod_template_file")
-    if template is not None and not (isinstance(template, str) and os.path.isabs(template)):
-        raise ConfigError(f"deployment.task_pod_template_file must be an absolute path, got {template!r}")
-    limit = dep.get("local_max_num_cpus")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ConfigError(f"deployment.local_max_num_cpus must be a positive integer, got {limit!r}")
-    kuberay = dict(dep.get("kuberay") or {})
-    kuberay["images"] = _names(kuberay, "images", params.get("kuberay_image"))
-    if not kuberay["images"]:
-        raise ConfigError("deployment.kuberay.images must list at least one Ray image")
-    for group in ("cpu_workers", "gpu_workers"):
-        g = kuberay.get(group) or {}
-        lo, hi = g.get("min_replicas", 0), g.get("max_replicas")
-        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
-            raise ConfigError(f"deployment.kuberay.{group} needs 0 <= min_replicas <= max_replicas, got {g!r}")
-    dep["kuberay"] = kuberay
-    return dep
+def deployment_bounds(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the deployment allows, as JSON-schema keys that tighten the declarations: the
+    backends, connections and images it lists, and its limits."""
+    k8s = deployment["kuberay"]
+    cpu_w, gpu_w = k8s["cpu_workers"], k8s["gpu_workers"]
+    return {
+        "max_partitions": {"maximum": MAX_MAP_LENGTH},
+        "backend": {"enum": list(deployment["backends"])},
+        "existing_conn_id": {"enum": list(deployment["existing_conn_ids"])},
+        "catalog_conn_id": {"enum": [None, *deployment["catalog_conn_ids"]]},
+        "kuberay_image": {"enum": [None, *k8s["images"]], "description": _with_default(k8s["images"][0])},
+        "local_num_cpus": {"maximum": deployment["local_max_num_cpus"]},
+        "kuberay_cpu_workers_max": {
+            "minimum": max(1, cpu_w.get("min_replicas", 0)),
+            "maximum": cpu_w["max_replicas"],
+            "description": f"kuberay backend: most CPU workers (empty: {cpu_w['max_replicas']})",
+        },
+        "kuberay_gpu_workers_max": {
+            "minimum": max(0, gpu_w.get("min_replicas", 0)),
+            "maximum": gpu_w["max_replicas"],
+            "description": f"kuberay backend: most GPU workers (empty: {gpu_w['max_replicas']})",
+        },
+    }
 
 
-# ---------------------------------------------------------------------------------------------- the form
-def _nullable(kind: str, **schema: Any) -> dict[str, Any]:
-    """Optional in the form: JSON null (the default) or a value of *kind*."""
-    return {"type": ["null", kind], **schema}
+def _with_default(image: str) -> str:
+    return f"kuberay backend: Ray image (empty: {image})"
 
 
 def param_schemas(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every form param's JSON schema, in form order: the one place to add a param.
-
-    A param added here needs a default under ``params:`` in the defaults file. Choices come
-    from *deployment* (enums), numbers are bounded by its maxima.
-    """
-    k8s = deployment["kuberay"]
-    cpu_w, gpu_w = k8s["cpu_workers"], k8s["gpu_workers"]
-    io, part, stages, job, cluster = "Input and output", "Partitioning", "Model stages", "Embed job", "Cluster"
-    pool = {"type": "string", "pattern": r"^[1-9][0-9]{0,3}(-[1-9][0-9]{0,3})?$"}
-    return {
-        # -- what to embed, where to: required
-        "manifest_uri": {
-            "type": "string",
-            "minLength": 1,
-            "section": io,
-            "description": "Parquet manifest: file, directory or s3:// prefix (id, text, image_uri)",
-        },
-        "output_uri": {
-            "type": "string",
-            "minLength": 1,
-            "section": io,
-            "description": "Output root: plans, embeddings, reports (local path or s3://)",
-        },
-        "model_uri": {
-            "type": "string",
-            "minLength": 1,
-            "section": io,
-            "description": "Checkpoint directory or s3:// prefix: twin tower, or a Hugging Face dual encoder "
-            "(CLIP, SigLIP, SigLIP 2, Chinese-CLIP, VisionTextDualEncoder) as save_pretrained wrote it",
-        },
-        "dataset": _nullable(
-            "string",
-            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
-            section=io,
-            description="Dataset name in the catalog (empty: derived from the manifest)",
-        ),
-        "catalog_conn_id": {
-            "type": ["null", "string"],
-            "enum": [None, *deployment["catalog_conn_ids"]],
-            "section": io,
-            "description": "Airflow connection of the Iceberg catalog (empty: SQLite next to the output)",
-        },
-        # -- partitioning
-        "partition_rows": _nullable("integer", minimum=1, section=part, description="Target rows per partition"),
-        "partition_bytes": _nullable(
-            "integer", minimum=1, section=part, description="Target image bytes per partition (instead of rows)"
-        ),
-        "max_partitions": {"type": "integer", "minimum": 1, "maximum": 1024, "section": part},
-        # -- stage layout
-        "num_stages": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": 64,
-            "section": stages,
-            "description": "Balanced pipeline stages",
-        },
-        "stages": _nullable(
-            "string",
-            maxLength=512,
-            pattern=r"^[A-Za-z0-9_:@=.,|-]+$",
-            section=stages,
-            description="Stage spec, overrides num_stages: text@gpus=1|image:0-5@gpus=1|image:6-11@gpus=1",
-        ),
-        "stage_num_cpus": {"type": "number", "exclusiveMinimum": 0, "maximum": 1024, "section": stages},
-        "stage_num_gpus": {"type": "number", "minimum": 0, "maximum": 64, "section": stages},
-        "stage_pool": {**pool, "section": stages, "description": "Actor pool size per stage, MIN-MAX"},
-        # -- the embed job's own flags (each one argv element of `python -m ray_jobs embed`)
-        "batch_size": {"type": "integer", "minimum": 1, "maximum": 65536, "section": job},
-        "preprocess_cpus": {
-            "type": "number",
-            "exclusiveMinimum": 0,
-            "maximum": 1024,
-            "section": job,
-            "description": "CPUs per preprocessing actor",
-        },
-        "preprocess_pool": {**pool, "section": job, "description": "Preprocessing actor pool, MIN-MAX"},
-        "fetch_threads": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": 256,
-            "section": job,
-            "description": "Concurrent image fetches per preprocessing actor",
-        },
-        "rows_per_file": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": 10_000_000,
-            "section": job,
-            "description": "Rows per output Parquet file",
-        },
-        "max_image_pixels": _nullable(
-            "integer", minimum=1, section=job, description="Reject images above this many pixels (empty: decoder's)"
-        ),
-        "max_object_bytes": _nullable(
-            "integer", minimum=1, section=job, description="Reject image objects above this size (empty: no limit)"
-        ),
-        "max_reject_rate": {"type": "number", "minimum": 0, "maximum": 1, "section": job},
-        "poll_interval_s": {"type": "number", "minimum": 0.1, "maximum": 600, "section": job},
-        "dtype": {
-            "type": "string",
-            "enum": ["float32", "bfloat16", "float16"],
-            "section": stages,
-            "description": "Stage weights and hidden states between stages (float16: GPU stages only); "
-            "embeddings are stored as float32",
-        },
-        # -- concurrency and deadlines (README, "Concurrency")
-        "max_partitions_in_flight": _nullable(
-            "integer",
-            minimum=1,
-            maximum=1024,
-            section=job,
-            description="Partitions running at once (empty: what the cluster holds, its nodes ÷ one job's "
-            "footprint, computed when the cluster is up)",
-        ),
-        "embed_timeout_s": {
-            "type": "integer",
-            "minimum": 60,
-            "maximum": 7 * 86400,
-            "section": job,
-            "description": "Deadline of one partition try (waiting for a slot + the Ray job); past it the job is "
-            "stopped and the task fails",
-        },
-        "admission_timeout_s": {
-            "type": "integer",
-            "minimum": 10,
-            "maximum": 86400,
-            "section": job,
-            "description": "How long a started job may wait for its whole minimum footprint before failing",
-        },
-        # -- where the Ray cluster comes from: only what the deployment lists
-        "backend": {
-            "type": "string",
-            "enum": list(deployment["backends"]),
-            "section": cluster,
-            "description": "Where the Ray cluster comes from",
-        },
-        "local_num_cpus": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": deployment["local_max_num_cpus"],
-            "section": cluster,
-            "description": "local backend: logical CPUs of the Ray head",
-        },
-        "existing_conn_id": {
-            "type": "string",
-            "enum": list(deployment["existing_conn_ids"]),
-            "section": cluster,
-            "description": "existing backend: the Airflow connection of the Ray dashboard",
-        },
-        "kuberay_image": {
-            "type": ["null", "string"],
-            "enum": [None, *k8s["images"]],
-            "section": cluster,
-            "description": f"kuberay backend: Ray image (empty: {k8s['images'][0]})",
-        },
-        "kuberay_cpu_workers_max": _nullable(
-            "integer",
-            minimum=max(1, cpu_w.get("min_replicas", 0)),
-            maximum=cpu_w["max_replicas"],
-            section=cluster,
-            description=f"kuberay backend: most CPU workers (empty: {cpu_w['max_replicas']})",
-        ),
-        "kuberay_gpu_workers_max": _nullable(
-            "integer",
-            minimum=max(0, gpu_w.get("min_replicas", 0)),
-            maximum=gpu_w["max_replicas"],
-            section=cluster,
-            description=f"kuberay backend: most GPU workers (empty: {gpu_w['max_replicas']})",
-        ),
-    }
+    """Every form param's JSON schema, in form order, with the deployment's choices and limits."""
+    bounds = deployment_bounds(deployment)
+    return {f.name: {**field_schema(f, kind.SECTION), **bounds.get(f.name, {})} for f, kind in _form_fields()}
 
 
 def build_params(defaults: dict[str, Any]):
@@ -328,13 +192,9 @@ def build_params(defaults: dict[str, Any]):
     from airflow.sdk import Param
     from airflow.sdk.exceptions import ParamValidationError
 
-    schemas = param_schemas(defaults["deployment"])
     values = defaults["params"]
-    missing, extra = sorted(set(schemas) - set(values)), sorted(set(values) - set(schemas))
-    if missing or extra:
-        raise ConfigError(f"defaults file params and the param schemas differ: missing {missing}, unknown {extra}")
     params = {}
-    for name, schema in schemas.items():
+    for name, schema in param_schemas(defaults["deployment"]).items():
         params[name] = Param(values[name], **copy.deepcopy(schema))
         if name not in REQUIRED:
             try:
@@ -342,19 +202,3 @@ def build_params(defaults: dict[str, Any]):
             except ParamValidationError as exc:
                 raise ConfigError(f"default of param {name} (EMB_{name.upper()}): {exc}") from None
     return params
-
-
-def validated_params(params: dict[str, Any], deployment: dict[str, Any] | None = None) -> dict[str, Any]:
-    """*params* checked again at task run time against the deployment as it is now.
-
-    Raises :class:`airflow.sdk.exceptions.ParamValidationError` naming the field."""
-    from airflow.sdk.definitions.param import ParamsDict
-
-    if deployment is None:
-        deployment = load_defaults()["deployment"]
-    from airflow.sdk import Param
-
-    schemas = param_schemas(deployment)
-    form = ParamsDict({name: Param(params.get(name), **copy.deepcopy(s)) for name, s in schemas.items()})
-    resolved = form.validate()
-    return {**dict(params), **resolved}

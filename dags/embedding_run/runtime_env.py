@@ -13,7 +13,7 @@ def working_tree_runtime_env(extra_env: dict[str, str] | None = None) -> dict:
     Used for the ``local`` backend, whose workers run this machine's Python; on KubeRay the
     image already holds the code and no working_dir is shipped.
     """
-    from ray_jobs.job.embed import WORKER_ENV  # no model hub access, quiet libraries
+    from ray_jobs.job.ray_start import WORKER_ENV  # no model hub access, quiet libraries
 
     package_dir = os.path.dirname(os.path.abspath(ray_jobs.__file__))
     root = os.path.dirname(package_dir)

@@ -1,19 +1,22 @@
 """What the nightly DAG's Python tasks do, kept out of the DAG file so it stays wiring only.
 
-Each function takes the run's params and returns JSON-serialisable results for XCom
-(URIs, ids, counts: never row data). The data plane (``ray_jobs``) is imported inside the
-functions, at task run time.
+``check_inputs`` validates the run's params into the typed :class:`~embedding_run.config.RunConfig`
+once, against the deployment as it is then, and hands it on in its XCom; every later step
+takes that result (``checked``) and returns JSON-serialisable results for XCom (URIs, ids,
+counts: never row data). The data plane (``ray_jobs``) is imported inside the functions, at
+task run time.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
-import sys
 import time
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
+
+from embedding_run.config import RunConfig
+from ray_jobs.config.declare import ConfigError
 
 _RUN_ID_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -22,54 +25,30 @@ def plan_run_id(airflow_run_id: str) -> str:
     return _RUN_ID_SAFE.sub("_", airflow_run_id).strip("_")
 
 
-def _checked(params: dict[str, Any], deployment: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's params checked again against the deployment as it is now (a run created
-    before the deployment narrowed its lists is refused, naming the field)."""
-    from airflow.sdk.exceptions import ParamValidationError
+def run_config(params: dict[str, Any], deployment: dict[str, Any] | None = None) -> RunConfig:
+    """The run's params as its typed config, checked against the deployment as it is now (a run
+    created before the deployment narrowed its lists is refused, naming the param)."""
+    if deployment is None:
+        from embedding_run.deployment import load_defaults
 
-    from embedding_run.config import validated_params
-
+        deployment = load_defaults()["deployment"]
     try:
-        return validated_params(params, deployment)
-    except ParamValidationError as exc:
+        return RunConfig.from_params(params, deployment)
+    except ConfigError as exc:
         raise AirflowFailException(str(exc)) from None
 
 
-def kuberay_config(kuberay: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The KubeRay backend's settings: the deployment's, narrowed by the form's choices."""
-    cfg = {k: v for k, v in kuberay.items() if k != "images" and v is not None}
-    cfg["image"] = params.get("kuberay_image") or kuberay["images"][0]
-    for group in ("cpu_workers", "gpu_workers"):
-        g = dict(kuberay[group])
-        chosen = params.get(f"kuberay_{group}_max")
-        if chosen is not None:
-            g["max_replicas"] = min(int(chosen), int(g["max_replicas"]))
-            g["min_replicas"] = min(int(g.get("min_replicas", 0)), g["max_replicas"])
-        cfg[group] = g
-    return cfg
+def config_of(checked: dict[str, Any]) -> RunConfig:
+    """The config ``check_inputs`` validated, from its XCom."""
+    return RunConfig.from_dict(checked["config"])
 
 
-def backend_config(params: dict[str, Any], deployment: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The chosen backend's settings: infrastructure from the deployment, choices from the form."""
-    from embedding_run.config import load_defaults
-
-    if deployment is None:
-        deployment = load_defaults()["deployment"]
-    params = _checked(params, deployment)
-    backend = params["backend"]
-    if backend == "local":
-        return {"num_cpus": int(params["local_num_cpus"])}
-    if backend == "existing":
-        return {"conn_id": params["existing_conn_id"]}
-    return kuberay_config(deployment["kuberay"], params)
-
-
-def catalog_target(params: dict[str, Any]):
+def catalog_target(config: RunConfig):
     """The run's Iceberg catalog (:class:`~embedding_run.catalog_connection.CatalogTarget`)."""
     from embedding_run.catalog_connection import CatalogConnectionError, resolve_catalog
 
     try:
-        return resolve_catalog(params.get("catalog_conn_id"), params["output_uri"])
+        return resolve_catalog(config.catalog.catalog_conn_id, config.sources.output_uri)
     except CatalogConnectionError as exc:
         raise AirflowFailException(str(exc)) from None
 
@@ -79,72 +58,104 @@ def _fail(exc: Exception) -> AirflowFailException:
 
 
 def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
-    """Manifest readable and schema-valid, model present, stage layout fits, output writable.
-    Any problem fails the task at once (no retry, no cluster)."""
-    from ray_jobs import storage
+    """Params valid, manifest readable and schema-valid, model present, stage layout fits,
+    output writable. Any problem fails the task at once (no retry, no cluster)."""
     from ray_jobs.errors import JobInputError
-    from ray_jobs.job.footprint import job_footprint
-    from ray_jobs.model.checkpoint import open_checkpoint
-    from ray_jobs.model.stage_spec import StageResources
-    from ray_jobs.model.staged import build_layout
+    from ray_jobs.job.footprint import footprint_of
     from ray_jobs.planning.manifest import read_manifest
 
-    params = _checked(params)
-    catalog = catalog_target(params)  # the connection exists and is usable, before any cluster starts
+    config = run_config(params)
+    catalog = catalog_target(config)  # the connection exists and is usable, before any cluster starts
     try:
-        if params.get("partition_rows") and params.get("partition_bytes"):
+        if config.partitioning.partition_rows and config.partitioning.partition_bytes:
             raise JobInputError("params: give partition_rows or partition_bytes, not both")
-        files = read_manifest(params["manifest_uri"])
-        ckpt = open_checkpoint(params["model_uri"])  # twin tower or a Hugging Face dual encoder, as saved
-        lo, _, hi = str(params["stage_pool"]).partition("-")
-        defaults = StageResources(
-            float(params["stage_num_cpus"]), float(params["stage_num_gpus"]), int(lo), int(hi or lo)
-        )
-        layout = build_layout(
-            ckpt,
-            num_stages=None if params["stages"] else int(params["num_stages"]),
-            spec=params["stages"] or None,
-            defaults=defaults,
-        )
-        probe = f"{params['output_uri'].rstrip('/')}/_write_probe"
-        try:
-            storage.write_text(probe, "ok")
-            storage.remove_tree(probe)
-        except OSError as exc:
-            raise JobInputError(f"params.output_uri {params['output_uri']} is not writable: {exc}") from exc
+        files = read_manifest(config.sources.manifest_uri)
+        ckpt, layout = _model_layout(config)
+        _check_writable(config.sources.output_uri)
     except (JobInputError, ValueError) as exc:
         raise _fail(exc) from None
     return {
+        "config": config.to_dict(),
         "files": len(files),
         "rows": sum(f.rows for f in files),
         "model_id": ckpt.model_id,  # metadata only, once per run; every job gets it as --model-id
         "model_format": ckpt.format,
         "embed_dim": ckpt.embed_dim,
         "stages": layout.spec(),
-        "footprint": job_footprint(
-            ((s.resources.num_cpus, s.resources.num_gpus, s.resources.min_pool) for s in layout.stages),
-            preprocess_cpus=float(params["preprocess_cpus"]),
-            preprocess_min=int(str(params["preprocess_pool"]).partition("-")[0]),
-        ).to_dict(),
+        "footprint": footprint_of(layout, config.job).to_dict(),
         "catalog_uri": catalog.redacted_uri,
     }
 
 
-def partition_capacity(params: dict[str, Any], cluster: dict[str, Any], footprint: dict[str, Any]) -> dict[str, Any]:
-    """How many partitions run at once: ``max_partitions_in_flight``, or what the cluster holds."""
-    from airflow_ray.capacity import live_nodes, max_in_flight, nodes_from_raycluster
-    from airflow_ray.cluster import ClusterHandle
+def _model_layout(config: RunConfig):
+    """The checkpoint (twin tower or a Hugging Face dual encoder, as saved) and its stage layout."""
+    from ray_jobs.model.checkpoint import open_checkpoint
+    from ray_jobs.model.stage_spec import StageResources
+    from ray_jobs.model.staged import build_layout
+
+    s = config.stage
+    ckpt = open_checkpoint(config.sources.model_uri)
+    defaults = StageResources(s.stage_num_cpus, s.stage_num_gpus, s.stage_pool.min, s.stage_pool.max)
+    return ckpt, build_layout(ckpt, num_stages=s.num_stages, spec=s.stages, defaults=defaults)
+
+
+def _check_writable(output_uri: str) -> None:
+    from ray_jobs import storage
+    from ray_jobs.errors import JobInputError
+
+    probe = f"{output_uri.rstrip('/')}/_write_probe"
+    try:
+        storage.write_text(probe, "ok")
+        storage.remove_tree(probe)
+    except OSError as exc:
+        raise JobInputError(f"params.output_uri {output_uri} is not writable: {exc}") from exc
+
+
+#: what the task log suggests when not even one job fits the cluster
+CAPACITY_ADVICE = (
+    "shrink the stage layout or pool minimums, give the cluster more resources, or (an autoscaling "
+    "cluster that will grow) set max_partitions_in_flight"
+)
+
+
+def _backend_deployment(deployment: dict[str, Any], backend: str) -> dict[str, Any]:
+    """The deployment's section for *backend*: ``kuberay:``, or its ``<backend>_*`` keys."""
+    if isinstance(deployment.get(backend), dict):
+        return deployment[backend]
+    prefix = f"{backend}_"
+    return {k.removeprefix(prefix): v for k, v in deployment.items() if k.startswith(prefix)}
+
+
+def backend_config(config: RunConfig, deployment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The chosen backend's settings: infrastructure from the deployment, narrowed by the
+    form's ``<backend>_*`` choices (the provider's backend decides what they mean)."""
+    from airflow_ray.backends import backend_settings
+    from ray_jobs.config.declare import to_flat
+
+    if deployment is None:
+        from embedding_run.deployment import load_defaults
+
+        deployment = load_defaults()["deployment"]
+    backend = config.cluster.backend
+    prefix = f"{backend}_"
+    choices = {k.removeprefix(prefix): v for k, v in to_flat(config.cluster).items() if k.startswith(prefix)}
+    try:
+        return backend_settings(backend, choices, _backend_deployment(deployment, backend))
+    except ValueError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def partition_capacity(checked: dict[str, Any], cluster: dict[str, Any], backend_cfg: dict[str, Any]):
+    """How many partitions run at once: ``max_partitions_in_flight``, or what the cluster holds
+    (its nodes, as the backend knows them from *backend_cfg*, ÷ one job's footprint)."""
+    from airflow_ray.backends import cluster_nodes
+    from airflow_ray.capacity import max_in_flight
     from airflow_ray.errors import ClusterError
 
-    handle = ClusterHandle.from_dict(cluster)
+    requested = config_of(checked).orchestration.max_partitions_in_flight
     try:
-        if handle.backend == "kuberay":
-            from airflow_ray.backends import get_backend
-
-            nodes = nodes_from_raycluster(get_backend("kuberay", backend_config(params)).render(handle.name))
-        else:
-            nodes = live_nodes(handle)
-        result = max_in_flight(footprint, nodes, params.get("max_partitions_in_flight"))
+        nodes = cluster_nodes(cluster, backend_cfg)
+        result = max_in_flight(checked["footprint"], nodes, requested, advice=CAPACITY_ADVICE)
     except ClusterError as exc:
         raise _fail(exc) from None
     print(
@@ -156,81 +167,23 @@ def partition_capacity(params: dict[str, Any], cluster: dict[str, Any], footprin
     return result
 
 
-#: form param -> `python -m ray_jobs embed` flag; None values are left out (the job's default)
-EMBED_FLAGS = (
-    ("model_uri", "--model"),
-    ("batch_size", "--batch-size"),
-    ("stage_num_cpus", "--stage-num-cpus"),
-    ("stage_num_gpus", "--stage-num-gpus"),
-    ("stage_pool", "--stage-pool"),
-    ("preprocess_cpus", "--preprocess-cpus"),
-    ("preprocess_pool", "--preprocess-pool"),
-    ("fetch_threads", "--fetch-threads"),
-    ("rows_per_file", "--rows-per-file"),
-    ("max_image_pixels", "--max-image-pixels"),
-    ("max_object_bytes", "--max-object-bytes"),
-    ("admission_timeout_s", "--admission-timeout-s"),
-    ("dtype", "--dtype"),
-)
-
-
-def embed_argv(
-    params: dict[str, Any],
-    plan_uri: str,
-    partition: int,
-    python: str,
-    model_id: str | None = None,
-    stages: str | None = None,
-) -> list[str]:
-    """The job's argv from validated values only: each value one ``--flag=value`` element, so
-    no value is ever read as a flag of its own or split by a shell. *model_id* and *stages*
-    (the resolved stage spec) are the ones ``check_inputs`` computed for the run: the job then
-    reads no checkpoint metadata for its id and builds no tower to balance its stages (that
-    imports torch and transformers: seconds of every job's driver start)."""
-    argv = [python, "-m", "ray_jobs", "embed", f"--plan={plan_uri}", f"--partition={int(partition)}"]
-    if model_id is not None:
-        argv.append(f"--model-id={model_id}")
-    for name, flag in EMBED_FLAGS:
-        value = params.get(name)
-        if value is not None:
-            argv.append(f"{flag}={value}")
-    spec = stages or params.get("stages")
-    if spec:
-        argv.append(f"--stages={spec}")
-    else:
-        argv.append(f"--num-stages={int(params['num_stages'])}")
-    return argv
-
-
-def embed_command(params: dict[str, Any], plan_uri: str, partition: int, python: str, **resolved: str | None) -> str:
-    """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex;
-    *resolved*: its ``model_id`` and ``stages``."""
-    return shlex.join(embed_argv(params, plan_uri, partition, python, **resolved))
-
-
-def plan_partitions(
-    params: dict[str, Any], airflow_run_id: str, model_id: str, stages: str | None = None
-) -> dict[str, Any]:
-    """Write the plan; return one job per partition that is not committed yet (resume).
-    *stages*: the stage spec ``check_inputs`` resolved, passed to every job as ``--stages``."""
-    params = _checked(params)
-    from ray_jobs.contract import partition_dir
+def plan_partitions(checked: dict[str, Any], airflow_run_id: str) -> dict[str, Any]:
+    """Write the plan; return one job per partition that is not committed yet (resume). Every
+    job gets the model id and the stage spec ``check_inputs`` resolved."""
+    from embedding_run.jobs import partition_jobs
+    from ray_jobs.contract.layout import partition_dir
     from ray_jobs.errors import JobInputError
-    from ray_jobs.output.sink import committed_marker
-    from ray_jobs.planning.plan import PlanSettings, run_plan
+    from ray_jobs.output.markers import committed_marker
+    from ray_jobs.planning.plan import run_plan
 
+    config, model_id = config_of(checked), checked["model_id"]
     try:
-        settings = PlanSettings(
-            partition_rows=None if params.get("partition_bytes") else params.get("partition_rows"),
-            partition_bytes=params.get("partition_bytes"),
-            max_partitions=int(params["max_partitions"]),
-        )
         result = run_plan(
-            params["manifest_uri"],
-            params["output_uri"],
-            settings,
+            config.sources.manifest_uri,
+            config.sources.output_uri,
+            config.partitioning,
             run_id=plan_run_id(airflow_run_id),
-            model_uri=params["model_uri"],
+            model_uri=config.sources.model_uri,
         )
     except JobInputError as exc:
         raise _fail(exc) from None
@@ -240,41 +193,24 @@ def plan_partitions(
         for p in plan.partitions
         if committed_marker(partition_dir(plan.output_uri, model_id, plan.plan_id, p.index), model_id) is None
     ]
-    local = params["backend"] == "local"
-    python = sys.executable if local else "python"
-    runtime_env: dict[str, Any] = {}
-    if local:
-        from embedding_run.runtime_env import working_tree_runtime_env
-
-        runtime_env = working_tree_runtime_env()
-    from ray_jobs.job.footprint import DEFAULT_DRIVER_CPUS
-
-    jobs = [
-        {
-            "partition": k,
-            "entrypoint": embed_command(params, result.uri, k, python, model_id=model_id, stages=stages),
-            "runtime_env": runtime_env,
-            "entrypoint_num_cpus": DEFAULT_DRIVER_CPUS,  # counted in the footprint; keeps drivers off a 0-CPU head
-        }
-        for k in todo
-    ]
     return {
         "plan_uri": result.uri,
         "plan_id": plan.plan_id,
         "partitions": len(plan.partitions),
         "todo": todo,
-        "jobs": jobs,
+        "jobs": partition_jobs(config, result.uri, todo, model_id, checked.get("stages")),
         "summary": result.summary().splitlines()[0],
         "started_at": time.time(),
     }
 
 
-def validate_partitions(params: dict[str, Any], planned: dict[str, Any], model_id: str) -> dict[str, Any]:
+def validate_partitions(checked: dict[str, Any], planned: dict[str, Any]) -> dict[str, Any]:
     from ray_jobs.output.validate import validate_plan
     from ray_jobs.planning.plan import load_plan
 
+    config = config_of(checked)
     plan = load_plan(planned["plan_uri"])
-    report = validate_plan(plan, model_id, max_reject_rate=float(params["max_reject_rate"]))
+    report = validate_plan(plan, checked["model_id"], max_reject_rate=config.acceptance.max_reject_rate)
     print(report.table())
     if not report.ok:
         failed = ", ".join(f"{c.index:05d}" for c in report.failed)
@@ -290,15 +226,16 @@ def validate_partitions(params: dict[str, Any], planned: dict[str, Any], model_i
     }
 
 
-def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: str, airflow_run_id: str):
+def register_catalog(checked: dict[str, Any], planned: dict[str, Any], airflow_run_id: str):
     """Register the run's files; the result (XCom, Asset event, report) names the catalog
     only by its redacted URI and connection id, never its credentials."""
     from ray_jobs.output.catalog import register_plan
     from ray_jobs.planning.plan import load_plan
 
+    config, model_id = config_of(checked), checked["model_id"]
     plan = load_plan(planned["plan_uri"])
-    target = catalog_target(params)
-    result = register_plan(plan, model_id, target.uri, run_id=airflow_run_id, dataset=params.get("dataset"))
+    target = catalog_target(config)
+    result = register_plan(plan, model_id, target.uri, run_id=airflow_run_id, dataset=config.sources.dataset)
     print(result.summary())
     return {
         "table": result.table,
@@ -312,9 +249,7 @@ def register_catalog(params: dict[str, Any], planned: dict[str, Any], model_id: 
     }
 
 
-def write_run_report(
-    params: dict[str, Any], planned: dict[str, Any] | None, model_id: str | None, ti
-) -> dict[str, Any]:
+def write_run_report(checked: dict[str, Any] | None, planned: dict[str, Any] | None, ti) -> dict[str, Any]:
     """Write report.json/report.md for the run, whatever happened; fail if any partition is not committed.
 
     Runs as a teardown (so also after failures and after the run is marked failed by hand) with
@@ -325,13 +260,14 @@ def write_run_report(
     from ray_jobs.output.validate import validate_plan
     from ray_jobs.planning.plan import load_plan
 
+    model_id = (checked or {}).get("model_id")
     if not planned or not model_id:
         stage = "its inputs were checked" if not model_id else "its partitions were planned"
         raise AirflowFailException(
             f"run incomplete: it ended before {stage} (check_inputs or plan failed, or the run was stopped); "
             "nothing was embedded. See check_inputs' and plan's logs; trigger again once fixed."
         )
-    max_reject_rate = float(params["max_reject_rate"])
+    max_reject_rate = config_of(checked).acceptance.max_reject_rate
     catalog = ti.xcom_pull(task_ids="catalog", key="return_value", default=None)
     plan = load_plan(planned["plan_uri"])
     validation = validate_plan(plan, model_id, max_reject_rate=max_reject_rate)

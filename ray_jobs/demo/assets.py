@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_jobs import storage
-from ray_jobs.contract import join_uri
+from ray_jobs.contract.layout import join_uri
 from ray_jobs.errors import UsageError
 
 BROKEN_KINDS = ("missing", "empty", "truncated", "not_image", "bomb", "corrupt_png")
@@ -114,7 +114,7 @@ def write_demo_assets(
     out: str, rows: int = 200, bad_images: int = 6, seed: int = 0, files: int = 2, row_group_rows: int = 64
 ) -> DemoAssets:
     """Write model/, images/ and manifest/ under *out* (a local dir or an ``s3://`` prefix)."""
-    from ray_jobs.demo.checkpoint import build_demo_checkpoint, caption
+    from ray_jobs.demo.checkpoint import build_demo_checkpoint
 
     if rows <= 0:
         raise UsageError(f"--rows must be > 0, got {rows}")
@@ -129,6 +129,30 @@ def write_demo_assets(
     build_demo_checkpoint(os.path.join(work, "model"), seed=seed)
 
     bad_rows = set(rng.sample(range(rows), bad_images))
+    table, broken = _write_images(work, final_root, remote, rows, bad_rows, rng)
+    _write_manifest(table, os.path.join(work, "manifest"), files, row_group_rows)
+    if remote:
+        fs, path = storage.filesystem_for(final_root)
+        fs.put(work.rstrip("/") + "/", path + "/", recursive=True)
+        shutil.rmtree(work)
+    return DemoAssets(
+        final_root,
+        join_uri(final_root, "model"),
+        join_uri(final_root, "manifest"),
+        join_uri(final_root, "images"),
+        rows,
+        broken,
+    )
+
+
+def _write_images(
+    work: str, final_root: str, remote: bool, rows: int, bad_rows: set[int], rng: random.Random
+) -> tuple[pa.Table, dict[str, int]]:
+    """Write one image per row under ``{work}/images`` (the rows in *bad_rows* broken, cycling
+    through :data:`BROKEN_KINDS`); return the manifest table, whose URIs point under
+    *final_root*, and how many images of each broken kind were written."""
+    from ray_jobs.demo.checkpoint import caption
+
     broken: dict[str, int] = {}
     ids, texts, uris, sizes = [], [], [], []
     bad_seen = 0
@@ -149,7 +173,6 @@ def write_demo_assets(
         ids.append(f"row-{n:06d}")
         texts.append("" if n % 17 == 3 else caption(rng))  # some empty texts: embedded, not rejected
         sizes.append(0 if data is None else len(data))
-
     table = pa.table(
         {
             "id": pa.array(ids, pa.string()),
@@ -158,22 +181,16 @@ def write_demo_assets(
             "image_bytes": pa.array(sizes, pa.int64()),
         }
     )
+    return table, broken
+
+
+def _write_manifest(table: pa.Table, manifest_dir: str, files: int, row_group_rows: int) -> None:
+    """Split *table* into *files* Parquet files of *row_group_rows*-row groups under *manifest_dir*."""
+    rows = table.num_rows
     per_file = -(-rows // max(1, files))
     for k in range(0, rows, per_file):
         pq.write_table(
             table.slice(k, per_file),
-            os.path.join(work, "manifest", f"part-{k // per_file:05d}.parquet"),
+            os.path.join(manifest_dir, f"part-{k // per_file:05d}.parquet"),
             row_group_size=row_group_rows,
         )
-    if remote:
-        fs, path = storage.filesystem_for(final_root)
-        fs.put(work.rstrip("/") + "/", path + "/", recursive=True)
-        shutil.rmtree(work)
-    return DemoAssets(
-        final_root,
-        join_uri(final_root, "model"),
-        join_uri(final_root, "manifest"),
-        join_uri(final_root, "images"),
-        rows,
-        broken,
-    )

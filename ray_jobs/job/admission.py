@@ -1,6 +1,6 @@
 """Admission control: a partition job runs only once its whole minimum footprint is reserved.
 
-Why a placement group (README, "Concurrency"): many partition jobs share one cluster. When
+Why a placement group (docs/concurrency.md): many partition jobs share one cluster. When
 each job's actor pools start independently, two jobs can each hold part of what they need
 and wait for the rest forever (job A's model stages alive and its preprocessor pending, job
 B the reverse). A placement group is reserved atomically by Ray's scheduler: a job either

@@ -1,9 +1,9 @@
 """The partition's Ray Data ``Datasink``: part files are written by write tasks on the workers.
 
 Each write task turns its blocks into part and rejects files under the attempt's directory
-(:class:`ray_jobs.output.sink.PartFileWriter`) and returns a small :class:`ray_jobs.output.sink.TaskResult`;
+(:class:`ray_jobs.output.parts.PartFileWriter`) and returns a small :class:`ray_jobs.output.parts.TaskResult`;
 ``on_write_complete`` runs on the driver with those results only (never a row of data) and
-commits the partition (:func:`ray_jobs.output.sink.commit_attempt`); ``on_write_failed`` removes the
+commits the partition (:func:`ray_jobs.output.commit.commit_attempt`); ``on_write_failed`` removes the
 attempt's files. Driver memory does not grow with the partition.
 """
 
@@ -19,7 +19,9 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from ray_jobs.errors import CommitConflict, TransientFailure
 from ray_jobs.job.startup import breakdown, collect, process_started_at
-from ray_jobs.output.sink import Attempt, PartFileWriter, TaskResult, commit_attempt
+from ray_jobs.output.commit import commit_attempt
+from ray_jobs.output.lease import Attempt
+from ray_jobs.output.parts import PartFileWriter, TaskResult
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ray_jobs.config.settings import DEFAULT_DRIVER_CPUS, DEFAULT_TASK_CPUS
 from ray_jobs.errors import UsageError
 
 #: CPUs reserved for the job's read and write tasks; each such task asks for a quarter.
-DEFAULT_TASK_CPUS = 0.75
 #: CPUs of the job driver (entrypoint_num_cpus): it coordinates, writes nothing itself.
-DEFAULT_DRIVER_CPUS = 0.25
 #: Most jobs a packing ever reports (a bound on the work; far above any real cluster).
 MAX_JOBS = 4096
 
@@ -141,6 +140,19 @@ def job_footprint(
     bundles += [Bundle(f"stage{i}", cpus, gpus, n) for i, (cpus, gpus, n) in enumerate(stages)]
     bundles.append(Bundle("tasks", task_cpus))
     return Footprint(tuple(bundles), driver_cpus)
+
+
+def footprint_of(layout, settings) -> Footprint:
+    """The footprint of a job running *layout* (a :class:`~ray_jobs.model.stage_spec.StageLayout`)
+    with *settings* (a :class:`~ray_jobs.config.settings.JobSettings`): every pool at its
+    minimum, the read/write task bundle, the driver."""
+    return job_footprint(
+        ((s.resources.num_cpus, s.resources.num_gpus, s.resources.min_pool) for s in layout.stages),
+        preprocess_cpus=settings.preprocess_cpus,
+        preprocess_min=settings.preprocess_pool.min,
+        task_cpus=settings.task_cpus,
+        driver_cpus=settings.driver_cpus,
+    )
 
 
 def _fmt(resources: Mapping[str, float]) -> str:

@@ -51,6 +51,13 @@ class ImageLimits:
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
 
 
+def image_limits(settings) -> ImageLimits:
+    """The limits a :class:`~ray_jobs.config.settings.JobSettings` sets (None: the default)."""
+    return ImageLimits(
+        settings.max_image_pixels or DEFAULT_MAX_PIXELS, settings.max_object_bytes or DEFAULT_MAX_OBJECT_BYTES
+    )
+
+
 #: Fetch attempts per object before the batch fails (then Ray Data retries the task).
 FETCH_ATTEMPTS = 6
 FETCH_BACKOFF_S = 0.25

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ray_jobs.errors import ModelError
-from ray_jobs.model.checkpoint import Checkpoint, declared_positive_int
+from ray_jobs.model.checkpoint_base import Checkpoint, declared_positive_int
 from ray_jobs.model.image_ops import ImageProcessing, has_image_processor, load_image_processing
 from ray_jobs.model.safetensors_io import SafetensorsIndex
 from ray_jobs.model.text_ops import TextProcessing, tokenizer_max_length

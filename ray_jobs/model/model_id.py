@@ -1,6 +1,6 @@
 """A checkpoint's model id from its metadata only: never the weight bytes.
 
-The id is ``{name}-{10 hex}`` (see :func:`ray_jobs.contract.make_model_id`); the hash covers
+The id is ``{name}-{10 hex}`` (see :func:`ray_jobs.contract.ids.make_model_id`); the hash covers
 every file's relative path and size, the full content of the small files (configs, tokenizer,
 processor), the header of every safetensors file (tensor names, dtypes, shapes, offsets) and,
 on object stores, every object's ETag. A multi-GB checkpoint is named by reading well under
@@ -15,7 +15,7 @@ import json
 import os
 
 from ray_jobs import storage
-from ray_jobs.contract import make_model_id
+from ray_jobs.contract.ids import make_model_id
 from ray_jobs.errors import ModelError
 from ray_jobs.model.safetensors_io import header_bytes
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ray_jobs.config.settings import DTYPES
 from ray_jobs.errors import ModelError, UsageError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_dtype(name: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ray_jobs import storage
-from ray_jobs.contract import join_uri
+from ray_jobs.contract.layout import join_uri
 from ray_jobs.errors import ModelError
 from ray_jobs.model.keys import safe_relpath
 

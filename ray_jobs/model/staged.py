@@ -13,7 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ray_jobs.errors import TransientFailure
-from ray_jobs.model.checkpoint import Checkpoint, open_checkpoint
+from ray_jobs.model.checkpoint import open_checkpoint
+from ray_jobs.model.checkpoint_base import Checkpoint
 from ray_jobs.model.image_ops import pixels_to_tensor
 from ray_jobs.model.precision import check_device, from_numpy, to_numpy, torch_dtype
 from ray_jobs.model.stage_spec import StageLayout, StageResources, balanced_spec, parse_spec, resolve

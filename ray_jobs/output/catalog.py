@@ -20,16 +20,11 @@ import os
 from dataclasses import dataclass
 
 from ray_jobs import storage
-from ray_jobs.contract import (
-    Plan,
-    default_dataset_name,
-    embeddings_schema,
-    join_uri,
-    partition_dir,
-    sanitize_name,
-)
+from ray_jobs.contract.ids import default_dataset_name, sanitize_name
+from ray_jobs.contract.layout import embeddings_schema, join_uri, partition_dir
+from ray_jobs.contract.plan import Plan
 from ray_jobs.errors import OutputError, UsageError
-from ray_jobs.output.sink import check_commit
+from ray_jobs.output.markers import check_commit
 
 NAMESPACE = "embeddings"
 
@@ -94,7 +89,7 @@ class CatalogResult:
 def committed_files(plan: Plan, model_id: str) -> tuple[list[str], int, int, int, int]:
     """Data file URIs listed by every partition's marker, the summed rows in/ok/rejected, and the dim.
 
-    Only files a valid marker lists are returned (:func:`ray_jobs.output.sink.check_commit`)."""
+    Only files a valid marker lists are returned (:func:`ray_jobs.output.markers.check_commit`)."""
     files, rows_in, rows_ok, rejected, dims = [], 0, 0, 0, set()
     for p in plan.partitions:
         uri = partition_dir(plan.output_uri, model_id, plan.plan_id, p.index)

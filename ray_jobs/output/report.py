@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_jobs import storage
-from ray_jobs.contract import Plan, join_uri
+from ray_jobs.contract.layout import join_uri
+from ray_jobs.contract.plan import Plan
 from ray_jobs.output.validate import ValidationReport
 
 #: Start-up figures a commit marker's timings carry (:mod:`ray_jobs.job.startup`), in report order,

@@ -2,7 +2,7 @@
 
 For each partition: ``_SUCCESS`` present and parseable, its counts reconcile and equal the
 plan's row count, the embedding dims are the model's, and every listed file exists with the
-recorded size (:func:`ray_jobs.contract.marker_problems`, the one judge of a commit; files of
+recorded size (:func:`ray_jobs.contract.marker.marker_problems`, the one judge of a commit; files of
 other attempts under the partition are never looked at). The DAG's validation task calls
 :func:`validate_plan` too.
 """
@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ray_jobs import storage
-from ray_jobs.contract import Plan, StageStat, join_uri, partition_dir, plan_root
+from ray_jobs.contract.layout import join_uri, partition_dir, plan_root
+from ray_jobs.contract.marker import StageStat
+from ray_jobs.contract.plan import Plan
 from ray_jobs.errors import PlanError
-from ray_jobs.output.sink import check_commit
+from ray_jobs.output.markers import check_commit
 
 
 @dataclass(frozen=True)

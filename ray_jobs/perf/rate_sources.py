@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 from ray_jobs import storage
-from ray_jobs.contract import COMMIT_FORMAT, COMMIT_FORMAT_V1, CommitMarker
+from ray_jobs.contract.marker import COMMIT_FORMAT, COMMIT_FORMAT_V1, CommitMarker
 from ray_jobs.errors import UsageError
 from ray_jobs.perf.stage_balance import StageRate, rates_from_stats
 from ray_jobs.perf.tune import TUNE_FORMAT

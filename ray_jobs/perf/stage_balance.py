@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ray_jobs.contract import StageStat
+from ray_jobs.contract.marker import StageStat
 from ray_jobs.errors import UsageError
 from ray_jobs.model.stage_spec import TOWERS, balanced_spec, parse_spec
 

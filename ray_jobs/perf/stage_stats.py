@@ -1,12 +1,12 @@
 """Per-operator execution statistics of a finished partition pipeline, from Ray Data's own stats.
 
 The partition's dataset runs as one chain: read -> preprocess -> stage1 .. stageK -> write
-(:func:`ray_jobs.job.embed.build_dataset`). After the write has executed, the dataset's
+(:func:`ray_jobs.job.pipeline.build_dataset`). After the write has executed, the dataset's
 :meth:`ray.data.Dataset.get_stats_summary` is a :class:`~ray.data._internal.stats.DatasetStatsSummary`
 whose ``operators_stats`` hold the last operator and whose ``parents`` hold the earlier ones.
 :func:`collect_stage_stats` walks that chain in execution order and names each operator by
 the :class:`PoolShape` the job gave it, turning Ray's summaries into
-:class:`~ray_jobs.contract.StageStat` records for the commit marker.
+:class:`~ray_jobs.contract.marker.StageStat` records for the commit marker.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ray_jobs.contract import StageStat
+from ray_jobs.contract.marker import StageStat
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class PoolShape:
 def job_shapes(
     layout, preprocess_cpus: float, preprocess_actors: int, read_cpus: float, write_cpus: float
 ) -> tuple[PoolShape, ...]:
-    """The operators of a partition job in execution order (see :func:`ray_jobs.job.embed.build_dataset`)."""
+    """The operators of a partition job in execution order (see :func:`ray_jobs.job.pipeline.build_dataset`)."""
     shapes = [
         PoolShape("read", "Read", num_cpus=read_cpus),
         PoolShape("preprocess", "Preprocessor", preprocess_cpus, 0.0, preprocess_actors),

@@ -17,51 +17,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ray_jobs import storage
-from ray_jobs.contract import (
-    Fragment,
-    Plan,
-    PlannedFile,
-    PlannedPartition,
-    make_plan_id,
-    plan_uri,
-)
-from ray_jobs.errors import PlanError, UsageError
+from ray_jobs.config.settings import Partitioning
+from ray_jobs.contract.ids import make_plan_id
+from ray_jobs.contract.layout import plan_uri
+from ray_jobs.contract.plan import Fragment, Plan, PlannedFile, PlannedPartition
+from ray_jobs.errors import PlanError
 from ray_jobs.planning.manifest import DEFAULT_TAIL_BYTES, ManifestFile, fingerprint, read_manifest
-
-DEFAULT_PARTITION_ROWS = 1_000_000
-DEFAULT_MAX_PARTITIONS = 1024
-DEFAULT_AVG_IMAGE_BYTES = 256 * 1024
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    partition_rows: int | None = None
-    partition_bytes: int | None = None
-    max_partitions: int = DEFAULT_MAX_PARTITIONS
-    #: image bytes assumed per row where the footer gives no ``image_bytes`` hint
-    avg_image_bytes: int = DEFAULT_AVG_IMAGE_BYTES
-
-    def __post_init__(self) -> None:
-        if self.partition_rows is not None and self.partition_bytes is not None:
-            raise UsageError("give --partition-rows or --partition-bytes, not both")
-        for name in ("partition_rows", "partition_bytes"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        if self.max_partitions <= 0:
-            raise UsageError(f"--max-partitions must be > 0, got {self.max_partitions}")
-        if self.avg_image_bytes <= 0:
-            raise UsageError(f"--avg-image-bytes must be > 0, got {self.avg_image_bytes}")
-
-    @property
-    def unit(self) -> str:
-        return "bytes" if self.partition_bytes is not None else "rows"
-
-    @property
-    def target(self) -> int:
-        if self.partition_bytes is not None:
-            return self.partition_bytes
-        return self.partition_rows or DEFAULT_PARTITION_ROWS
 
 
 class _Unit(NamedTuple):  # a tuple: a billion-row manifest has ~10^5-10^6 of these
@@ -132,7 +93,7 @@ class PlanResult:
 def make_plan(
     manifest_uri: str,
     output_uri: str,
-    settings: PlanSettings,
+    settings: Partitioning,
     *,
     run_id: str | None = None,
     model_uri: str | None = None,
@@ -148,36 +109,13 @@ def make_plan(
         manifest_uri, threads=threads, tail_bytes=tail_bytes, byte_statistics=settings.unit == "bytes"
     )
     units = _units(files, settings.avg_image_bytes)
-    requested = {
-        "unit": settings.unit,
-        "target": settings.target,
-        "max_partitions": settings.max_partitions,
-        "avg_image_bytes": settings.avg_image_bytes,
-    }
+    requested = _requested_settings(settings)
     manifest_fp = fingerprint(files)
     plan_id = make_plan_id(manifest_fp, requested)
-    notes = []
-    empty = [f.uri for f in files if f.rows == 0]
-    if empty:
-        notes.append(f"skipped {len(empty)} file(s) with zero rows, e.g. {empty[0]}")
-    if not units:
-        notes.append("the manifest has no rows: the plan has no partitions")
-    target = settings.target
-    parts = pack(units, target, settings.unit)
-    if len(parts) > settings.max_partitions:
-        total = sum(u.rows if settings.unit == "rows" else u.bytes for u in units)
-        target = max(target, math.ceil(total / settings.max_partitions))
-        parts = pack(units, target, settings.unit)
-        while len(parts) > settings.max_partitions:
-            target = math.ceil(target * 1.02) + 1
-            parts = pack(units, target, settings.unit)
-        notes.append(
-            f"{settings.unit} per partition grew from {settings.target} to {target} "
-            f"to stay within --max-partitions {settings.max_partitions}"
-        )
-    partitions = tuple(
-        PlannedPartition(i, _fragments(p), sum(u.rows for u in p), sum(u.bytes for u in p)) for i, p in enumerate(parts)
-    )
+    notes = _input_notes(files, units)
+    parts, target, grown = _pack_within_max_partitions(units, settings)
+    if grown:
+        notes.append(grown)
     plan = Plan(
         run_id=run_id or f"plan-{plan_id}",
         plan_id=plan_id,
@@ -186,12 +124,61 @@ def make_plan(
         output_uri=output_uri,
         settings={**requested, "effective_target": target},
         files=tuple(PlannedFile(f.uri, f.size, f.rows, len(f.row_group_rows), f.version) for f in files),
-        partitions=partitions,
+        partitions=_planned_partitions(parts),
         model_uri=model_uri,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         notes=tuple(notes),
     )
     return plan, len(units)
+
+
+def _requested_settings(settings: Partitioning) -> dict[str, object]:
+    """The partitioning settings as requested: what the plan id hashes."""
+    return {
+        "unit": settings.unit,
+        "target": settings.target,
+        "max_partitions": settings.max_partitions,
+        "avg_image_bytes": settings.avg_image_bytes,
+    }
+
+
+def _input_notes(files: list[ManifestFile], units: list[_Unit]) -> list[str]:
+    """What the plan says about its input: files skipped for having no rows, a manifest with none."""
+    notes = []
+    empty = [f.uri for f in files if f.rows == 0]
+    if empty:
+        notes.append(f"skipped {len(empty)} file(s) with zero rows, e.g. {empty[0]}")
+    if not units:
+        notes.append("the manifest has no rows: the plan has no partitions")
+    return notes
+
+
+def _pack_within_max_partitions(
+    units: list[_Unit], settings: Partitioning
+) -> tuple[list[list[_Unit]], int, str | None]:
+    """Pack *units* at the settings' target, growing the target until the partitions fit in
+    ``max_partitions``. Returns the partitions, the target used and a note if it grew."""
+    target = settings.target
+    parts = pack(units, target, settings.unit)
+    if len(parts) <= settings.max_partitions:
+        return parts, target, None
+    total = sum(u.rows if settings.unit == "rows" else u.bytes for u in units)
+    target = max(target, math.ceil(total / settings.max_partitions))
+    parts = pack(units, target, settings.unit)
+    while len(parts) > settings.max_partitions:
+        target = math.ceil(target * 1.02) + 1
+        parts = pack(units, target, settings.unit)
+    note = (
+        f"{settings.unit} per partition grew from {settings.target} to {target} "
+        f"to stay within --max-partitions {settings.max_partitions}"
+    )
+    return parts, target, note
+
+
+def _planned_partitions(parts: list[list[_Unit]]) -> tuple[PlannedPartition, ...]:
+    return tuple(
+        PlannedPartition(i, _fragments(p), sum(u.rows for u in p), sum(u.bytes for u in p)) for i, p in enumerate(parts)
+    )
 
 
 def write_plan(plan: Plan, *, force: bool = False) -> tuple[str, bool]:
@@ -223,7 +210,7 @@ def load_plan(uri: str) -> Plan:
 def run_plan(
     manifest_uri: str,
     output_uri: str,
-    settings: PlanSettings,
+    settings: Partitioning,
     *,
     run_id: str | None = None,
     model_uri: str | None = None,

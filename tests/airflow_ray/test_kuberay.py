@@ -212,12 +212,21 @@ def _pods(manifest):
         yield g["groupName"], g["template"]
 
 
-def _deployment_manifest():
-    from embedding_run.config import load_defaults
-    from embedding_run.steps import kuberay_config
+def _load_defaults(environ):
+    """This repository's deployment (the DAG's defaults file): what its manifests must fit."""
+    try:
+        from embedding_run.deployment import load_defaults
+    except ImportError:  # a tree where the DAG's config module still holds it
+        from embedding_run.deployment import load_defaults
+    return load_defaults(environ)
 
-    deployment = load_defaults({})["deployment"]
-    return deployment, KubeRayBackend.from_config(kuberay_config(deployment["kuberay"], {})).render("emb-x-0123456789")
+
+def _deployment_manifest():
+    from airflow_ray.backends import backend_settings
+
+    deployment = _load_defaults({})["deployment"]
+    settings = backend_settings("kuberay", {}, deployment["kuberay"])
+    return deployment, KubeRayBackend.from_config(settings).render("emb-x-0123456789")
 
 
 def test_ray_pods_are_hardened_and_still_validate():
@@ -287,9 +296,7 @@ def test_embedding_tasks_have_their_own_service_account_and_secret_access_is_nam
     ray_sa = kinds[("ServiceAccount", "ray-embeddings-ray")]
     assert ray_sa["automountServiceAccountToken"] is False
     assert not any(s["name"] == "ray-embeddings-ray" for d in docs if d["kind"] == "RoleBinding" for s in d["subjects"])
-    from embedding_run.config import load_defaults
-
-    kuberay = load_defaults({})["deployment"]["kuberay"]
+    kuberay = _load_defaults({})["deployment"]["kuberay"]
     assert kuberay["namespace"] == "ray-embeddings" and kuberay["service_account"] == "ray-embeddings-ray"
-    cfg = load_defaults({"EMB_DEPLOYMENT_TASK_POD_TEMPLATE_FILE": "/opt/airflow/include/helm/x.yaml"})
+    cfg = _load_defaults({"EMB_DEPLOYMENT_TASK_POD_TEMPLATE_FILE": "/opt/airflow/include/helm/x.yaml"})
     assert cfg["executor_config"] == {"pod_template_file": "/opt/airflow/include/helm/x.yaml"}

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from embedding_run.config import APPROVED_TAGS, load_defaults
+from embedding_run.config import APPROVED_TAGS
+from embedding_run.deployment import load_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAGS = os.path.join(ROOT, "dags")

@@ -7,7 +7,9 @@ import json
 import pytest
 from airflow.sdk.exceptions import ParamValidationError
 
-from embedding_run.config import REQUIRED, ConfigError, build_params, load_defaults
+from embedding_run.config import REQUIRED, build_params
+from embedding_run.deployment import load_defaults
+from ray_jobs.config.declare import ConfigError
 
 VALID = {"manifest_uri": "s3://b/m/", "output_uri": "s3://b/o/", "model_uri": "s3://b/model/"}
 

@@ -91,7 +91,11 @@ def test_resolved_at_run_time_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_a_missing_connection_fails_check_inputs_before_any_cluster(monkeypatch):
+    from embedding_run.config import RunConfig
     from embedding_run.steps import catalog_target
 
+    config = RunConfig.from_dict(
+        {"catalog_conn_id": "nope", "manifest_uri": "/m", "output_uri": "/out", "model_uri": "/x"}
+    )
     with pytest.raises(AirflowFailException, match="catalog connection 'nope' does not exist"):
-        catalog_target({"catalog_conn_id": "nope", "output_uri": "/out"})
+        catalog_target(config)

@@ -65,12 +65,12 @@ def test_manifest_form_needs_output(capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--batch-size", "0"], "--batch-size: must be > 0"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1"),
         (["--stage-pool", "x"], "expected MIN-MAX"),
         (["--num-stages", "2", "--stages", "text|image"], "give --num-stages or --stages, not both"),
         (["--plan", "p.json"], "give exactly one of --manifest or --plan"),
         (["--partition", "3"], "--partition goes with --plan"),
-        (["--preprocess-pool", "3-1"], "--preprocess-pool needs 1 <= min <= max"),
+        (["--preprocess-pool", "3-1"], "--preprocess-pool: needs 1 <= min <= max"),
     ],
 )
 def test_bad_arguments(capsys, extra, message):
@@ -122,7 +122,8 @@ def test_directory_that_is_not_a_checkpoint(capsys, tmp_path):
     ("extra", "message"),
     [
         (["--stages", "text|image:0-2"], "covers image layers 0-2 of 0-5"),
-        (["--num-stages", "99"], "between 1 and the model's 10 layers"),
+        (["--num-stages", "12"], "between 1 and the model's 10 layers"),
+        (["--num-stages", "99"], "--num-stages: must be <= 64"),
     ],
 )
 def test_stage_layout_that_does_not_fit_the_model(capsys, tmp_path, demo_checkpoint, extra, message):
@@ -193,7 +194,7 @@ def test_the_error_is_the_last_line_when_ray_is_still_connected(capsys, monkeypa
         state["up"] = True  # the command connected (ray.init), then failed
         raise exc
 
-    monkeypatch.setitem(cli.COMMANDS, "model-id", failing)
+    monkeypatch.setitem(cli.COMMANDS, "model-id", (cli.COMMANDS["model-id"][0], failing))
     assert main(["model-id", "--model", "x"]) == rc
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {exc}", err

@@ -127,7 +127,7 @@ def test_a_partition_marked_failed_stops_its_job_and_fails_the_run_with_a_report
         states = stack.embed_states(run_id)
         # once the triggerer runs the job's trigger (it has streamed a job log line): marked in
         # the ~1 s between deferral and the triggerer loading the trigger, Airflow never runs
-        # the trigger, so nothing stops the job (README: "Stopping a partition")
+        # the trigger, so nothing stops the job (docs/operations.md, "Stopping a partition")
         if (
             states.get(0) == "deferred"
             and stack.xcom(run_id, "embed", "submission_id", 0)

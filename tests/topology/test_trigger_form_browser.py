@@ -68,7 +68,7 @@ def _end_run(stack, run_id: str) -> str:
 
 
 def test_the_three_uris_alone_trigger_a_run_with_every_default(stack, dialog, demo_assets, tmp_path):
-    from embedding_run.config import load_defaults
+    from embedding_run.deployment import load_defaults
 
     uris = _uris(demo_assets, tmp_path)
     runs_before = stack.run_count()

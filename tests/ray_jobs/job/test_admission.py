@@ -18,8 +18,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs.contract import partition_dir
-from ray_jobs.output.sink import committed_marker
+from ray_jobs.contract.layout import partition_dir
+from ray_jobs.output.markers import committed_marker
 from ray_jobs.planning.plan import load_plan
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,7 @@ def _stamp(line: str) -> float:
 def test_more_partitions_than_gpus_all_commit_without_deadlock(gpu_cluster, plan4):
     cluster, _ = gpu_cluster
     plan, assets = plan4
-    from ray_jobs.contract import plan_uri as plan_uri_of
+    from ray_jobs.contract.layout import plan_uri as plan_uri_of
 
     uri = plan_uri_of(plan.output_uri, plan.run_id)
     procs = [_embed(cluster.address, uri, k, assets.model) for k in range(4)]
@@ -119,7 +119,7 @@ def test_more_partitions_than_gpus_all_commit_without_deadlock(gpu_cluster, plan
 def test_a_job_larger_than_the_cluster_fails_naming_the_missing_resources(gpu_cluster, plan4):
     cluster, _ = gpu_cluster
     plan, assets = plan4
-    from ray_jobs.contract import plan_uri as plan_uri_of
+    from ray_jobs.contract.layout import plan_uri as plan_uri_of
 
     uri = plan_uri_of(plan.output_uri, plan.run_id)
     # 3 GPUs for one job; the cluster has 2: it can never be admitted, and says so within the deadline
@@ -158,7 +158,7 @@ def test_a_worker_node_lost_mid_job_commits_the_partition_exactly_once(gpu_clust
     retry, here run by hand) commits: in both cases the partition is committed exactly once."""
     cluster, workers = gpu_cluster
     plan, assets = plan4
-    from ray_jobs.contract import plan_uri as plan_uri_of
+    from ray_jobs.contract.layout import plan_uri as plan_uri_of
     from ray_jobs.model.checkpoint import open_checkpoint
     from ray_jobs.model.model_id import compute_model_id  # noqa: F401 - the model id the job uses
 

@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs import storage
-from ray_jobs.contract import LEASE_FILE, SUCCESS_FILE
-from ray_jobs.job.embed import EmbedConfig, prepare, run_prepared
-from ray_jobs.output.sink import read_marker
+from ray_jobs.contract.layout import LEASE_FILE, SUCCESS_FILE
+from ray_jobs.job.config import EmbedConfig
+from ray_jobs.job.embed import prepare, run_prepared
+from ray_jobs.output.markers import read_marker
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ def _cfg(assets, output, **over):
         rows_per_file=50,
         preprocess_pool=(1, 1),
     )
-    return EmbedConfig(**{**base, **over})
+    return EmbedConfig.of(**{**base, **over})
 
 
 def _files(partition_uri):
@@ -69,7 +70,7 @@ def test_every_row_is_embedded_or_rejected_with_a_reason(first_run, demo_assets)
 
 
 def test_the_marker_records_every_operators_statistics(first_run, demo_assets):
-    """Stage balance (README): Ray Data's per-operator stats of the real run are in the marker.
+    """Stage balance (docs/performance.md): Ray Data's per-operator stats of the real run are in the marker.
     (Before the --force test below, which replaces the marker.)"""
     job, _ = first_run
     marker = read_marker(job.partition_uri)
@@ -159,10 +160,11 @@ def test_a_failed_attempt_removes_its_files_and_a_dead_one_is_cleaned_up(
 
 
 def test_plan_partition_embeds_exactly_its_row_groups(ray_session, demo_assets, tmp_path):
+    from ray_jobs.config.settings import Partitioning
     from ray_jobs.output.validate import validate_plan
-    from ray_jobs.planning.plan import PlanSettings, run_plan
+    from ray_jobs.planning.plan import run_plan
 
-    planned = run_plan(demo_assets.manifest, str(tmp_path), PlanSettings(partition_rows=40), run_id="r").plan
+    planned = run_plan(demo_assets.manifest, str(tmp_path), Partitioning(partition_rows=40), run_id="r").plan
     part = planned.partitions[1]
     expected_ids = []
     for frag in part.fragments:
@@ -170,7 +172,7 @@ def test_plan_partition_embeds_exactly_its_row_groups(ray_session, demo_assets, 
         for rg in frag.row_groups:
             expected_ids += pf.read_row_group(rg, columns=["id"])["id"].to_pylist()
     job = prepare(
-        EmbedConfig(
+        EmbedConfig.of(
             output_uri=None,
             model_uri=demo_assets.model,
             plan_uri=f"{tmp_path}/runs/r/plan.json",
@@ -194,14 +196,15 @@ def test_plan_partition_embeds_exactly_its_row_groups(ray_session, demo_assets, 
 def test_plan_form_refuses_a_manifest_changed_since_planning(demo_assets, tmp_path):
     import shutil
 
+    from ray_jobs.config.settings import Partitioning
     from ray_jobs.errors import ManifestError
-    from ray_jobs.planning.plan import PlanSettings, run_plan
+    from ray_jobs.planning.plan import run_plan
 
     manifest = tmp_path / "manifest"
     shutil.copytree(demo_assets.manifest, manifest)
-    run_plan(str(manifest), str(tmp_path), PlanSettings(partition_rows=40), run_id="r")
+    run_plan(str(manifest), str(tmp_path), Partitioning(partition_rows=40), run_id="r")
     first = sorted(manifest.iterdir())[0]
-    cfg = EmbedConfig(
+    cfg = EmbedConfig.of(
         output_uri=None, model_uri=demo_assets.model, plan_uri=f"{tmp_path}/runs/r/plan.json", partition=0
     )
     st = os.stat(first)

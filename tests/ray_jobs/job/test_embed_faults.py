@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from ray_jobs import storage
-from ray_jobs.contract import SUCCESS_FILE
+from ray_jobs.contract.layout import SUCCESS_FILE
 from ray_jobs.demo.assets import write_demo_assets
 from ray_jobs.job.datasink import EmbeddingDatasink
 from ray_jobs.job.embed import prepare, run_prepared
 from ray_jobs.model.staged import ModelStage
-from ray_jobs.output.sink import Attempt, committed_marker, read_marker
+from ray_jobs.output.lease import Attempt
+from ray_jobs.output.markers import committed_marker, read_marker
 from tests.ray_jobs.job.test_embed import _cfg
 from tests.s3_faults import FaultProxy
 

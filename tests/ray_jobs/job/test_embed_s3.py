@@ -4,11 +4,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs import storage
-from ray_jobs.contract import LEASE_FILE, SUCCESS_FILE
+from ray_jobs.contract.layout import LEASE_FILE, SUCCESS_FILE
 from ray_jobs.demo.assets import write_demo_assets
-from ray_jobs.job.embed import EmbedConfig, prepare, run_prepared
+from ray_jobs.job.config import EmbedConfig
+from ray_jobs.job.embed import prepare, run_prepared
 from ray_jobs.model.checkpoint import TwinTowerCheckpoint, open_checkpoint
-from ray_jobs.output.sink import read_marker
+from ray_jobs.output.markers import read_marker
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +22,7 @@ def test_manifest_images_model_and_output_all_on_s3(ray_session, s3_bucket, demo
     uris = pq.read_table(path, filesystem=storage.arrow_filesystem(fs))
     assert all(u.startswith("s3://embeddings-test/demo/images/") for u in uris["image_uri"].to_pylist())
 
-    cfg = EmbedConfig(
+    cfg = EmbedConfig.of(
         manifest_uri=assets.manifest,
         output_uri=f"{s3_bucket}/out",
         model_uri=assets.model,

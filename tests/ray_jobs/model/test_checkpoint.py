@@ -142,8 +142,8 @@ def test_a_partition_driver_with_a_resolved_stage_spec_imports_no_torch(demo_ass
     them out from config.json alone (torch and transformers cost seconds of every driver's start)."""
     code = (
         "import sys\n"
-        "from ray_jobs.job.embed import EmbedConfig, prepare\n"
-        f"job = prepare(EmbedConfig(output_uri={str(tmp_path)!r}, model_uri={demo_assets.model!r}, "
+        "from ray_jobs.job.config import EmbedConfig\nfrom ray_jobs.job.embed import prepare\n"
+        f"job = prepare(EmbedConfig.of(output_uri={str(tmp_path)!r}, model_uri={demo_assets.model!r}, "
         f"manifest_uri={demo_assets.manifest!r}, stages='text:0-3|image:0-5'))\n"
         "assert job.layout.spec().startswith('text:0-3@'), job.layout.spec()\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
@@ -154,12 +154,13 @@ def test_a_partition_driver_with_a_resolved_stage_spec_imports_no_torch(demo_ass
 
 
 def test_embed_dim_and_model_id_reach_the_prepared_job(clip_dir, demo_assets, tmp_path):
-    from ray_jobs.job.embed import EmbedConfig, prepare
+    from ray_jobs.job.config import EmbedConfig
+    from ray_jobs.job.embed import prepare
 
-    job = prepare(EmbedConfig(output_uri=str(tmp_path), model_uri=clip_dir, manifest_uri=demo_assets.manifest))
+    job = prepare(EmbedConfig.of(output_uri=str(tmp_path), model_uri=clip_dir, manifest_uri=demo_assets.manifest))
     assert job.embed_dim == 16 and job.model_id == open_checkpoint(clip_dir).model_id
     given = prepare(
-        EmbedConfig(
+        EmbedConfig.of(
             output_uri=str(tmp_path),
             model_uri=clip_dir,
             manifest_uri=demo_assets.manifest,
@@ -233,17 +234,17 @@ def test_cached_small_files_follow_the_object_versions(s3_bucket, clip_dir, tmp_
     """A config rewritten on S3 with the same size is fetched again; a deleted file leaves the cache."""
     import boto3
 
-    from ray_jobs.model.checkpoint import _sync_small_files
+    from ray_jobs.model.checkpoint_base import sync_small_files
 
     monkeypatch.setenv("RAY_JOBS_CACHE_DIR", str(tmp_path / "cache"))
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     for name in os.listdir(clip_dir):
         s3.upload_file(os.path.join(clip_dir, name), "embeddings-test", f"versions/{name}")
     s3.put_object(Bucket="embeddings-test", Key="versions/notes.txt", Body=b"aaaa")
-    local = _sync_small_files(f"{s3_bucket}/versions")
+    local = sync_small_files(f"{s3_bucket}/versions")
     assert _text(os.path.join(local, "notes.txt")) == "aaaa"
     assert not os.path.exists(os.path.join(local, "model.safetensors")), "weights stay where they are"
     s3.put_object(Bucket="embeddings-test", Key="versions/notes.txt", Body=b"bbbb")
-    assert _text(os.path.join(_sync_small_files(f"{s3_bucket}/versions"), "notes.txt")) == "bbbb"
+    assert _text(os.path.join(sync_small_files(f"{s3_bucket}/versions"), "notes.txt")) == "bbbb"
     s3.delete_object(Bucket="embeddings-test", Key="versions/notes.txt")
-    assert not os.path.exists(os.path.join(_sync_small_files(f"{s3_bucket}/versions"), "notes.txt"))
+    assert not os.path.exists(os.path.join(sync_small_files(f"{s3_bucket}/versions"), "notes.txt"))

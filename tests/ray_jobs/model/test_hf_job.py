@@ -12,10 +12,11 @@ import pytest
 
 from bench.hf_presets import build_clip
 from bench.reference_model import reference_for
-from ray_jobs.job.embed import EmbedConfig, prepare, run_prepared
+from ray_jobs.job.config import EmbedConfig
+from ray_jobs.job.embed import prepare, run_prepared
 from ray_jobs.job.preprocess import Preprocessor
 from ray_jobs.model.checkpoint import open_checkpoint
-from ray_jobs.output.sink import read_marker
+from ray_jobs.output.markers import read_marker
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def test_clip_job_equals_get_features_in_fp32_and_is_close_in_bf16(ray_session, 
         preprocess_pool=(1, 1),
         stages="text:0-1,image:0-1|text:2-2,image:2-3",
     )
-    fp32_job = prepare(EmbedConfig(**base))
+    fp32_job = prepare(EmbedConfig.of(**base))
     result = run_prepared(fp32_job)
     assert result.rows_ok == demo_assets.rows - sum(demo_assets.broken.values())
     fp32 = _embeddings(fp32_job.partition_uri)
@@ -60,7 +61,7 @@ def test_clip_job_equals_get_features_in_fp32_and_is_close_in_bf16(ray_session, 
             assert np.abs(fp32[rid][col] - ref[col][j]).max() < 1e-4, (rid, col)
 
     bf16_cfg = {**base, "dtype": "bfloat16", "output_uri": str(tmp_path / "bf16"), "model_id": fp32_job.model_id}
-    bf16_job = prepare(EmbedConfig(**bf16_cfg))
+    bf16_job = prepare(EmbedConfig.of(**bf16_cfg))
     run_prepared(bf16_job)
     bf16 = _embeddings(bf16_job.partition_uri)
     assert set(bf16) == set(fp32)
@@ -75,7 +76,7 @@ def test_siglip2_job_carries_patch_grids_between_stages(ray_session, demo_assets
 
     path = build_siglip2(str(tmp_path_factory.mktemp("siglip2") / "siglip2-tiny"), seed=3)
     job = prepare(
-        EmbedConfig(
+        EmbedConfig.of(
             manifest_uri=demo_assets.manifest,
             output_uri=str(tmp_path),
             model_uri=path,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ray_jobs.errors import ModelError, UsageError
-from ray_jobs.job.embed import EmbedConfig, prepare
+from ray_jobs.job.config import EmbedConfig
+from ray_jobs.job.embed import prepare
 from ray_jobs.model.precision import check_device, from_numpy, to_numpy
 
 
@@ -19,15 +20,15 @@ def test_bfloat16_round_trips_through_numpy_bit_for_bit():
 
 def test_unknown_dtype_and_float16_without_cuda_are_refused(demo_assets, tmp_path):
     base = dict(manifest_uri=demo_assets.manifest, output_uri=str(tmp_path), model_uri=demo_assets.model)
-    with pytest.raises(UsageError, match="--dtype must be one of float32, bfloat16, float16"):
-        EmbedConfig(**base, dtype="int8")
+    with pytest.raises(UsageError, match="dtype: must be one of float32, bfloat16, float16"):
+        EmbedConfig.of(**base, dtype="int8")
     with pytest.raises(UsageError, match="float16 needs CUDA, but stage1, stage2 has no GPU"):
-        prepare(EmbedConfig(**base, dtype="float16", num_stages=2))
+        prepare(EmbedConfig.of(**base, dtype="float16", num_stages=2))
     with pytest.raises(ModelError, match="float16 needs a CUDA device"):
         check_device("float16", "cpu")
     check_device("float16", "cuda:0")
     with pytest.raises(UsageError, match="--model-id must look like"):
-        EmbedConfig(**base, model_id="../etc")
+        EmbedConfig.of(**base, model_id="../etc")
 
 
 def test_cli_passes_dtype_and_model_id(monkeypatch, demo_assets, tmp_path):
@@ -42,7 +43,7 @@ def test_cli_passes_dtype_and_model_id(monkeypatch, demo_assets, tmp_path):
     monkeypatch.setattr("ray_jobs.job.embed.run_embed", fake_run)
     argv = ["embed", "--manifest", demo_assets.manifest, "--output", str(tmp_path), "--model", demo_assets.model]
     assert cli.main([*argv, "--dtype", "bfloat16", "--model-id", "tiny_albert_vit-0123456789"]) == 2
-    assert seen["cfg"].dtype == "bfloat16" and seen["cfg"].model_id == "tiny_albert_vit-0123456789"
+    assert seen["cfg"].stage.dtype == "bfloat16" and seen["cfg"].model_id == "tiny_albert_vit-0123456789"
     assert cli.main([*argv, "--dtype", "float64"]) == 2
 
 

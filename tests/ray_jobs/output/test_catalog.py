@@ -3,17 +3,18 @@
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 
-from ray_jobs.contract import default_dataset_name
+from ray_jobs.config.settings import Partitioning
+from ray_jobs.contract.ids import default_dataset_name
 from ray_jobs.errors import OutputError
 from ray_jobs.output.catalog import open_catalog, register_plan, table_identifier
-from ray_jobs.planning.plan import PlanSettings, run_plan
+from ray_jobs.planning.plan import run_plan
 from tests.ray_jobs.output.test_validate import MODEL, _commit
 from tests.ray_jobs.planning.test_plan import write_manifest
 
 
 def _plan(tmp_path, rows=50, run_id="r1", **kw):
     m = write_manifest(tmp_path / "m", n_files=2, **kw)
-    return run_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=rows), run_id=run_id).plan
+    return run_plan(m, str(tmp_path / "out"), Partitioning(partition_rows=rows), run_id=run_id).plan
 
 
 def _table(uri, tmp_path, plan):
@@ -51,7 +52,7 @@ def test_a_new_plan_replaces_the_table_content_and_the_old_one_stays_reachable(t
         _commit(plan1, i)
     first = register_plan(plan1, MODEL, uri, run_id="night-1")
     write_manifest(tmp_path / "m", n_files=1, start=1000)  # tonight's manifest has one more file
-    plan2 = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="r2").plan
+    plan2 = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), Partitioning(partition_rows=50), run_id="r2").plan
     assert plan2.plan_id != plan1.plan_id
     for i in range(len(plan2.partitions)):
         _commit(plan2, i)
@@ -73,7 +74,7 @@ def test_a_run_over_another_manifest_never_removes_this_manifests_rows(tmp_path)
     products = _commit_all(_plan(tmp_path))
     first = register_plan(products, MODEL, uri, run_id="products-1")
     m2 = write_manifest(tmp_path / "other" / "m", n_files=1, start=5000)
-    other = _commit_all(run_plan(m2, str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="o1").plan)
+    other = _commit_all(run_plan(m2, str(tmp_path / "out"), Partitioning(partition_rows=50), run_id="o1").plan)
     second = register_plan(other, MODEL, uri, run_id="other-1")
     assert second.table != first.table
     table = _table(uri, tmp_path, products)
@@ -103,7 +104,7 @@ def test_warehouse_and_data_on_s3(s3_bucket, tmp_path):
     from ray_jobs import storage
 
     local = write_manifest(tmp_path / "m", n_files=2)
-    plan = run_plan(local, f"{s3_bucket}/ice/out", PlanSettings(partition_rows=50), run_id="r").plan
+    plan = run_plan(local, f"{s3_bucket}/ice/out", Partitioning(partition_rows=50), run_id="r").plan
     for i in range(len(plan.partitions)):
         _commit(plan, i)
     uri = f"sqlite:///{tmp_path}/catalog.db"

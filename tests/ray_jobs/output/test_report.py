@@ -2,7 +2,8 @@
 
 import json
 
-from ray_jobs.contract import Plan, StageStat
+from ray_jobs.contract.marker import StageStat
+from ray_jobs.contract.plan import Plan
 from ray_jobs.output.report import RunReport, build_report, startup_medians
 from ray_jobs.output.validate import PartitionCheck, ValidationReport
 

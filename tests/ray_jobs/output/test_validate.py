@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from ray_jobs.cli import main
-from ray_jobs.contract import partition_dir
+from ray_jobs.config.settings import Partitioning
+from ray_jobs.contract.layout import partition_dir
 from ray_jobs.errors import PlanError
-from ray_jobs.output.sink import read_marker
+from ray_jobs.output.markers import read_marker
 from ray_jobs.output.validate import resolve_model_id, validate_plan
-from ray_jobs.planning.plan import PlanSettings, run_plan
-from tests.ray_jobs.output.test_sink import commit_batches
+from ray_jobs.planning.plan import run_plan
+from tests.ray_jobs.output.test_commit import commit_batches
 from tests.ray_jobs.planning.test_plan import write_manifest
 
 MODEL = "tiny-0123456789"
@@ -38,7 +39,7 @@ def _commit(plan, index, rows=None, rejected=0, model_id=MODEL):
 @pytest.fixture
 def plan(tmp_path):
     m = write_manifest(tmp_path / "m", n_files=2)
-    return run_plan(m, str(tmp_path / "out"), PlanSettings(partition_rows=50), run_id="r").plan
+    return run_plan(m, str(tmp_path / "out"), Partitioning(partition_rows=50), run_id="r").plan
 
 
 def test_all_committed_is_ok(plan):

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from ray_jobs.contract import StageStat
+from ray_jobs.contract.marker import StageStat
 from ray_jobs.errors import UsageError
 from ray_jobs.perf.stage_balance import (
     StageRate,

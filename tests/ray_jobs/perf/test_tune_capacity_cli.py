@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ray_jobs.cli import main
-from ray_jobs.contract import CommitMarker, CommittedFile, StageStat
+from ray_jobs.contract.marker import CommitMarker, CommittedFile, StageStat
 from ray_jobs.errors import UsageError
 from ray_jobs.perf.rate_sources import rates_from_json
 

@@ -1,0 +1,67 @@
+"""The partitions' Ray jobs: each one's entrypoint, derived from the run's typed config.
+
+Every value reaches the job as one ``--flag=value`` argv element, from the settings' own
+declarations (:func:`ray_jobs.config.declare.to_argv`), so no value is read as a flag of its
+own or split by a shell. ``python -m ray_jobs embed`` parses them with options derived from
+the same declarations."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+from embedding_run.config import RunConfig
+from ray_jobs.config.declare import to_argv
+
+
+def embed_argv(
+    config: RunConfig,
+    plan_uri: str,
+    partition: int,
+    python: str,
+    model_id: str | None = None,
+    stages: str | None = None,
+) -> list[str]:
+    """The job's argv. *model_id* and *stages* (the resolved stage spec) are the ones
+    ``check_inputs`` computed for the run: the job then reads no checkpoint metadata for its id
+    and builds no tower to balance its stages (that imports torch and transformers: seconds of
+    every job's driver start)."""
+    argv = [python, "-m", "ray_jobs", "embed", f"--plan={plan_uri}", f"--partition={int(partition)}"]
+    if model_id is not None:
+        argv.append(f"--model-id={model_id}")
+    argv.append(f"--model={config.sources.model_uri}")
+    stage = dataclasses.replace(config.stage, stages=stages) if stages else config.stage
+    return argv + to_argv(stage) + to_argv(config.job)
+
+
+def embed_command(config: RunConfig, plan_uri: str, partition: int, python: str, **resolved: str | None) -> str:
+    """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex;
+    *resolved*: its ``model_id`` and ``stages``."""
+    return shlex.join(embed_argv(config, plan_uri, partition, python, **resolved))
+
+
+def partition_jobs(
+    config: RunConfig, plan_uri: str, partitions: list[int], model_id: str, stages: str | None
+) -> list[dict]:
+    """One Ray job submission per partition (the mapped task's kwargs)."""
+    import sys
+
+    from airflow_ray.backends import backend_class
+
+    local = backend_class(config.cluster.backend).on_this_host  # its workers run this machine's Python
+    python = sys.executable if local else "python"
+    runtime_env: dict = {}
+    if local:
+        from embedding_run.runtime_env import working_tree_runtime_env
+
+        runtime_env = working_tree_runtime_env()
+    return [
+        {
+            "partition": k,
+            "entrypoint": embed_command(config, plan_uri, k, python, model_id=model_id, stages=stages),
+            "runtime_env": runtime_env,
+            # counted in the footprint; keeps drivers off a 0-CPU head
+            "entrypoint_num_cpus": config.job.driver_cpus,
+        }
+        for k in partitions
+    ]

@@ -1,0 +1,79 @@
+"""The job's pre-flight: everything that can be checked without Ray (the partition's
+fragments and their files, the model, the stage layout, the output slot), so a bad input
+fails in seconds with one clear line."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from ray_jobs import storage
+from ray_jobs.contract.ids import make_plan_id
+from ray_jobs.contract.layout import partition_dir
+from ray_jobs.errors import ManifestError, PlanError, UsageError
+from ray_jobs.job.config import EmbedConfig, PreparedJob
+from ray_jobs.job.datasource import FragmentRef
+from ray_jobs.planning.manifest import fingerprint, read_manifest
+
+
+def _whole_manifest(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str]:
+    files = read_manifest(cfg.manifest_uri)
+    refs = tuple(FragmentRef(f.uri, tuple(range(len(f.row_group_rows))), f.rows) for f in files if f.rows)
+    return refs, make_plan_id(fingerprint(files), {"mode": "whole-manifest"}), cfg.output_uri
+
+
+def _plan_partition(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str]:
+    from ray_jobs.planning.plan import load_plan
+
+    plan = load_plan(cfg.plan_uri)
+    if cfg.output_uri and cfg.output_uri.rstrip("/") != plan.output_uri.rstrip("/"):
+        raise UsageError(f"--output {cfg.output_uri} differs from the plan's output {plan.output_uri}; drop --output")
+    try:
+        part = plan.partition(cfg.partition)
+    except IndexError as exc:
+        raise PlanError(f"--partition: {exc}") from exc
+    refs = tuple(FragmentRef(plan.files[f.file].uri, f.row_groups, f.rows) for f in part.fragments)
+
+    def check(ref_file) -> None:
+        size, version = storage.stat_file(ref_file.uri) or (None, None)
+        if size != ref_file.size or (ref_file.version and version != ref_file.version):
+            raise ManifestError(
+                f"manifest file {ref_file.uri} changed since planning (size {size}, planned {ref_file.size}; "
+                f"version {version}, planned {ref_file.version}); plan the run again"
+            )
+
+    used = {f.file for f in part.fragments}
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(used)))) as pool:
+        list(pool.map(check, [plan.files[i] for i in sorted(used)]))
+    return refs, plan.plan_id, plan.output_uri
+
+
+def prepare(cfg: EmbedConfig) -> PreparedJob:
+    """Check every input without Ray; raises :class:`~ray_jobs.errors.JobInputError` subclasses."""
+    from ray_jobs.model.checkpoint import open_checkpoint
+    from ray_jobs.model.staged import build_layout
+
+    refs, plan_id, output = _plan_partition(cfg) if cfg.plan_uri else _whole_manifest(cfg)
+    if not storage.is_remote(output):
+        output = storage.filesystem_for(output)[1]  # absolute local path in markers and summaries
+    partition = cfg.partition or 0
+    ckpt = open_checkpoint(cfg.model_uri)
+    layout = build_layout(ckpt, num_stages=cfg.stage.num_stages, spec=cfg.stage.stages, defaults=cfg.stage_defaults)
+    if cfg.stage.dtype == "float16":
+        cpu_only = [s.name for s in layout.stages if s.resources.num_gpus <= 0]
+        if cpu_only:
+            raise UsageError(
+                f"--dtype float16 needs CUDA, but {', '.join(cpu_only)} has no GPU; "
+                "use --dtype bfloat16 on CPU or give every stage gpus (--stage-num-gpus / gpus= in --stages)"
+            )
+    model_id = cfg.model_id or ckpt.model_id
+    return PreparedJob(
+        config=cfg,
+        fragments=refs,
+        model_uri=ckpt.uri,
+        model_id=model_id,
+        embed_dim=ckpt.embed_dim,
+        layout=layout,
+        plan_id=plan_id,
+        partition=partition,
+        partition_uri=partition_dir(output, model_id, plan_id, partition),
+    )

@@ -1,0 +1,70 @@
+"""A job's footprint as the provider reads it (a plain dict), and how many jobs fit a cluster.
+
+The provider imports nothing of the data plane: it reads the dict the data plane's
+``Footprint.to_dict()`` writes. The cross-check below keeps the two packings the same."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from airflow_ray.capacity import DEFAULT_ADVICE, max_in_flight
+from airflow_ray.errors import ClusterError
+from airflow_ray.footprint import Bundle, JobFootprint
+
+
+def _dict(*bundles: tuple[float, float, int], driver_cpus: float = 0.25) -> dict:
+    return {
+        "bundles": [{"name": f"b{i}", "cpus": c, "gpus": g, "count": n} for i, (c, g, n) in enumerate(bundles)],
+        "driver_cpus": driver_cpus,
+    }
+
+
+def test_a_footprint_is_read_from_its_dict_and_totals_its_bundles_and_driver():
+    fp = JobFootprint.from_dict(_dict((1.0, 0.0, 2), (2.0, 1.0, 1), driver_cpus=0.5))
+    assert fp.total() == {"CPU": 4.5, "GPU": 1.0}
+    assert fp.describe() == "CPU:4.5,GPU:1 (b0=CPU:2, b1=CPU:2,GPU:1, driver=CPU:0.5)"
+    assert JobFootprint.from_dict({**_dict((1.0, 0.0, 1)), "total": {"CPU": 1.25}}).total() == {"CPU": 1.25}
+    for bad in ({"bundles": [{"name": "x"}], "driver_cpus": 1}, _dict(), _dict((1.0, 0.0, 1), driver_cpus=0)):
+        with pytest.raises(ValueError, match="invalid footprint"):
+            JobFootprint.from_dict(bad)
+    with pytest.raises(ValueError, match="needs some CPU or GPU"):
+        Bundle("x", 0.0, 0.0)
+
+
+def test_jobs_that_fit_packs_every_bundle_and_driver_on_one_node():
+    fp = JobFootprint.from_dict(_dict((1.0, 1.0, 1), (1.0, 1.0, 1)))  # two 1-GPU bundles + a driver
+    assert fp.jobs_that_fit([{"CPU": 8.0, "GPU": 1.0}] * 4) == 2
+    assert fp.jobs_that_fit([{"CPU": 8.0, "GPU": 2.0}]) == 1
+    assert fp.jobs_that_fit([{"CPU": 1.0, "GPU": 2.0}]) == 0, "the driver has no CPU left"
+    assert JobFootprint((Bundle("t", 0.01),), 0.01).jobs_that_fit([{"CPU": 1e9}], limit=7) == 7
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_packing_is_the_data_planes(seed):
+    """The same answer as ``ray_jobs.job.footprint`` for the dicts it writes (a test-only import)."""
+    from ray_jobs.job.footprint import Footprint
+
+    rng = random.Random(seed)
+    bundles = [
+        (rng.choice([0.25, 0.5, 1.0, 2.0, 4.0]), rng.choice([0.0, 0.0, 0.5, 1.0]), rng.randint(1, 3))
+        for _ in range(rng.randint(1, 5))
+    ]
+    data = _dict(*bundles, driver_cpus=rng.choice([0.25, 0.5, 1.0]))
+    nodes = [
+        {"CPU": float(rng.choice([0, 2, 4, 8, 16])), "GPU": float(rng.choice([0, 0, 1, 2, 4]))}
+        for _ in range(rng.randint(1, 12))
+    ]
+    theirs = Footprint.from_dict(data)
+    ours = JobFootprint.from_dict(theirs.to_dict())
+    assert ours.jobs_that_fit(nodes) == theirs.jobs_that_fit(nodes)
+    assert ours.total() == theirs.total() and ours.describe() == theirs.describe()
+
+
+def test_max_in_flight_ends_its_refusal_with_the_callers_advice():
+    with pytest.raises(ClusterError) as exc:
+        max_in_flight(_dict((4.0, 0.0, 1)), [{"CPU": 3.0}], None)
+    assert "holds at most CPU:3,GPU:0 over 1 nodes" in str(exc.value) and str(exc.value).endswith(DEFAULT_ADVICE)
+    with pytest.raises(ClusterError, match=r"\(each bundle on one node\): set max_jobs_in_flight$"):
+        max_in_flight(_dict((4.0, 0.0, 1)), [{"CPU": 3.0}], 0, advice="set max_jobs_in_flight")

@@ -1,0 +1,24 @@
+"""Part files: each write task rolls its rows into files under the attempt's directory."""
+
+import os
+
+from ray_jobs.output.markers import committed_marker, read_marker
+from tests.ray_jobs.output.test_commit import commit_batches, committed_ids, make_batch
+
+
+def test_rolls_files_per_task_under_the_attempt_and_commits_last(tmp_path):
+    part = str(tmp_path / "p")
+    marker = commit_batches(
+        part, [[make_batch(["a", "b", "c", "d"], ok=[True, False, True, True]), make_batch(["e", "f"])]], 6
+    )
+    prefix = f"attempt={marker.attempt}/"
+    assert [f.path for f in marker.files] == [prefix + "part-00000-000.parquet", prefix + "part-00000-001.parquet"]
+    assert [f.rows for f in marker.files] == [3, 2]
+    assert [f.path for f in marker.rejects] == [prefix + "rejects-00000.parquet"]
+    assert (marker.rows_ok, marker.rows_rejected) == (5, 1) and marker.reconciles()
+    assert marker.rejects_by_reason == {"missing object": 1}
+    assert committed_ids(part, marker) == ["a", "c", "d", "e", "f"]
+    for f in marker.listed:
+        assert os.path.getsize(os.path.join(part, f.path)) == f.bytes
+    assert committed_marker(part, "m") == marker == read_marker(part)
+    assert committed_marker(part, "other-model") is None
