@@ -20,62 +20,48 @@ MAX_JOBS = 4096
 _EPS = 1e-9
 
 
-@dataclass(frozen=True)
-class Bundle:
-    """``count`` actors (or task slots) of ``cpus``/``gpus`` each, placed together on one node."""
-
-    name: str
-    cpus: float
-    gpus: float = 0.0
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if self.cpus < 0 or self.gpus < 0 or self.count < 1:
-            raise ValueError(f"bundle {self.name}: cpus/gpus must be >= 0 and count >= 1")
-        if self.cpus == 0 and self.gpus == 0:
-            raise ValueError(f"bundle {self.name}: needs some CPU or GPU")
-
-    def resources(self) -> dict[str, float]:
-        out = {"CPU": self.cpus * self.count}
-        if self.gpus:
-            out["GPU"] = self.gpus * self.count
-        return out
+def _bundle(data: Mapping) -> tuple[str, dict[str, float]]:
+    """One bundle's name and the resources of all its ``count`` actors (or task slots)."""
+    name, cpus, gpus, count = str(data["name"]), float(data["cpus"]), float(data["gpus"]), int(data["count"])
+    if cpus < 0 or gpus < 0 or count < 1:
+        raise ValueError(f"bundle {name}: cpus/gpus must be >= 0 and count >= 1")
+    if cpus == 0 and gpus == 0:
+        raise ValueError(f"bundle {name}: needs some CPU or GPU")
+    return name, {"CPU": cpus * count, **({"GPU": gpus * count} if gpus else {})}
 
 
 @dataclass(frozen=True)
 class JobFootprint:
-    """What one job holds while it runs: its bundles plus its driver."""
+    """What one job holds while it runs: named bundles (each placed on one node) plus its driver."""
 
-    bundles: tuple[Bundle, ...]
+    bundles: tuple[tuple[str, dict[str, float]], ...]
     driver_cpus: float
-
-    def __post_init__(self) -> None:
-        if not self.bundles:
-            raise ValueError("a footprint needs at least one bundle")
-        if self.driver_cpus <= 0:
-            raise ValueError(f"driver CPUs must be > 0 (drivers never run on a 0-CPU head), got {self.driver_cpus}")
 
     @classmethod
     def from_dict(cls, data: Mapping) -> JobFootprint:
         try:
-            bundles = tuple(
-                Bundle(b["name"], float(b["cpus"]), float(b["gpus"]), int(b["count"])) for b in data["bundles"]
-            )
-            return cls(bundles, float(data["driver_cpus"]))
+            bundles = tuple(_bundle(b) for b in data["bundles"])
+            driver_cpus = float(data["driver_cpus"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"invalid footprint {dict(data)!r}: {exc}") from exc
+        if not bundles:
+            raise ValueError(f"invalid footprint {dict(data)!r}: it needs at least one bundle")
+        if driver_cpus <= 0:
+            raise ValueError(f"invalid footprint {dict(data)!r}: driver CPUs must be > 0 (never a 0-CPU head)")
+        return cls(bundles, driver_cpus)
+
+    def items(self) -> list[dict[str, float]]:
+        """What must each fit on one node: every bundle, and the driver."""
+        return [resources for _, resources in self.bundles] + [{"CPU": self.driver_cpus}]
 
     def total(self) -> dict[str, float]:
         """Everything the job holds, driver included."""
-        out: dict[str, float] = {"CPU": self.driver_cpus}
-        for b in self.bundles:
-            for k, v in b.resources().items():
-                out[k] = out.get(k, 0.0) + v
-        return out
+        keys = sorted({k for item in self.items() for k in item})
+        return {k: sum(item.get(k, 0.0) for item in self.items()) for k in keys}
 
     def describe(self) -> str:
-        parts = [f"{b.name}={_fmt(b.resources())}" for b in self.bundles]
-        return f"{_fmt(self.total())} ({', '.join(parts)}, driver=CPU:{self.driver_cpus:g})"
+        parts = ", ".join(f"{name}={_fmt(resources)}" for name, resources in self.bundles)
+        return f"{_fmt(self.total())} ({parts}, driver=CPU:{self.driver_cpus:g})"
 
     def jobs_that_fit(self, nodes: Sequence[Mapping[str, float]], limit: int = MAX_JOBS) -> int:
         """How many copies of this footprint the *nodes* hold at once (first-fit decreasing).
@@ -85,7 +71,7 @@ class JobFootprint:
         exact for the usual shapes (identical nodes, or one bundle per GPU).
         """
         free = [{k: float(v) for k, v in n.items()} for n in nodes]
-        items = [b.resources() for b in self.bundles] + [{"CPU": self.driver_cpus}]
+        items = self.items()
         items.sort(key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), reverse=True)
         jobs = 0
         while jobs < limit:

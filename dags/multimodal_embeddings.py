@@ -33,6 +33,63 @@ CONFIG = load_defaults()
 EMBEDDINGS_TABLE = Asset(name="multimodal_embeddings_table", uri="iceberg://embeddings/multimodal")
 
 
+# The run's steps: each one a task whose body lives in embedding_run.steps (wiring only here).
+@task(retries=0)
+def check_inputs(params=None) -> dict:
+    from embedding_run.steps import check_inputs as run
+
+    return run(params)
+
+
+@task
+def plan(checked: dict, run_id=None) -> dict:
+    from embedding_run.steps import plan_partitions
+
+    return plan_partitions(checked, run_id)
+
+
+@task
+def jobs(planned: dict) -> list[dict]:
+    return planned["jobs"]
+
+
+@task(trigger_rule="all_done")  # runs after failed partitions too, and names them
+def validate(planned: dict, checked: dict) -> dict:
+    from embedding_run.steps import validate_partitions
+
+    return validate_partitions(checked, planned)
+
+
+@task(outlets=[EMBEDDINGS_TABLE])
+def catalog(planned: dict, checked: dict, validated: dict, run_id=None, outlet_events=None):
+    from embedding_run.steps import register_catalog
+
+    result = register_catalog(checked, planned, run_id)
+    outlet_events[EMBEDDINGS_TABLE].extra = {**result, **validated, "run_id": run_id}
+    return result
+
+
+@task  # its verdict raises AirflowFailException (no retry); storage errors are retried
+def report(planned: dict | None, checked: dict | None, ti=None) -> dict:
+    from embedding_run.steps import write_run_report
+
+    return write_run_report(checked, planned, ti)
+
+
+@task(multiple_outputs=True)
+def capacity(cluster: dict, checked: dict, backend_cfg: dict) -> dict:
+    from embedding_run.steps import partition_capacity
+
+    return partition_capacity(checked, cluster, backend_cfg)
+
+
+@task
+def cluster_config(checked: dict) -> dict:
+    from embedding_run.steps import backend_config, config_of
+
+    return backend_config(config_of(checked))
+
+
 @dag(
     dag_id="multimodal_embeddings",
     schedule=CONFIG["schedule"],
@@ -52,54 +109,6 @@ EMBEDDINGS_TABLE = Asset(name="multimodal_embeddings_table", uri="iceberg://embe
     },
 )
 def multimodal_embeddings():
-    @task(retries=0)
-    def check_inputs(params=None) -> dict:
-        from embedding_run.steps import check_inputs as run
-
-        return run(params)
-
-    @task
-    def plan(checked: dict, run_id=None) -> dict:
-        from embedding_run.steps import plan_partitions
-
-        return plan_partitions(checked, run_id)
-
-    @task
-    def jobs(planned: dict) -> list[dict]:
-        return planned["jobs"]
-
-    @task(trigger_rule="all_done")  # runs after failed partitions too, and names them
-    def validate(planned: dict, checked: dict) -> dict:
-        from embedding_run.steps import validate_partitions
-
-        return validate_partitions(checked, planned)
-
-    @task(outlets=[EMBEDDINGS_TABLE])
-    def catalog(planned: dict, checked: dict, validated: dict, run_id=None, outlet_events=None):
-        from embedding_run.steps import register_catalog
-
-        result = register_catalog(checked, planned, run_id)
-        outlet_events[EMBEDDINGS_TABLE].extra = {**result, **validated, "run_id": run_id}
-        return result
-
-    @task  # its verdict raises AirflowFailException (no retry); storage errors are retried
-    def report(planned: dict | None, checked: dict | None, ti=None) -> dict:
-        from embedding_run.steps import write_run_report
-
-        return write_run_report(checked, planned, ti)
-
-    @task(multiple_outputs=True)
-    def capacity(cluster: dict, checked: dict, backend_cfg: dict) -> dict:
-        from embedding_run.steps import partition_capacity
-
-        return partition_capacity(checked, cluster, backend_cfg)
-
-    @task
-    def cluster_config(checked: dict) -> dict:
-        from embedding_run.steps import backend_config, config_of
-
-        return backend_config(config_of(checked))
-
     # The run's first setup, succeeding at once: the report and cluster_down teardowns name it
     # with cluster_up, so they run whatever happens (a teardown runs once any of its setups
     # succeeded). Without it a run marked failed before cluster_up ran, or while it ran, skipped

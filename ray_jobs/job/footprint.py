@@ -1,8 +1,9 @@
-"""A partition job's minimum footprint, and how many such jobs a cluster holds.
+"""A partition job's minimum footprint.
 
 Part of the data plane's contract: pure Python, no Ray. The job reserves exactly this
 footprint as one placement group before its pipeline starts (:mod:`ray_jobs.job.admission`);
-the control plane uses the same numbers to bound the partitions in flight.
+``check_inputs`` hands :meth:`Footprint.to_dict` to the control plane, whose provider counts
+how many such jobs the cluster holds (``airflow_ray.footprint``).
 
 A footprint is a list of bundles, each of which must fit on one node:
 
@@ -15,18 +16,11 @@ A footprint is a list of bundles, each of which must fit on one node:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ray_jobs.config.settings import DEFAULT_DRIVER_CPUS, DEFAULT_TASK_CPUS
 from ray_jobs.errors import UsageError
-
-#: CPUs reserved for the job's read and write tasks; each such task asks for a quarter.
-#: CPUs of the job driver (entrypoint_num_cpus): it coordinates, writes nothing itself.
-#: Most jobs a packing ever reports (a bound on the work; far above any real cluster).
-MAX_JOBS = 4096
-
-_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -92,39 +86,6 @@ class Footprint:
             "driver_cpus": self.driver_cpus,
             "total": self.total(),
         }
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Footprint:
-        try:
-            bundles = tuple(
-                Bundle(b["name"], float(b["cpus"]), float(b["gpus"]), int(b["count"])) for b in data["bundles"]
-            )
-            return cls(bundles, float(data["driver_cpus"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsageError(f"invalid footprint {dict(data)!r}: {exc}") from exc
-
-    def jobs_that_fit(self, nodes: Sequence[Mapping[str, float]], limit: int = MAX_JOBS) -> int:
-        """How many copies of this footprint the *nodes* hold at once (first-fit decreasing).
-
-        Each node is a mapping of resource totals (``{"CPU": 8, "GPU": 1}``); every bundle and
-        every driver must fit on one node. A heuristic bin packing: never more than fit, and
-        exact for the usual shapes (identical nodes, or one bundle per GPU).
-        """
-        free = [{k: float(v) for k, v in n.items()} for n in nodes]
-        items = [b.resources() for b in self.bundles] + [{"CPU": self.driver_cpus}]
-        items.sort(key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), reverse=True)
-        jobs = 0
-        while jobs < limit:
-            trial = [dict(n) for n in free]
-            for item in items:
-                node = next((n for n in trial if all(n.get(k, 0.0) + _EPS >= v for k, v in item.items())), None)
-                if node is None:
-                    return jobs
-                for k, v in item.items():
-                    node[k] = node.get(k, 0.0) - v
-            free = trial
-            jobs += 1
-        return jobs
 
 
 def job_footprint(

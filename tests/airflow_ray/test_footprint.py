@@ -11,7 +11,7 @@ import pytest
 
 from airflow_ray.capacity import DEFAULT_ADVICE, max_in_flight
 from airflow_ray.errors import ClusterError
-from airflow_ray.footprint import Bundle, JobFootprint
+from airflow_ray.footprint import JobFootprint
 
 
 def _dict(*bundles: tuple[float, float, int], driver_cpus: float = 0.25) -> dict:
@@ -30,7 +30,7 @@ def test_a_footprint_is_read_from_its_dict_and_totals_its_bundles_and_driver():
         with pytest.raises(ValueError, match="invalid footprint"):
             JobFootprint.from_dict(bad)
     with pytest.raises(ValueError, match="needs some CPU or GPU"):
-        Bundle("x", 0.0, 0.0)
+        JobFootprint.from_dict(_dict((0.0, 0.0, 1)))
 
 
 def test_jobs_that_fit_packs_every_bundle_and_driver_on_one_node():
@@ -38,27 +38,56 @@ def test_jobs_that_fit_packs_every_bundle_and_driver_on_one_node():
     assert fp.jobs_that_fit([{"CPU": 8.0, "GPU": 1.0}] * 4) == 2
     assert fp.jobs_that_fit([{"CPU": 8.0, "GPU": 2.0}]) == 1
     assert fp.jobs_that_fit([{"CPU": 1.0, "GPU": 2.0}]) == 0, "the driver has no CPU left"
-    assert JobFootprint((Bundle("t", 0.01),), 0.01).jobs_that_fit([{"CPU": 1e9}], limit=7) == 7
+    assert JobFootprint.from_dict(_dict((0.01, 0.0, 1), driver_cpus=0.01)).jobs_that_fit([{"CPU": 1e9}], limit=7) == 7
+
+
+def _demo() -> JobFootprint:
+    # preprocess 1 CPU, two stages of 1 CPU, tasks 0.75, driver 0.25 = 4 CPUs
+    return JobFootprint.from_dict(_dict((1.0, 0.0, 1), (1.0, 0.0, 1), (1.0, 0.0, 1), (0.75, 0.0, 1)))
+
+
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        ([{"CPU": 4}], 1),
+        ([{"CPU": 3.9}], 0),  # one job needs 4: a cluster smaller than one job holds none
+        ([{"CPU": 8}], 2),
+        ([{"CPU": 8.5}], 2),
+        ([{"CPU": 0}, {"CPU": 4}, {"CPU": 4}], 2),  # a 0-CPU head runs nothing
+        ([{"CPU": 2}, {"CPU": 2}], 1),  # bundles split across nodes, each fits one node
+    ],
+)
+def test_jobs_that_fit_cpu_only(nodes, expected):
+    assert _demo().jobs_that_fit(nodes) == expected
+
+
+def test_jobs_that_fit_respects_gpus_per_node():
+    # two GPU stages of one GPU each: a job needs 2 GPUs, on one node or two
+    fp = JobFootprint.from_dict(_dict((1.0, 0.0, 1), (1.0, 1.0, 1), (1.0, 1.0, 1), (0.75, 0.0, 1)))
+    gpu_nodes = [{"CPU": 8, "GPU": 1}] * 4
+    assert fp.jobs_that_fit(gpu_nodes) == 2
+    assert fp.jobs_that_fit([{"CPU": 64}]) == 0  # no GPU at all
+    # a pool's minimum shares one bundle: two 1-GPU actors need a 2-GPU node
+    pooled = JobFootprint.from_dict(_dict((1.0, 0.0, 1), (1.0, 1.0, 2), (0.75, 0.0, 1)))
+    assert pooled.jobs_that_fit(gpu_nodes) == 0
+    assert pooled.jobs_that_fit([{"CPU": 16, "GPU": 2}]) == 1
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_the_packing_is_the_data_planes(seed):
-    """The same answer as ``ray_jobs.job.footprint`` for the dicts it writes (a test-only import)."""
-    from ray_jobs.job.footprint import Footprint
+def test_the_provider_reads_the_data_planes_footprint(seed):
+    """The dict ``ray_jobs.job.footprint.Footprint.to_dict`` writes (a test-only import) reads
+    back with the same totals and description."""
+    from ray_jobs.job.footprint import job_footprint
 
     rng = random.Random(seed)
-    bundles = [
+    stages = [
         (rng.choice([0.25, 0.5, 1.0, 2.0, 4.0]), rng.choice([0.0, 0.0, 0.5, 1.0]), rng.randint(1, 3))
         for _ in range(rng.randint(1, 5))
     ]
-    data = _dict(*bundles, driver_cpus=rng.choice([0.25, 0.5, 1.0]))
-    nodes = [
-        {"CPU": float(rng.choice([0, 2, 4, 8, 16])), "GPU": float(rng.choice([0, 0, 1, 2, 4]))}
-        for _ in range(rng.randint(1, 12))
-    ]
-    theirs = Footprint.from_dict(data)
+    theirs = job_footprint(
+        stages, preprocess_cpus=rng.choice([0.5, 1.0]), preprocess_min=rng.randint(1, 3), driver_cpus=0.25
+    )
     ours = JobFootprint.from_dict(theirs.to_dict())
-    assert ours.jobs_that_fit(nodes) == theirs.jobs_that_fit(nodes)
     assert ours.total() == theirs.total() and ours.describe() == theirs.describe()
 
 
