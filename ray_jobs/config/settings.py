@@ -136,6 +136,13 @@ class JobSettings(Settings):
     rows_per_file: int = setting(
         100_000, help="Rows per output Parquet file", flag="--rows-per-file", minimum=1, maximum=10_000_000
     )
+    row_group_rows: int = setting(
+        8192,
+        help="Rows per Parquet row group in the embedding files (the unit a reader fetches)",
+        flag="--row-group-rows",
+        minimum=1,
+        maximum=10_000_000,
+    )
     max_image_pixels: int | None = setting(
         None, help="Reject images above this many pixels (empty: 50,000,000)", flag="--max-image-pixels", minimum=1
     )

@@ -42,13 +42,14 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         text_dim: int,
         image_dim: int,
         rows_per_file: int,
+        row_group_rows: int,
         force: bool = False,
         commit_meta: dict[str, Any] | None = None,
     ):
         self.partition_uri, self.attempt_id, self.attempt_uri = attempt.partition_uri, attempt.id, attempt.uri
         self._attempt = attempt  # driver side only (dropped when pickled for the write tasks)
         self.rows_in, self.text_dim, self.image_dim = rows_in, text_dim, image_dim
-        self.rows_per_file, self.force = rows_per_file, force
+        self.rows_per_file, self.row_group_rows, self.force = rows_per_file, row_group_rows, force
         self.commit_meta = dict(commit_meta or {})
         self.started_at = time.time()
         self.pipeline_started_at: float | None = None
@@ -76,7 +77,9 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         return self.rows_per_file
 
     def write(self, blocks: Iterable[Block], ctx) -> TaskResult:
-        writer = PartFileWriter(self.attempt_uri, ctx.task_idx, self.text_dim, self.image_dim, self.rows_per_file)
+        writer = PartFileWriter(
+            self.attempt_uri, ctx.task_idx, self.text_dim, self.image_dim, self.rows_per_file, self.row_group_rows
+        )
         try:
             for block in blocks:
                 acc = BlockAccessor.for_block(block)

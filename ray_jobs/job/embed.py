@@ -93,6 +93,7 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
             text_dim=job.embed_dim,
             image_dim=job.embed_dim,
             rows_per_file=job.config.job.rows_per_file,
+            row_group_rows=job.config.job.row_group_rows,
             force=job.config.force,
             commit_meta={
                 "model_id": job.model_id,

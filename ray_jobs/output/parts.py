@@ -25,9 +25,6 @@ from ray_jobs.contract.marker import CommittedFile
 
 log = logging.getLogger(__name__)
 
-#: Rows per Parquet row group inside a part file.
-ROW_GROUP_ROWS = 8192
-
 
 def reason_category(reason: str) -> str:
     """``"missing object: s3://b/k"`` -> ``"missing object"``."""
@@ -74,14 +71,17 @@ class _OpenFile:
 
 
 class PartFileWriter:
-    """Streams one write task's batches into part files of at most *rows_per_file* rows."""
+    """Streams one write task's batches into part files of at most *rows_per_file* rows, in
+    row groups of at most *row_group_rows*."""
 
-    def __init__(self, attempt_uri: str, task: int, text_dim: int, image_dim: int, rows_per_file: int):
-        if rows_per_file <= 0:
-            raise ValueError("rows_per_file must be positive")
+    def __init__(
+        self, attempt_uri: str, task: int, text_dim: int, image_dim: int, rows_per_file: int, row_group_rows: int
+    ):
+        if rows_per_file <= 0 or row_group_rows <= 0:
+            raise ValueError("rows_per_file and row_group_rows must be positive")
         self.fs, self.path = storage.filesystem_for(attempt_uri)
         self.rel = posixpath.basename(self.path)  # attempt=<id>
-        self.task, self.rows_per_file = task, rows_per_file
+        self.task, self.rows_per_file, self.row_group_rows = task, rows_per_file, row_group_rows
         self.text_dim, self.image_dim = text_dim, image_dim
         self.schema = embeddings_schema(text_dim, image_dim)
         self.result = TaskResult()
@@ -135,9 +135,9 @@ class PartFileWriter:
 
     def _drain(self, final: bool) -> None:
         """Write buffered rows as row groups, rolling to a new file at rows_per_file."""
-        while self._buf_rows and (final or self._buf_rows >= ROW_GROUP_ROWS or self._room() <= self._buf_rows):
+        while self._buf_rows and (final or self._buf_rows >= self.row_group_rows or self._room() <= self._buf_rows):
             table = pa.Table.from_batches(self._buf, schema=self.schema)
-            take = min(self._room(), ROW_GROUP_ROWS, table.num_rows)
+            take = min(self._room(), self.row_group_rows, table.num_rows)
             self._write_rows(table.slice(0, take))
             rest = table.slice(take)
             self._buf, self._buf_rows = rest.to_batches(), rest.num_rows

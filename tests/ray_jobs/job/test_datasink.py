@@ -28,7 +28,9 @@ def test_a_write_task_turns_blocks_into_files_and_a_storage_hiccup_into_a_retry(
 
     part = str(tmp_path / "p")
     with Attempt(part) as attempt:
-        sink = EmbeddingDatasink(attempt, rows_in=3, text_dim=4, image_dim=4, rows_per_file=10, commit_meta=META)
+        sink = EmbeddingDatasink(
+            attempt, rows_in=3, text_dim=4, image_dim=4, rows_per_file=10, row_group_rows=8192, commit_meta=META
+        )
         assert sink.min_rows_per_write == 10
         result = sink.write(iter([_block(make_batch(["a", "b", "c"], ok=[True, True, False]))]), _Ctx())
         assert [f.path for f in result.files] == [f"attempt={attempt.id}/part-00003-000.parquet"]

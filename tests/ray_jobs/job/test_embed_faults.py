@@ -246,6 +246,7 @@ def test_driver_memory_does_not_grow_with_the_partition(ray_session, tmp_path):
             text_dim=dim,
             image_dim=dim,
             rows_per_file=100_000,
+            row_group_rows=8192,
             commit_meta={"model_id": "m", "plan_id": "p", "partition": 0},
         )
         with _PeakRss() as rss:

@@ -38,11 +38,11 @@ def make_batch(ids, ok=None, dim=4, value=1.0):
     }
 
 
-def write_tasks(attempt, tasks, rows_per_file=3, dim=4):
+def write_tasks(attempt, tasks, rows_per_file=3, dim=4, row_group_rows=8192):
     """What Ray Data's write tasks do: one PartFileWriter per task, its batches in order."""
     results = []
     for task, batches in enumerate(tasks):
-        writer = PartFileWriter(attempt.uri, task, dim, dim, rows_per_file)
+        writer = PartFileWriter(attempt.uri, task, dim, dim, rows_per_file, row_group_rows)
         for batch in batches:
             writer.add(batch)
         results.append(writer.finish())
@@ -89,7 +89,9 @@ def test_second_attempt_loses_cleanly_and_the_first_commit_stays_intact(tmp_path
     first = commit_batches(part, [[make_batch(["a", "b"])]], 2)
     before = storage.sizes_under(part)
     with Attempt(part) as attempt:
-        sink = EmbeddingDatasink(attempt, rows_in=2, text_dim=4, image_dim=4, rows_per_file=3, commit_meta=META)
+        sink = EmbeddingDatasink(
+            attempt, rows_in=2, text_dim=4, image_dim=4, rows_per_file=3, row_group_rows=2, commit_meta=META
+        )
         results = write_tasks(attempt, [[make_batch(["a", "b"], value=2.0)]])
         assert os.path.isdir(attempt.uri)
         assert sink.complete(results) is None

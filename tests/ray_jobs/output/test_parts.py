@@ -22,3 +22,17 @@ def test_rolls_files_per_task_under_the_attempt_and_commits_last(tmp_path):
         assert os.path.getsize(os.path.join(part, f.path)) == f.bytes
     assert committed_marker(part, "m") == marker == read_marker(part)
     assert committed_marker(part, "other-model") is None
+
+
+def test_part_files_are_cut_into_row_groups_of_the_setting(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ray_jobs.output.lease import Attempt
+    from tests.ray_jobs.output.test_commit import write_tasks
+
+    part = str(tmp_path / "p")
+    with Attempt(part) as attempt:
+        (result,) = write_tasks(attempt, [[make_batch(list("abcdefg"))]], rows_per_file=5, row_group_rows=2)
+    metas = [pq.ParquetFile(os.path.join(part, f.path)).metadata for f in sorted(result.files, key=lambda f: f.path)]
+    groups = [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in metas]
+    assert groups == [[2, 2, 1], [2]], "files of at most 5 rows, row groups of at most 2"
