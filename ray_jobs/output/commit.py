@@ -1,6 +1,6 @@
 """Commit a partition: seal an attempt's files with the ``_SUCCESS`` marker.
 
-Protocol (DESIGN.md, "Output layout"):
+Protocol (docs/architecture.md, "The commit protocol"):
 
 1. An attempt takes a fresh id and writes a lease (:class:`ray_jobs.output.lease.Attempt`),
    refreshed while it runs. Nothing under the partition is deleted to make room.
