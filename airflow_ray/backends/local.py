@@ -137,6 +137,13 @@ def _read_state(tdir: str) -> ClusterHandle | None:
     return handle
 
 
+def _write_private(path: str, text: str) -> None:
+    """Create *path* holding *text*: mode 0600, never over an existing file, never through a link."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 @dataclass(frozen=True)
 class LocalRayBackend(ClusterBackend):
     """Settings of the local backend (all optional)."""
@@ -212,21 +219,8 @@ class LocalRayBackend(ClusterBackend):
         os.makedirs(self._root(), exist_ok=True)
         tdir = tempfile.mkdtemp(prefix=self._prefix(cluster_name), dir=self._root())  # 0700, ours
         token_path = os.path.join(tdir, TOKEN_FILE)
-        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-        gcs, dash, client, node_mgr, obj_mgr, agent_listen, agent_grpc, rt_env, metrics = _free_ports(9)
-        cmd = [
-            _ray_executable(), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--ray-client-server-port", str(client), "--node-manager-port", str(node_mgr),
-            "--object-manager-port", str(obj_mgr), "--dashboard-agent-listen-port", str(agent_listen),
-            "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(rt_env),
-            "--metrics-export-port", str(metrics), "--temp-dir", os.path.join(tdir, RAY_SUBDIR),
-            "--num-cpus", str(self.num_cpus or os.cpu_count() or 1), "--num-gpus", "0",
-            "--object-store-memory", str(self.object_store_memory),
-        ]  # fmt: skip
+        _write_private(token_path, secrets.token_hex(32))
+        cmd, gcs, dash = self._head_command(tdir)
         env = {
             **os.environ,
             "RAY_AUTH_MODE": "token",
@@ -248,9 +242,7 @@ class LocalRayBackend(ClusterBackend):
             token=TokenRef(kind="file", path=token_path),
             details={"pid": proc.pid, "pgid": proc.pid, "temp_dir": tdir, "gcs_address": f"127.0.0.1:{gcs}"},
         )
-        fd = os.open(os.path.join(tdir, STATE_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(handle.to_dict(), fh)
+        _write_private(os.path.join(tdir, STATE_FILE), json.dumps(handle.to_dict()))
         try:
             self._wait_ready(handle, proc)
         except ClusterError as exc:
@@ -265,6 +257,23 @@ class LocalRayBackend(ClusterBackend):
             self.down(handle)
             raise
         return handle
+
+    def _head_command(self, tdir: str) -> tuple[list[str], int, int]:
+        """``ray start --head`` on loopback, every port free and named, state under *tdir*;
+        with its GCS and dashboard ports."""
+        gcs, dash, client, node_mgr, obj_mgr, agent_listen, agent_grpc, rt_env, metrics = _free_ports(9)
+        cmd = [
+            _ray_executable(), "start", "--head", "--block", "--disable-usage-stats",
+            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+            "--ray-client-server-port", str(client), "--node-manager-port", str(node_mgr),
+            "--object-manager-port", str(obj_mgr), "--dashboard-agent-listen-port", str(agent_listen),
+            "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(rt_env),
+            "--metrics-export-port", str(metrics), "--temp-dir", os.path.join(tdir, RAY_SUBDIR),
+            "--num-cpus", str(self.num_cpus or os.cpu_count() or 1), "--num-gpus", "0",
+            "--object-store-memory", str(self.object_store_memory),
+        ]  # fmt: skip
+        return cmd, gcs, dash
 
     def _adopt(self, cluster_name: str, tdir: str) -> ClusterHandle | None:
         handle = _read_state(tdir)
