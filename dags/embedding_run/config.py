@@ -159,7 +159,10 @@ def deployment_bounds(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "backend": {"enum": list(deployment["backends"])},
         "existing_conn_id": {"enum": list(deployment["existing_conn_ids"])},
         "catalog_conn_id": {"enum": [None, *deployment["catalog_conn_ids"]]},
-        "kuberay_image": {"enum": [None, *k8s["images"]], "description": _with_default(k8s["images"][0])},
+        "kuberay_image": {
+            "enum": [None, *k8s["images"]],
+            "description": f"kuberay backend: Ray image (empty: {k8s['images'][0]})",
+        },
         "local_num_cpus": {"maximum": deployment["local_max_num_cpus"]},
         "kuberay_cpu_workers_max": {
             "minimum": max(1, cpu_w.get("min_replicas", 0)),
@@ -172,10 +175,6 @@ def deployment_bounds(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "description": f"kuberay backend: most GPU workers (empty: {gpu_w['max_replicas']})",
         },
     }
-
-
-def _with_default(image: str) -> str:
-    return f"kuberay backend: Ray image (empty: {image})"
 
 
 def param_schemas(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -90,13 +90,12 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
 def _model_layout(config: RunConfig):
     """The checkpoint (twin tower or a Hugging Face dual encoder, as saved) and its stage layout."""
     from ray_jobs.model.checkpoint import open_checkpoint
-    from ray_jobs.model.stage_spec import StageResources
+    from ray_jobs.model.stage_spec import default_resources
     from ray_jobs.model.staged import build_layout
 
     s = config.stage
     ckpt = open_checkpoint(config.sources.model_uri)
-    defaults = StageResources(s.stage_num_cpus, s.stage_num_gpus, s.stage_pool.min, s.stage_pool.max)
-    return ckpt, build_layout(ckpt, num_stages=s.num_stages, spec=s.stages, defaults=defaults)
+    return ckpt, build_layout(ckpt, num_stages=s.num_stages, spec=s.stages, defaults=default_resources(s))
 
 
 def _check_writable(output_uri: str) -> None:

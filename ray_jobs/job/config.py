@@ -15,7 +15,7 @@ from ray_jobs.config.settings import JobSettings, StageSettings
 from ray_jobs.errors import UsageError
 from ray_jobs.job.datasource import FragmentRef
 from ray_jobs.job.footprint import Footprint, footprint_of
-from ray_jobs.model.stage_spec import StageLayout, StageResources
+from ray_jobs.model.stage_spec import StageLayout, StageResources, default_resources
 
 _MODEL_ID = re.compile(r"^[a-z0-9_]{1,200}-[0-9a-f]{10}$")  # contract.make_model_id
 
@@ -65,8 +65,7 @@ class EmbedConfig:
     @property
     def stage_defaults(self) -> StageResources:
         """Each stage's resources unless the stage spec names its own."""
-        s = self.stage
-        return StageResources(s.stage_num_cpus, s.stage_num_gpus, s.stage_pool.min, s.stage_pool.max)
+        return default_resources(self.stage)
 
 
 @dataclass(frozen=True)

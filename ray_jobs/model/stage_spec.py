@@ -47,6 +47,13 @@ class StageResources:
         return f"cpus={self.num_cpus:g},gpus={self.num_gpus:g},pool={self.min_pool}-{self.max_pool}"
 
 
+def default_resources(settings) -> StageResources:
+    """Each stage's resources unless a stage spec names its own, from a
+    :class:`~ray_jobs.config.settings.StageSettings`."""
+    s = settings
+    return StageResources(s.stage_num_cpus, s.stage_num_gpus, s.stage_pool.min, s.stage_pool.max)
+
+
 @dataclass(frozen=True)
 class LayerRange:
     """Layers ``start`` .. ``stop - 1`` of one tower; ``stop`` None means to the end."""
