@@ -35,6 +35,7 @@ from bench.fair import Spread, alternating, best_variant, ratio
 from bench.pipeline_vs_torch import _ints
 from bench.rows import TINY_PRESETS, build_preset
 from ray_jobs.cli import min_max
+from ray_jobs.config.settings import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", help="tiny | albert-base-vit-s16 | clip-tiny | clip-vit-b-16")
     p.add_argument("--model", help="an existing checkpoint instead of a preset")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--rows", type=int, default=None, help="rows in the manifest (default 3000 tiny, 320 larger)")
     p.add_argument(
         "--tune-rows",

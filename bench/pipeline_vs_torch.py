@@ -32,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.fair import Spread, alternating, best_variant, ratio, torch_variants
 from bench.rows import TINY_PRESETS, build_preset
+from ray_jobs.config.settings import DTYPES
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", help="tiny | albert-base-vit-s16 | clip-tiny | clip-vit-b-16")
     parser.add_argument("--model", help="an existing checkpoint (any supported format) instead of a preset")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 tiny, 16 larger")
     parser.add_argument(
         "--torch-batch-sizes",

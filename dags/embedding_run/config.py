@@ -15,9 +15,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from typing import Any
 
-from ray_jobs.config.declare import ConfigError, Field, Settings, check_value, field_schema, fields_of, setting
+from ray_jobs.config.declare import (
+    ConfigError,
+    Field,
+    Settings,
+    check_value,
+    field_schema,
+    fields_of,
+    from_flat,
+    setting,
+    to_flat,
+)
 from ray_jobs.config.settings import Acceptance, JobSettings, Partitioning, Sources, StageSettings
 
 REQUIRED = ("manifest_uri", "output_uri", "model_uri")
@@ -94,18 +105,18 @@ class RunConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], deployment: dict[str, Any]) -> RunConfig:
-        """The run's params, each checked against its declaration and the deployment's lists
-        and limits as they are now. Raises :class:`ConfigError` naming the param."""
-        bounds = deployment_bounds(deployment)
-        for f, _ in _form_fields():
-            if f.name in params and not (f.required and params[f.name] is None):
-                problem = check_value(f, params[f.name], bounds.get(f.name))
-                if problem:
-                    raise ConfigError(f"param {f.name}: {problem}")
+        """The run's params, each checked against its declaration and then against the
+        deployment's lists and limits as they are now. Raises :class:`ConfigError` naming the param."""
         try:
-            return cls.from_dict(params)
+            config = cls.from_dict(params)
         except ConfigError as exc:
             raise ConfigError(f"param {exc}") from None
+        values, fields = config.to_dict(), {f.name: f for f in form_fields()}
+        for name, bounds in deployment_bounds(deployment).items():
+            problem = check_value(fields[name], values[name], bounds)
+            if problem:
+                raise ConfigError(f"param {name}: {problem}")
+        return config
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -115,29 +126,19 @@ class RunConfig:
             missing = [f.name for f in fields_of(kind) if f.required and values.get(f.name) is None]
             if missing:
                 raise ConfigError(f"{missing[0]}: must be set")
-            groups[name] = kind(**{f.name: values[f.name] for f in fields_of(kind) if f.name in values})
+            groups[name] = from_flat(kind, values)
         return cls(**groups)
 
     def to_dict(self) -> dict[str, Any]:
         """Setting name -> JSON value: what XCom carries between the run's tasks."""
-        from ray_jobs.config.declare import to_flat
-
         return {k: v for group in self.groups() for k, v in to_flat(group).items()}
 
     def groups(self) -> tuple[Settings, ...]:
         return tuple(getattr(self, name) for name in _GROUPS)
 
 
-_GROUPS: dict[str, type[Settings]] = {
-    "sources": Sources,
-    "catalog": CatalogChoice,
-    "partitioning": Partitioning,
-    "stage": StageSettings,
-    "job": JobSettings,
-    "acceptance": Acceptance,
-    "orchestration": Orchestration,
-    "cluster": ClusterChoice,
-}
+#: group name -> its settings class, in form order (RunConfig's fields)
+_GROUPS: dict[str, type[Settings]] = typing.get_type_hints(RunConfig)
 
 
 def _form_fields() -> list[tuple[Field, type[Settings]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ray_jobs.cli.args import positive_float, positive_int
+from ray_jobs.config.settings import DTYPES
 from ray_jobs.errors import UsageError
 
 
@@ -28,7 +29,7 @@ def add_tune(sub) -> None:
         "the slowest (exact). Prints the --stages spec and predicted rows/s per stage.",
     )
     p.add_argument("--model", required=True, help="checkpoint directory or s3:// prefix")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--stages", type=positive_int, default=2, help="number of pipeline stages K")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
