@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from ray_jobs.cli import data, embed, perf
+from ray_jobs.cli import data, embed, gc, perf
 from ray_jobs.cli.args import Parser, min_max
 from ray_jobs.errors import AdmissionTimeout, JobInputError
 
@@ -22,7 +22,9 @@ COMMANDS = {
     "embed": (embed.add_embed, embed.run_embed),
     "validate": (data.add_validate, data.run_validate),
     "demo-assets": (data.add_demo_assets, data.run_demo_assets),
+    "demo-night": (data.add_demo_night, data.run_demo_night),
     "summary": (data.add_summary, data.run_summary),
+    "gc": (gc.add_gc, gc.run_gc),
     "model-id": (perf.add_model_id, perf.run_model_id),
     "tune": (perf.add_tune, perf.run_tune),
     "capacity": (perf.add_capacity, perf.run_capacity),

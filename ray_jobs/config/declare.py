@@ -75,6 +75,20 @@ class Spec:
     pattern: str | None = None
     choices: tuple | None = None
     overrides: str | None = None  # a setting this one replaces when set (never both on a command line)
+    #: part of the output identity: changing it changes the embeddings or which rows are rejected,
+    #: so committed work made with another value is not reused (see :func:`identity_of`)
+    identity: bool = False
+
+
+def identity_of(*groups: Settings) -> dict[str, Any]:
+    """The output-identity settings of *groups* (``identity=True`` in their declaration), by name."""
+    return {
+        f.name: _plain(getattr(group, f.name)) for group in groups for f in fields_of(type(group)) if f.spec.identity
+    }
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Pool) else value
 
 
 def setting(default: Any = dataclasses.MISSING, **spec: Any) -> Any:

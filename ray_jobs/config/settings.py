@@ -31,7 +31,9 @@ class Sources(Settings):
     SECTION = "Input and output"
 
     manifest_uri: str = setting(
-        help="Parquet manifest: file, directory or s3:// prefix (id, text, image_uri)", min_length=1
+        help="Parquet manifest: file, directory or s3:// prefix (id, text, image_uri), or an Iceberg table "
+        "iceberg://<namespace>.<table> (its current snapshot's data files)",
+        min_length=1,
     )
     output_uri: str = setting(help="Output root: plans, embeddings, reports (local path or s3://)", min_length=1)
     model_uri: str = setting(
@@ -43,6 +45,21 @@ class Sources(Settings):
         None,
         help="Dataset name in the catalog (empty: derived from the manifest)",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+    )
+    manifest_catalog_uri: str | None = setting(
+        None,
+        help="Catalog of an iceberg:// manifest: SQLAlchemy URL or pyiceberg:<name> (the DAG resolves its "
+        "manifest_conn_id connection instead, at task run time)",
+        flag="--manifest-catalog-uri",
+        form=False,
+    )
+    manifest_catalog_name: str | None = setting(
+        None,
+        help="Name of the SQL catalog holding an iceberg:// manifest (empty: default; the DAG takes "
+        "extra.catalog_name of the manifest_conn_id connection)",
+        flag="--manifest-catalog-name",
+        pattern=r"^[A-Za-z0-9_-]{1,128}$",
+        form=False,
     )
 
 
@@ -116,6 +133,7 @@ class StageSettings(Settings):
         "embeddings are stored as float32",
         flag="--dtype",
         choices=DTYPES,
+        identity=True,
     )
 
 
@@ -144,10 +162,18 @@ class JobSettings(Settings):
         maximum=10_000_000,
     )
     max_image_pixels: int | None = setting(
-        None, help="Reject images above this many pixels (empty: 50,000,000)", flag="--max-image-pixels", minimum=1
+        None,
+        help="Reject images above this many pixels (empty: 50,000,000)",
+        flag="--max-image-pixels",
+        minimum=1,
+        identity=True,
     )
     max_object_bytes: int | None = setting(
-        None, help="Reject image objects above this size (empty: 64 MiB)", flag="--max-object-bytes", minimum=1
+        None,
+        help="Reject image objects above this size (empty: 64 MiB)",
+        flag="--max-object-bytes",
+        minimum=1,
+        identity=True,
     )
     admission_timeout_s: float = setting(
         1800.0,
@@ -159,7 +185,8 @@ class JobSettings(Settings):
     )
     fetch_timeout_s: float = setting(
         60.0,
-        help="Seconds one image fetch may take before its batch fails and is retried (never a reject)",
+        help="Seconds one image fetch may take, counted from its submission, before its batch fails and is "
+        "retried (never a reject)",
         flag="--fetch-timeout",
         exclusive_minimum=0,
         form=False,

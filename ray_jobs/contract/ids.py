@@ -57,6 +57,24 @@ def default_dataset_name(manifest_uri: str) -> str:
     return f"{sanitize_name(last)[:40]}_{short_hash('dataset', normalized, length=8)}"
 
 
-def make_plan_id(fingerprint: str, settings: Mapping[str, object]) -> str:
-    """Short hash of the manifest fingerprint and the partitioning settings."""
+def make_plan_id(fingerprint: str, settings: Mapping[str, object], previous: str = "") -> str:
+    """Short hash of the manifest fingerprint, the partitioning settings and the plan this one
+    continues (a sticky plan depends on which partitions it kept)."""
+    if previous:
+        return short_hash("plan", fingerprint, dict(settings), previous, length=12)
     return short_hash("plan", fingerprint, dict(settings), length=12)
+
+
+def work_key(fragments: Iterable[tuple[str, str, Iterable[int]]]) -> str:
+    """The content key of a unit of work: its fragments, each a manifest file's URI, its
+    version and the row groups read from it. Equal keys mean equal input rows, whatever plan
+    or run the work is part of."""
+    rows = [(uri, version, list(groups)) for uri, version, groups in fragments]
+    return short_hash("work", rows, length=16)
+
+
+def output_key(model_id: str, settings: Mapping[str, object]) -> str:
+    """The identity of what a run writes: the model and every setting that changes the
+    embeddings or which rows are rejected (dtype, image limits). Execution settings (batch
+    size, pools, stage layout, partition size) are not part of it."""
+    return short_hash("output", model_id, dict(sorted(settings.items())), length=10)

@@ -4,12 +4,21 @@ schemas of the part and rejects files written there. Paths are built without tou
 ::
 
     {output}/runs/{run_id}/plan.json
-    {output}/embeddings/model={model_id}/plan={plan_id}/partition={index:05d}/
+    {output}/runs/_lineage/{dataset}.json   the last plan of a manifest: where the next night's plan starts
+    {output}/embeddings/model={model_id}/out={output_key}/work={work_key}/
         _SUCCESS                           the commit marker (:mod:`ray_jobs.contract.marker`)
         _history/{attempt}.json            markers replaced by ``--force``
         attempt={attempt}/_ATTEMPT         the lease of a running attempt
         attempt={attempt}/part-{task:05d}-{n:03d}.parquet
         attempt={attempt}/rejects-{task:05d}.parquet
+
+A unit of work lives under its content key (:func:`ray_jobs.contract.ids.work_key`: the
+manifest fragments it reads, with their file versions) inside its output identity
+(:func:`ray_jobs.contract.ids.output_key`: the model and the settings that change the
+embeddings), so any plan that contains the same fragments finds it committed. Plans written
+before work was keyed by content (format ``multimodal-embeddings-plan/1``) keep their
+partitions at ``model={model_id}/plan={plan_id}/partition={index:05d}/``
+(:func:`partition_dir`); readers find both through :meth:`ray_jobs.contract.plan.Plan.work_uri`.
 """
 
 from __future__ import annotations
@@ -46,6 +55,21 @@ def partition_dir(output: str, model_id: str, plan_id: str, index: int) -> str:
     if index < 0:
         raise ValueError(f"partition index must be >= 0, got {index}")
     return join_uri(plan_root(output, model_id, plan_id), f"partition={index:05d}")
+
+
+def output_root(output: str, model_id: str, output_key: str) -> str:
+    return join_uri(model_root(output, model_id), f"out={output_key}")
+
+
+def work_dir(output: str, model_id: str, output_key: str, work_key: str) -> str:
+    if not work_key or "/" in work_key or not output_key or "/" in output_key:
+        raise ValueError(f"invalid work key {work_key!r} or output key {output_key!r}")
+    return join_uri(output_root(output, model_id, output_key), f"work={work_key}")
+
+
+def lineage_uri(output: str, dataset: str) -> str:
+    """The pointer to the last plan made for *dataset* in this output root."""
+    return join_uri(output, "runs", "_lineage", f"{dataset}.json")
 
 
 ATTEMPT_PREFIX = "attempt="

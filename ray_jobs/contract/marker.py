@@ -11,6 +11,16 @@ from ray_jobs.contract.layout import join_uri
 from ray_jobs.errors import OutputError
 
 COMMIT_FORMAT = "multimodal-embeddings-commit/2"
+
+#: Start-up figures a marker's ``timings`` carry (:mod:`ray_jobs.job.startup`), in report order,
+#: with their labels: the report, the summary command and the run page show them.
+STARTUP_LABELS = {
+    "startup_driver_s": "driver start",
+    "startup_admission_wait_s": "admission wait",
+    "startup_actor_start_s": "actor start",
+    "startup_model_load_s": "model load",
+    "time_to_first_batch_s": "first batch",
+}
 COMMIT_FORMAT_V1 = "multimodal-embeddings-commit/1"  # files at the partition root, one rejects file
 
 
@@ -90,6 +100,10 @@ class CommitMarker:
     supersedes: str = ""
     #: per-operator execution statistics (read, preprocess, stage1.., write); absent in older markers
     stage_stats: tuple[StageStat, ...] = ()
+    #: content key of the work (its fragments and their versions) and the output identity;
+    #: "" in markers written for format 1 plans, which are named by plan id and partition
+    work_key: str = ""
+    output_key: str = ""
     format: str = COMMIT_FORMAT
 
     def reconciles(self) -> bool:
@@ -144,6 +158,8 @@ def marker_problems(
     partition: int | None = None,
     rows_planned: int | None = None,
     embed_dim: int | None = None,
+    work_key: str | None = None,
+    output_key: str | None = None,
 ) -> list[str]:
     """Why a partition committed by *marker* cannot be trusted (empty: it can).
 
@@ -162,6 +178,13 @@ def marker_problems(
     found = (marker.model_id, marker.plan_id, marker.partition)
     if any(e is not None and e != f for e, f in zip(expected, found, strict=True)):
         problems.append(f"marker names model {marker.model_id} plan {marker.plan_id} partition {marker.partition}")
+    if (work_key is not None and marker.work_key != work_key) or (
+        output_key is not None and marker.output_key != output_key
+    ):
+        problems.append(
+            f"marker names work {marker.work_key or '-'} output {marker.output_key or '-'}, "
+            f"expected work {work_key} output {output_key}"
+        )
     if embed_dim is not None and (marker.text_dim, marker.image_dim) != (embed_dim, embed_dim):
         problems.append(f"embedding dims {marker.text_dim}/{marker.image_dim} != model's {embed_dim}")
     for f in marker.listed:

@@ -146,17 +146,18 @@ def write_demo_assets(
 
 
 def _write_images(
-    work: str, final_root: str, remote: bool, rows: int, bad_rows: set[int], rng: random.Random
+    work: str, final_root: str, remote: bool, rows: int, bad_rows: set[int], rng: random.Random, first: int = 0
 ) -> tuple[pa.Table, dict[str, int]]:
     """Write one image per row under ``{work}/images`` (the rows in *bad_rows* broken, cycling
     through :data:`BROKEN_KINDS`); return the manifest table, whose URIs point under
-    *final_root*, and how many images of each broken kind were written."""
+    *final_root*, and how many images of each broken kind were written. Rows are numbered
+    from *first* (earlier rows are someone else's)."""
     from ray_jobs.demo.checkpoint import caption
 
     broken: dict[str, int] = {}
     ids, texts, uris, sizes = [], [], [], []
     bad_seen = 0
-    for n in range(rows):
+    for n in range(first, rows):
         if n in bad_rows:
             kind = BROKEN_KINDS[bad_seen % len(BROKEN_KINDS)]
             bad_seen += 1
@@ -194,3 +195,41 @@ def _write_manifest(table: pa.Table, manifest_dir: str, files: int, row_group_ro
             os.path.join(manifest_dir, f"part-{k // per_file:05d}.parquet"),
             row_group_size=row_group_rows,
         )
+
+
+@dataclass(frozen=True)
+class NightChange:
+    added_rows: int
+    added_file: str
+    dropped_files: tuple[str, ...]
+    dropped_rows: int
+
+    def summary(self) -> str:
+        return (
+            f"demo-night: manifest gained {self.added_rows} rows ({self.added_file}) and lost "
+            f"{len(self.dropped_files)} file(s) ({self.dropped_rows} rows)"
+        )
+
+
+def change_demo_manifest(out: str, add_rows: int = 200, drop_files: int = 1, seed: int = 1) -> NightChange:
+    """What a night's upstream does to the demo manifest (local demo only): a new file of
+    *add_rows* rows with new ids and images, and the last *drop_files* files deleted."""
+    if storage.is_remote(out):
+        raise UsageError("demo-night changes a local demo directory only")
+    root = os.path.abspath(out)
+    manifest_dir = os.path.join(root, "manifest")
+    files = sorted(f for f in os.listdir(manifest_dir) if f.endswith(".parquet"))
+    if drop_files < 0 or drop_files >= len(files):
+        raise UsageError(f"--drop-files must be between 0 and {len(files) - 1} (the manifest has {len(files)} files)")
+    ids = [pq.read_table(os.path.join(manifest_dir, f), columns=["id"])["id"].to_pylist() for f in files]
+    start = max(int(i.removeprefix("row-")) for chunk in ids for i in chunk) + 1
+    rng = random.Random(seed)
+    table, _ = _write_images(root, root, False, start + add_rows, set(), rng, first=start)
+    name = f"part-{start:06d}-added.parquet"
+    pq.write_table(table, os.path.join(manifest_dir, name), row_group_size=64)
+    dropped = files[len(files) - drop_files :]
+    dropped_rows = 0
+    for f in dropped:
+        dropped_rows += pq.ParquetFile(os.path.join(manifest_dir, f)).metadata.num_rows
+        os.remove(os.path.join(manifest_dir, f))
+    return NightChange(add_rows, name, tuple(dropped), dropped_rows)

@@ -81,6 +81,9 @@ class PreparedJob:
     plan_id: str
     partition: int
     partition_uri: str
+    #: content key of the partition's fragments ("" for a format 1 plan) and the output identity
+    work_key: str = ""
+    output_key: str = ""
 
     @property
     def rows_in(self) -> int:

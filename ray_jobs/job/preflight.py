@@ -7,21 +7,23 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from ray_jobs import storage
-from ray_jobs.contract.ids import make_plan_id
-from ray_jobs.contract.layout import partition_dir
+from ray_jobs.config.declare import identity_of
+from ray_jobs.contract.ids import make_plan_id, output_key, work_key
+from ray_jobs.contract.layout import partition_dir, work_dir
 from ray_jobs.errors import ManifestError, PlanError, UsageError
 from ray_jobs.job.config import EmbedConfig, PreparedJob
 from ray_jobs.job.datasource import FragmentRef
 from ray_jobs.planning.manifest import fingerprint, read_manifest
 
 
-def _whole_manifest(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str]:
+def _whole_manifest(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str, str]:
     files = read_manifest(cfg.manifest_uri)
     refs = tuple(FragmentRef(f.uri, tuple(range(len(f.row_group_rows))), f.rows) for f in files if f.rows)
-    return refs, make_plan_id(fingerprint(files), {"mode": "whole-manifest"}), cfg.output_uri
+    key = work_key((f.uri, f.version, range(len(f.row_group_rows))) for f in files if f.rows)
+    return refs, make_plan_id(fingerprint(files), {"mode": "whole-manifest"}), cfg.output_uri, key
 
 
-def _plan_partition(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str]:
+def _plan_partition(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str, str]:
     from ray_jobs.planning.plan import load_plan
 
     plan = load_plan(cfg.plan_uri)
@@ -34,17 +36,24 @@ def _plan_partition(cfg: EmbedConfig) -> tuple[tuple[FragmentRef, ...], str, str
     refs = tuple(FragmentRef(plan.files[f.file].uri, f.row_groups, f.rows) for f in part.fragments)
 
     def check(ref_file) -> None:
-        size, version = storage.stat_file(ref_file.uri) or (None, None)
+        found = storage.stat_file(ref_file.uri)
+        if found is None:
+            raise ManifestError(
+                f"manifest file {ref_file.uri} no longer exists (planned at version {ref_file.version or '-'}); "
+                "this partition cannot run: the next night's plan retires its rows"
+            )
+        size, version = found
         if size != ref_file.size or (ref_file.version and version != ref_file.version):
             raise ManifestError(
                 f"manifest file {ref_file.uri} changed since planning (size {size}, planned {ref_file.size}; "
-                f"version {version}, planned {ref_file.version}); plan the run again"
+                f"version {version}, planned {ref_file.version}); this partition fails, and the next night plans "
+                "the new version"
             )
 
     used = {f.file for f in part.fragments}
     with ThreadPoolExecutor(max_workers=min(32, max(1, len(used)))) as pool:
         list(pool.map(check, [plan.files[i] for i in sorted(used)]))
-    return refs, plan.plan_id, plan.output_uri
+    return refs, plan.plan_id, plan.output_uri, part.key
 
 
 def prepare(cfg: EmbedConfig) -> PreparedJob:
@@ -52,7 +61,7 @@ def prepare(cfg: EmbedConfig) -> PreparedJob:
     from ray_jobs.model.checkpoint import open_checkpoint
     from ray_jobs.model.staged import build_layout
 
-    refs, plan_id, output = _plan_partition(cfg) if cfg.plan_uri else _whole_manifest(cfg)
+    refs, plan_id, output, key = _plan_partition(cfg) if cfg.plan_uri else _whole_manifest(cfg)
     if not storage.is_remote(output):
         output = storage.filesystem_for(output)[1]  # absolute local path in markers and summaries
     partition = cfg.partition or 0
@@ -66,6 +75,8 @@ def prepare(cfg: EmbedConfig) -> PreparedJob:
                 "use --dtype bfloat16 on CPU or give every stage gpus (--stage-num-gpus / gpus= in --stages)"
             )
     model_id = cfg.model_id or ckpt.model_id
+    out_key = output_key(model_id, identity_of(cfg.stage, cfg.job))
+    where = work_dir(output, model_id, out_key, key) if key else partition_dir(output, model_id, plan_id, partition)
     return PreparedJob(
         config=cfg,
         fragments=refs,
@@ -75,5 +86,7 @@ def prepare(cfg: EmbedConfig) -> PreparedJob:
         layout=layout,
         plan_id=plan_id,
         partition=partition,
-        partition_uri=partition_dir(output, model_id, plan_id, partition),
+        partition_uri=where,
+        work_key=key,
+        output_key=out_key,
     )

@@ -104,6 +104,17 @@ def protected_attempts(partition_uri: str) -> set[str] | None:
     return keep
 
 
+def last_heartbeat(attempt_uri: str) -> float:
+    """When the lease of the attempt at *attempt_uri* was last refreshed (epoch seconds); 0.0
+    when it has no readable lease. An attempt silent for longer than :data:`LEASE_TTL_S` is dead."""
+    try:
+        return float(json.loads(storage.read_text(join_uri(attempt_uri, LEASE_FILE)))["heartbeat_at"])
+    except FileNotFoundError:
+        return 0.0  # the lease is an attempt's first file: none left means it died starting
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def clean_dead_attempts(partition_uri: str, keep: str | None = None, ttl_s: float = LEASE_TTL_S) -> list[str]:
     """Remove attempts that never committed and whose lease is stale; return their ids."""
     protected = protected_attempts(partition_uri)
@@ -116,13 +127,7 @@ def clean_dead_attempts(partition_uri: str, keep: str | None = None, ttl_s: floa
         if attempt in (name, keep) or attempt in protected:
             continue
         uri = join_uri(partition_uri, name)
-        try:
-            beat = float(json.loads(storage.read_text(join_uri(uri, LEASE_FILE)))["heartbeat_at"])
-        except FileNotFoundError:
-            beat = 0.0  # the lease is an attempt's first file: none left means it died starting
-        except (ValueError, KeyError, TypeError):
-            beat = 0.0
-        if time.time() - beat > ttl_s:
+        if time.time() - last_heartbeat(uri) > ttl_s:
             storage.remove_tree(uri)
             removed.append(attempt)
     if removed:

@@ -13,6 +13,7 @@ import posixpath
 from ray_jobs import storage
 from ray_jobs.contract.layout import SUCCESS_FILE, join_uri
 from ray_jobs.contract.marker import CommitMarker, marker_problems
+from ray_jobs.contract.plan import Plan
 from ray_jobs.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,28 @@ def check_commit(partition_uri: str, **expect) -> tuple[CommitMarker | None, lis
     return marker, marker_problems(marker, listed_sizes(partition_uri, marker), **expect)
 
 
-def committed_marker(partition_uri: str, model_id: str) -> CommitMarker | None:
-    """The marker if the partition is committed, reconciles and all its files are intact."""
-    marker, problems = check_commit(partition_uri, model_id=model_id)
+def committed_marker(partition_uri: str, model_id: str, **expect) -> CommitMarker | None:
+    """The marker if the partition is committed, reconciles, names *expect* (work_key,
+    output_key, ...) and all its files are intact."""
+    marker, problems = check_commit(partition_uri, model_id=model_id, **expect)
     if problems:
         if marker is not None or not problems[0].startswith("missing:"):
             log.warning("partition %s is not validly committed (%s); it will be redone", partition_uri, problems[0])
         return None
     return marker
+
+
+def check_planned(
+    plan: Plan, index: int, model_id: str, output_key: str, embed_dim: int | None = None
+) -> tuple[str, CommitMarker | None, list[str]]:
+    """Where partition *index* of *plan* is committed, its marker, and why it cannot be
+    trusted: by content key and output identity for a keyed plan (the work may have been
+    committed by an earlier night's plan), by plan id and index for a format 1 plan."""
+    planned = plan.partition(index)
+    uri = plan.work_uri(index, model_id, output_key)
+    if plan.keyed:
+        expect = {"work_key": planned.key, "output_key": output_key}
+    else:
+        expect = {"plan_id": plan.plan_id, "partition": index}
+    marker, problems = check_commit(uri, model_id=model_id, rows_planned=planned.rows, embed_dim=embed_dim, **expect)
+    return uri, marker, problems

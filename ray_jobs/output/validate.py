@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ray_jobs import storage
-from ray_jobs.contract.layout import join_uri, partition_dir, plan_root
+from ray_jobs.contract.layout import join_uri, model_root, plan_root
 from ray_jobs.contract.marker import StageStat
 from ray_jobs.contract.plan import Plan
 from ray_jobs.errors import PlanError
-from ray_jobs.output.markers import check_commit
+from ray_jobs.output.markers import check_planned
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ class ValidationReport:
     output_uri: str
     checks: tuple[PartitionCheck, ...]
     max_reject_rate: float = 1.0
+    output_key: str = ""
+    #: ids found in more than one manifest row (see :mod:`ray_jobs.output.duplicates`)
+    duplicates: tuple[str, ...] = ()
 
     @property
     def rows_in(self) -> int:
@@ -69,10 +72,11 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and self.reject_rate <= self.max_reject_rate
+        return not self.failed and self.reject_rate <= self.max_reject_rate and not self.duplicates
 
     def problems(self) -> list[str]:
         out = [f"partition {c.index:05d}: {p}" for c in self.failed for p in c.problems]
+        out += list(self.duplicates)
         if self.reject_rate > self.max_reject_rate:
             out.append(f"reject rate {self.reject_rate:.4f} exceeds max_reject_rate {self.max_reject_rate}")
         return out
@@ -98,12 +102,11 @@ class ValidationReport:
         return "\n".join(rows)
 
 
-def check_partition(plan: Plan, model_id: str, index: int, embed_dim: int | None) -> PartitionCheck:
+def check_partition(
+    plan: Plan, model_id: str, index: int, embed_dim: int | None, output_key: str = ""
+) -> PartitionCheck:
     planned = plan.partitions[index]
-    uri = partition_dir(plan.output_uri, model_id, plan.plan_id, index)
-    marker, problems = check_commit(
-        uri, model_id=model_id, plan_id=plan.plan_id, partition=index, rows_planned=planned.rows, embed_dim=embed_dim
-    )
+    _, marker, problems = check_planned(plan, index, model_id, output_key, embed_dim)
     if marker is None:
         return PartitionCheck(index, planned.rows, problems=tuple(problems))
     return PartitionCheck(
@@ -136,7 +139,12 @@ def resolve_model_id(plan: Plan, model_uri: str | None) -> tuple[str, int | None
         for entry in fs.ls(path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             model_id = name.removeprefix("model=")
-            if name != model_id and storage.exists(plan_root(plan.output_uri, model_id, plan.plan_id)):
+            present = (
+                storage.exists(model_root(plan.output_uri, model_id))
+                if plan.keyed
+                else storage.exists(plan_root(plan.output_uri, model_id, plan.plan_id))
+            )
+            if name != model_id and present:
                 candidates.append(model_id)
     if len(candidates) != 1:
         raise PlanError(
@@ -146,9 +154,52 @@ def resolve_model_id(plan: Plan, model_uri: str | None) -> tuple[str, int | None
     return candidates[0], None
 
 
+def resolve_output_key(plan: Plan, model_id: str) -> str:
+    """The output identity whose work to check when none is given: the only ``out=`` under
+    the model that holds any of this plan's work ("" for a format 1 plan)."""
+    if not plan.keyed or not plan.partitions:
+        return ""
+    root = model_root(plan.output_uri, model_id)
+    fs, path = storage.filesystem_for(root)
+    keys = {f"work={p.key}" for p in plan.partitions}
+    found = []
+    if fs.exists(path):
+        for entry in fs.ls(path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            key = name.removeprefix("out=")
+            if key == name:
+                continue
+            held = {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(f"{path}/{name}", detail=False)}
+            if held & keys:
+                found.append(key)
+    if len(found) != 1:
+        raise PlanError(
+            f"cannot tell which output identity of model {model_id} to check for plan {plan.plan_id} "
+            f"(found {sorted(found) or 'none'} under {root}); pass --output-key"
+        )
+    return found[0]
+
+
 def validate_plan(
-    plan: Plan, model_id: str, embed_dim: int | None = None, max_reject_rate: float = 1.0, threads: int = 32
+    plan: Plan,
+    model_id: str,
+    embed_dim: int | None = None,
+    max_reject_rate: float = 1.0,
+    threads: int = 32,
+    output_key: str | None = None,
+    check_duplicates: bool = True,
 ) -> ValidationReport:
+    """Check every partition of *plan* for *model_id* and *output_key* (default: the only
+    one present), and that no id appears in two manifest rows."""
+    if output_key is None:
+        output_key = resolve_output_key(plan, model_id)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plan.partitions)))) as pool:
-        checks = tuple(pool.map(lambda i: check_partition(plan, model_id, i, embed_dim), range(len(plan.partitions))))
-    return ValidationReport(plan.plan_id, model_id, plan.output_uri, checks, max_reject_rate)
+        checks = tuple(
+            pool.map(lambda i: check_partition(plan, model_id, i, embed_dim, output_key), range(len(plan.partitions)))
+        )
+    duplicates: tuple[str, ...] = ()
+    if check_duplicates:
+        from ray_jobs.output.duplicates import duplicate_ids
+
+        duplicates = tuple(duplicate_ids(plan))
+    return ValidationReport(plan.plan_id, model_id, plan.output_uri, checks, max_reject_rate, output_key, duplicates)

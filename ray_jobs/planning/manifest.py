@@ -15,6 +15,7 @@ import posixpath
 import struct
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +25,9 @@ from ray_jobs import storage
 from ray_jobs.contract.ids import FileFingerprint, manifest_fingerprint
 from ray_jobs.contract.manifest_schema import check_manifest_schema
 from ray_jobs.errors import ManifestError
+
+if TYPE_CHECKING:
+    from ray_jobs.planning.iceberg_manifest import ManifestCatalog
 
 #: Footer key-value entry a manifest writer may set: JSON list of per-row-group sums of ``image_bytes``.
 IMAGE_BYTES_METADATA_KEY = b"embeddings.image_bytes_per_row_group"
@@ -173,14 +177,26 @@ def _read_chunk(chunk: list[tuple[str, int, str]], tail_bytes: int, byte_statist
 
 
 def read_manifest(
-    uri: str, threads: int = 64, tail_bytes: int = DEFAULT_TAIL_BYTES, byte_statistics: bool = True
+    uri: str,
+    threads: int = 64,
+    tail_bytes: int = DEFAULT_TAIL_BYTES,
+    byte_statistics: bool = True,
+    catalog: ManifestCatalog | None = None,
 ) -> list[ManifestFile]:
     """Footers of every file of the manifest, schema-checked, in path order.
 
     Remote footers are latency-bound: many threads overlap the requests. Local footers are
     CPU-bound (parsing holds the GIL): a large local manifest is parsed by one forked
-    process per core instead.
+    process per core instead. An ``iceberg://<namespace>.<table>`` manifest is the current
+    snapshot's data files of that table in *catalog*
+    (:mod:`ray_jobs.planning.iceberg_manifest`).
     """
+    from ray_jobs.planning.iceberg_manifest import is_table_uri, read_table_manifest
+
+    if is_table_uri(uri):
+        return read_table_manifest(
+            uri, catalog, threads=threads, tail_bytes=tail_bytes, byte_statistics=byte_statistics
+        ).files
     listing = list_manifest(uri)
     local = not storage.is_remote(uri)
     cores = os.cpu_count() or 1

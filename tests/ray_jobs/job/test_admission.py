@@ -18,8 +18,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs.contract.layout import partition_dir
 from ray_jobs.output.markers import committed_marker
+from ray_jobs.output.validate import resolve_output_key
 from ray_jobs.planning.plan import load_plan
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def test_more_partitions_than_gpus_all_commit_without_deadlock(gpu_cluster, plan
     model_id = open_checkpoint(assets.model).model_id
     ids = []
     for part in plan.partitions:
-        pdir = partition_dir(plan.output_uri, model_id, plan.plan_id, part.index)
+        pdir = plan.work_uri(part.index, model_id, resolve_output_key(plan, model_id))
         marker = committed_marker(pdir, model_id)
         assert marker is not None and marker.reconciles() and marker.rows_in == part.rows
         ids += pq.read_table(marker.data_uris(pdir))["id"].to_pylist()
@@ -188,7 +188,7 @@ def test_a_worker_node_lost_mid_job_commits_the_partition_exactly_once(gpu_clust
         retry_out, _ = retry.communicate(timeout=900)
         assert retry.returncode == 0, retry_out[-3000:]
     model_id = open_checkpoint(assets.model).model_id
-    pdir = partition_dir(plan.output_uri, model_id, plan.plan_id, 1)
+    pdir = plan.work_uri(1, model_id, resolve_output_key(plan, model_id))
     marker = committed_marker(pdir, model_id)
     assert marker is not None and marker.reconciles() and marker.rows_in == plan.partition(1).rows, out[-3000:]
     ids = pq.read_table(marker.data_uris(pdir))["id"].to_pylist()

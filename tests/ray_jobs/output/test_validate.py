@@ -7,7 +7,6 @@ import pytest
 
 from ray_jobs.cli import main
 from ray_jobs.config.settings import Partitioning
-from ray_jobs.contract.layout import partition_dir
 from ray_jobs.errors import PlanError
 from ray_jobs.output.markers import read_marker
 from ray_jobs.output.validate import resolve_model_id, validate_plan
@@ -16,6 +15,7 @@ from tests.ray_jobs.output.test_commit import commit_batches
 from tests.ray_jobs.planning.test_plan import write_manifest
 
 MODEL = "tiny-0123456789"
+OUT_KEY = "0a1b2c3d4e"  # the output identity the committed work is written for
 
 
 def _commit(plan, index, rows=None, rejected=0, model_id=MODEL):
@@ -30,9 +30,18 @@ def _commit(plan, index, rows=None, rejected=0, model_id=MODEL):
         "text_embedding": emb,
         "image_embedding": emb,
     }
-    uri = partition_dir(plan.output_uri, model_id, plan.plan_id, index)
+    uri = plan.work_uri(index, model_id, OUT_KEY)
     return commit_batches(
-        uri, [[batch]], rows, rows_per_file=40, force=True, model_id=model_id, plan_id=plan.plan_id, partition=index
+        uri,
+        [[batch]],
+        rows,
+        rows_per_file=40,
+        force=True,
+        model_id=model_id,
+        plan_id=plan.plan_id,
+        partition=index,
+        work_key=plan.partitions[index].key,
+        output_key=OUT_KEY,
     )
 
 
@@ -69,7 +78,7 @@ def test_count_mismatch_with_the_plan(plan):
 def test_deleted_or_changed_listed_file_and_wrong_dims(plan):
     for i in range(len(plan.partitions)):
         _commit(plan, i, rejected=1)
-    part = partition_dir(plan.output_uri, MODEL, plan.plan_id, 0)
+    part = plan.work_uri(0, MODEL, OUT_KEY)
     marker = read_marker(part)
     os.remove(os.path.join(part, marker.files[0].path))
     with open(os.path.join(part, marker.rejects[0].path), "ab") as fh:
@@ -95,7 +104,7 @@ def test_cli_exit_codes(plan, capsys, tmp_path):
     for i in range(len(plan.partitions)):
         _commit(plan, i)
     assert main(["validate", "--plan", plan_uri]) == 0
-    os.remove(os.path.join(partition_dir(plan.output_uri, MODEL, plan.plan_id, 1), "_SUCCESS"))
+    os.remove(os.path.join(plan.work_uri(1, MODEL, OUT_KEY), "_SUCCESS"))
     assert main(["validate", "--plan", plan_uri, "--summary-json", str(tmp_path / "v.json")]) == 1
     out = capsys.readouterr()
     assert "FAIL: missing: no _SUCCESS" in out.out and "partition 00001: missing" in out.err
@@ -117,8 +126,29 @@ def test_validate_report_and_catalog_from_the_cli(plan, capsys, tmp_path):
         report = json.load(fh)
     assert report["rows_in"] == 120 and report["rows_rejected"] == len(plan.partitions)
     assert report["rejects_by_reason"] == {"not an image": len(plan.partitions)}
-    assert report["catalog"]["table"] == "embeddings.products__tiny_0123456789"
+    assert report["catalog"]["table"] == f"embeddings.products__tiny_0123456789__{OUT_KEY}"
     assert {p["attempt"] for p in report["partitions"]} and all(p["attempt"] for p in report["partitions"])
     with open(os.path.join(run_dir, "report.md")) as fh:
         md = fh.read()
     assert md.startswith("# Embedding run `r`") and "| not an image |" in md
+
+
+def test_an_id_in_two_files_or_twice_in_one_fails_validation_naming_the_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    m = write_manifest(tmp_path / "m", n_files=2)
+    first, second = sorted(os.listdir(m))
+    t = pq.read_table(os.path.join(m, second))
+    ids = t["id"].to_pylist()
+    ids[5] = "r0"  # the first file's first id
+    ids[7] = ids[6]  # twice in the second file
+    pq.write_table(t.set_column(0, "id", pa.array(ids, pa.string())), os.path.join(m, second), row_group_size=30)
+    plan = run_plan(m, str(tmp_path / "out"), Partitioning(partition_rows=50), run_id="r").plan
+    for i in range(len(plan.partitions)):
+        _commit(plan, i)
+    report = validate_plan(plan, MODEL, embed_dim=4)
+    assert not report.ok and not report.failed, "every partition is committed; the manifest is what is wrong"
+    problems = "\n".join(report.problems())
+    assert f"duplicate id 'r0': in {os.path.join(m, first)} and in {os.path.join(m, second)}" in problems
+    assert f"duplicate id '{ids[6]}': 2 times in {os.path.join(m, second)}" in problems
