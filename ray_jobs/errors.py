@@ -30,6 +30,11 @@ class OutputError(JobInputError):
     """The output location is unusable, or holds a commit that contradicts this run."""
 
 
+class FilesystemUnavailable(JobInputError, ValueError):
+    """A URI's protocol needs an fsspec filesystem package that is not installed here; the
+    message names the package. Never a reject: every row of that protocol would fail alike."""
+
+
 class PlanError(JobInputError):
     """A plan file is missing, unreadable, or does not match the manifest it names."""
 

@@ -6,25 +6,34 @@ S3-compatible endpoint, which is how the tests reach a real S3 server on loopbac
 
 Commit markers need a write that succeeds only if nothing is there (:func:`create_exclusive`):
 ``O_EXCL`` semantics locally (a hard link of a complete temporary file, so no reader ever sees
-half a marker), and on S3 a conditional ``PUT`` with ``If-None-Match: *`` (AWS S3 since 2024,
-MinIO, moto). For a store that answers that header with ``501 NotImplemented`` or is declared
-not to support it (``RAY_JOBS_S3_CONDITIONAL_WRITES=0``, for a store that would silently ignore
-it), the fallback is check, put, read back: correct unless two writers commit within the same
-PUT's latency, in which case both may believe they won; the later marker stands, and since no
-writer deletes files of an attempt named by a marker, nothing committed is lost.
+half a marker), and on an object store a conditional ``PUT`` with ``If-None-Match: *`` (AWS S3
+since 2024, MinIO, moto). Some stores accept that header and ignore it (older MinIO, Ceph RGW,
+some moto releases): :func:`probe_conditional_create` finds out by creating one object twice
+(the second must be refused) and remembers the answer per store. A store that ignores the
+header, answers it with ``501 NotImplemented``, or is declared not to support it
+(``RAY_JOBS_S3_CONDITIONAL_WRITES=0``) gets the claim protocol instead (:func:`_create_by_claim`):
+put a claim object of one's own, list the claims, and put the target only when no other claim
+and no target exist, then remove the claim. On a store whose PUT, LIST and HEAD are strongly
+consistent (S3 and its compatibles) at most one writer wins: of two writers, the one that lists
+second sees the other's claim, or, once that claim is gone, the target it guarded.
 """
 
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import posixpath
+import random
 import secrets
+import time
 from functools import lru_cache
 
 import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
+
+from ray_jobs.errors import FilesystemUnavailable, OutputError
 
 
 def _scheme(uri: str) -> str | None:
@@ -75,10 +84,39 @@ def filesystem_for(uri: str, *, single_try: bool = False) -> tuple[fsspec.Abstra
         opts = _s3_options() if protocol == "s3" else {}
         try:
             fs = _remote_fs(protocol, tuple(sorted(opts.items())), single_try)
-        except (ValueError, ImportError) as exc:
+        except ImportError as exc:
+            package = getattr(exc, "name", None) or required_package(uri) or protocol
+            raise FilesystemUnavailable(
+                f"no filesystem for {protocol}:// URIs ({uri}): install the {package!r} package where this runs ({exc})"
+            ) from exc
+        except ValueError as exc:
             raise ValueError(f"no filesystem for {protocol}:// URIs ({uri}): {exc}") from exc
+        if protocol in ("http", "https"):  # fsspec's HTTP filesystem addresses objects by the whole URL
+            return fs, uri
         return fs, rest.rstrip("/")
     return LocalFileSystem(), os.path.abspath(uri)
+
+
+def required_package(uri: str) -> str | None:
+    """The package to install for *uri*'s filesystem when it cannot be imported here (``gcsfs``
+    for ``gs://``, ``adlfs`` for ``az://``), or None when it can (and for local paths). A
+    protocol fsspec does not know at all raises ValueError."""
+    scheme = _scheme(uri)
+    if scheme in (None, "file"):
+        return None
+    from fsspec.registry import known_implementations, registry
+
+    if scheme in registry:  # registered in this process: importable by definition
+        return None
+    spec = known_implementations.get(scheme)
+    if spec is None:
+        raise ValueError(f"no fsspec filesystem is known for {scheme}:// URIs ({uri})")
+    module = spec["class"].rsplit(".", 1)[0]
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:  # the filesystem's own package, or one it needs (aiohttp for http)
+        return getattr(exc, "name", None) or module.split(".")[0]
+    return None
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -152,8 +190,60 @@ def conditional_writes_supported() -> bool:
     return os.environ.get("RAY_JOBS_S3_CONDITIONAL_WRITES", "1").strip().lower() not in ("0", "false", "no")
 
 
+#: Per object store (protocol, endpoint, bucket): whether it refuses a conditional PUT of a key
+#: that exists, as :func:`probe_conditional_create` found (or a ``501`` answer taught).
+_HONOURS_IF_NONE_MATCH: dict[tuple[str, str, str], bool] = {}
+
+#: Claims of the claim protocol live in this folder beside their target.
+CLAIMS_DIR = "_claims"
+#: How long a writer waits for another writer's claim to turn into the target or go away.
+CLAIM_PENDING_S = 60.0
+
+
+def _store_key(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str, str]:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    endpoint = _s3_options().get("endpoint_url", "") if protocol in ("s3", "s3a") else ""
+    return protocol, endpoint, path.split("/", 1)[0]
+
+
+def probe_conditional_create(probe_uri: str) -> bool:
+    """Whether the store holding *probe_uri* honours ``If-None-Match: *``.
+
+    Puts *probe_uri* (a deterministic name: every writer probes the same object) with the
+    header twice; the store honours it when one of the two is refused. The answer is kept for
+    the store for this process (a second call asks nothing), and :func:`create_exclusive` uses it.
+    Local filesystems always honour exclusive creation; a store declared without conditional
+    writes (``RAY_JOBS_S3_CONDITIONAL_WRITES=0``) is not probed."""
+    fs, path = filesystem_for(probe_uri)
+    if isinstance(fs, LocalFileSystem):
+        return True
+    if not conditional_writes_supported():
+        return False
+    key = _store_key(fs, path)
+    if key not in _HONOURS_IF_NONE_MATCH:
+        _HONOURS_IF_NONE_MATCH[key] = _one_of_two_creates_refused(fs, path)
+    return _HONOURS_IF_NONE_MATCH[key]
+
+
+def _one_of_two_creates_refused(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    data = f'{{"probe": "If-None-Match", "at": {time.time():.3f}}}'.encode()
+    for _ in range(2):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return True
+        except OSError as exc:
+            if exc.errno == errno.ENOSYS:  # 501 NotImplemented: the store says so itself
+                return False
+            raise
+    return False  # two creates of one name both succeeded: the header was ignored
+
+
 def create_exclusive(uri: str, text: str) -> bool:
-    """Write *text* at *uri* only if nothing is there; True if this call created it."""
+    """Write *text* at *uri* only if nothing is there; True if this call created it.
+
+    On an object store: a conditional PUT, unless :func:`probe_conditional_create` found that
+    the store ignores the header (or it answers ``501``), then the claim protocol."""
     fs, path = filesystem_for(uri)
     data = text.encode()
     if isinstance(fs, LocalFileSystem):
@@ -165,7 +255,8 @@ def create_exclusive(uri: str, text: str) -> bool:
         finally:
             os.unlink(tmp)
         return True
-    if conditional_writes_supported():
+    key = _store_key(fs, path)
+    if conditional_writes_supported() and _HONOURS_IF_NONE_MATCH.get(key, True):
         try:
             fs.pipe_file(path, data, mode="create")  # PUT with If-None-Match: *
             return True
@@ -174,11 +265,46 @@ def create_exclusive(uri: str, text: str) -> bool:
         except OSError as exc:
             if exc.errno != errno.ENOSYS:  # anything but "NotImplemented" is a real failure
                 raise
-    if fs.exists(path):  # fallback: check, put, read back (see the module docstring)
-        return False
-    fs.pipe_file(path, data)
-    invalidate(fs, path)
-    return fs.cat_file(path) == data
+            _HONOURS_IF_NONE_MATCH[key] = False
+    return _create_by_claim(fs, path, data)
+
+
+def _create_by_claim(fs: fsspec.AbstractFileSystem, path: str, data: bytes, pending_s: float = CLAIM_PENDING_S) -> bool:
+    """Create *path* on a store without conditional writes: claim, list, check, put, release.
+
+    A writer puts its own claim ``_claims/<name>.<token>`` beside *path*, then lists the claims
+    and checks *path*. It puts *path* only when it sees no other claim and no *path*, and removes
+    its claim after that PUT. Otherwise it removes its claim; if *path* exists it has lost, and
+    if another claim was there it waits (jittered) and tries again, for at most *pending_s*."""
+    parent, name = posixpath.split(path)
+    claims = f"{parent}/{CLAIMS_DIR}"
+    deadline = time.monotonic() + pending_s
+    while True:
+        mine = f"{claims}/{name}.{secrets.token_hex(8)}"
+        fs.pipe_file(mine, b"")
+        try:
+            invalidate(fs, claims)
+            others = [p for p in fs.ls(claims, detail=False) if p.rstrip("/") != mine and _claim_of(p, name)]
+            invalidate(fs, path)
+            if not others and not fs.exists(path):
+                fs.pipe_file(path, data)
+                return True
+        finally:
+            fs.rm_file(mine)
+            invalidate(fs, claims)
+        invalidate(fs, path)
+        if fs.exists(path):
+            return False
+        if time.monotonic() > deadline:
+            raise OutputError(
+                f"{claims}: another writer's claim on {name} ({', '.join(sorted(others))}) has been pending for "
+                f"{pending_s:g}s without {name} appearing: if no attempt on this partition is running, delete the claim"
+            )
+        time.sleep(random.uniform(0.05, 0.5))
+
+
+def _claim_of(claim_path: str, name: str) -> bool:
+    return posixpath.basename(claim_path.rstrip("/")).startswith(f"{name}.")
 
 
 def replace_text(uri: str, text: str) -> None:

@@ -55,6 +55,47 @@ class CatalogTarget:
         return {"catalog_uri": self.redacted_uri, "catalog_conn_id": self.conn_id}
 
 
+#: executors whose tasks run on the scheduler's machine: a file in ``AIRFLOW_HOME`` outlives the task
+SAME_MACHINE_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
+
+
+def configured_executor() -> str:
+    """Airflow's ``[core] executor`` setting as configured in this process."""
+    try:
+        from airflow.sdk.configuration import conf
+    except ImportError:  # an Airflow without the task SDK's configuration module
+        from airflow.configuration import conf
+    return conf.get("core", "executor", fallback="LocalExecutor") or "LocalExecutor"
+
+
+def remote_executors(setting: str) -> list[str]:
+    """The executors in *setting* (``[core] executor``: one name, or a comma list of names,
+    ``alias:module.path`` entries or module paths) whose workers are not the scheduler's
+    machine. An executor this list does not know counts as remote."""
+    out = []
+    for entry in (part.strip() for part in setting.replace(";", ",").split(",")):
+        if entry and entry.split("=")[-1].split(":")[-1].rsplit(".", 1)[-1] not in SAME_MACHINE_EXECUTORS:
+            out.append(entry)
+    return out
+
+
+def check_catalog_lasts(conn_id: str | None, executor: str) -> bool:
+    """Whether this deployment's runs must name a catalog connection: True under an executor
+    whose tasks run on other machines (KubernetesExecutor, CeleryExecutor, EdgeExecutor, ...),
+    where the embedded SQLite catalog (in ``AIRFLOW_HOME`` for a remote output) would live in
+    one task's filesystem and vanish with it. Then an empty default *conn_id* raises
+    :class:`CatalogConnectionError`, naming ``catalog_conn_id``."""
+    remote = remote_executors(executor)
+    if remote and not conn_id:
+        raise CatalogConnectionError(
+            f"catalog_conn_id is empty, but the executor ({', '.join(remote)}) runs tasks on other machines: "
+            "the embedded SQLite catalog would live in one task's filesystem (AIRFLOW_HOME) and vanish with it. "
+            "Set EMB_CATALOG_CONN_ID to a catalog connection (postgres, mysql, or extra.pyiceberg_catalog) "
+            "and list it in deployment.catalog_conn_ids"
+        )
+    return bool(remote)
+
+
 def embedded_default(output_uri: str) -> CatalogTarget:
     from ray_jobs import storage
 

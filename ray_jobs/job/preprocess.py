@@ -27,7 +27,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from ray_jobs import storage
-from ray_jobs.errors import TransientFailure
+from ray_jobs.errors import FilesystemUnavailable, TransientFailure
 from ray_jobs.model.image_ops import ImageProcessing
 
 log = logging.getLogger(__name__)
@@ -92,33 +92,104 @@ def _read_local(path: str, uri: str, max_bytes: int) -> bytes:
         return fh.read(max_bytes + 1)
 
 
+#: S3 error codes that say nothing about the object: credentials that expired or must be
+#: refreshed, a clock out of step, a request body cut short, throttling and server errors. s3fs
+#: maps several of them to PermissionError or EINVAL, as if the object were the problem. A bare
+#: ``400`` (no code: a HEAD, or a proxy's answer) is not the object's fault either.
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "TokenRefreshRequired",
+        "RequestExpired",
+        "RequestTimeTooSkewed",
+        "IncompleteBody",
+        "RequestTimeout",
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "OperationAborted",
+        "Throttling",
+        "ThrottlingException",
+        "400",
+    }
+)
+#: HTTP statuses of an ``http(s)`` image that are the object's own: never retried. Any other
+#: error status (408, 429, 5xx, ...) is transient.
+_PERMANENT_HTTP = {401: "access denied", 403: "access denied", 404: "missing object", 410: "missing object"}
+
+
+def _remote_verdict(exc: BaseException, uri: str) -> RowRejected | _Transient | None:
+    """What the S3 error code or HTTP status behind *exc* says (s3fs and fsspec's HTTP
+    filesystem raise their own errors from botocore's and aiohttp's); None when neither is there."""
+    try:
+        from aiohttp import ClientError, ClientResponseError
+    except ImportError:  # no HTTP stack installed: nothing of it can be in the chain
+        ClientError = ClientResponseError = ()
+    seen, link = set(), exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        response = getattr(link, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):  # botocore ClientError
+            code = str(response["Error"].get("Code") or "")
+            if code in ("InvalidRange", "416"):  # the range starts at byte 0: there is no byte 0
+                return RowRejected("fetch", f"empty object: {uri}")
+            if code in _TRANSIENT_S3_CODES:
+                return _Transient(f"S3 {code}: {exc}")
+            return None  # the translated error (PermissionError, ...) says what it is
+        if isinstance(link, ClientResponseError):
+            if link.status in _PERMANENT_HTTP:
+                return RowRejected("fetch", f"{_PERMANENT_HTTP[link.status]}: {uri}: HTTP {link.status}")
+            return _Transient(f"HTTP {link.status}: {link.message}")
+        if isinstance(link, ClientError):  # connection refused or reset, before any status
+            return _Transient(f"{type(link).__name__}: {link}")
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def _is_s3(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "s3" in protocols
+
+
 def _fetch_once(uri: str, max_bytes: int) -> bytes:
     try:
         fs, path = storage.filesystem_for(uri, single_try=True)  # this function owns the retries
         if isinstance(fs, LocalFileSystem):
             return _read_local(path, uri, max_bytes)
+        if _is_s3(fs):
+            # One ranged GET and no HEAD before it: every error answer carries its S3 error code
+            # (a HEAD's has none, so an expired token or a skewed clock would read as "403").
+            # botocore checks the body against its Content-Length: a cut body raises.
+            return fs.cat_file(path, start=0, end=max_bytes + 1)
         with fs.open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)
             expected = min(getattr(fh, "size", None) or 0, max_bytes + 1)
         if len(data) < expected:  # a connection cut mid-body must not look like a truncated image
             raise _Transient(f"short read: {len(data)} of {expected} bytes")
         return data
-    except (RowRejected, _Transient):
+    except (RowRejected, _Transient, FilesystemUnavailable):
         raise
-    except FileNotFoundError:
-        raise RowRejected("fetch", f"missing object: {uri}") from None
-    except PermissionError as exc:
-        raise RowRejected("fetch", f"access denied: {uri}: {exc}"[:300]) from None
-    except IsADirectoryError:
-        raise RowRejected("fetch", f"not a regular file: {uri} is a directory") from None
-    except ValueError as exc:  # a URI the filesystem cannot even address (bad bucket name, scheme)
-        raise RowRejected("fetch", f"unreadable object: {uri}: {exc}"[:300]) from None
-    except OSError as exc:
-        if exc.errno in _PERMANENT_ERRNOS:
-            raise RowRejected("fetch", f"{_PERMANENT_ERRNOS[exc.errno]}: {uri}: {exc}"[:300]) from None
-        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # botocore/aiohttp connection, timeout and throttling errors
-        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        verdict = _remote_verdict(exc, uri) or _local_verdict(exc, uri)
+        if isinstance(verdict, RowRejected):
+            raise verdict from None
+        raise verdict from exc
+
+
+def _local_verdict(exc: Exception, uri: str) -> RowRejected | _Transient:
+    """What a filesystem's own exception says about the row (no S3 code or HTTP status behind it)."""
+    if isinstance(exc, FileNotFoundError):
+        return RowRejected("fetch", f"missing object: {uri}")
+    if isinstance(exc, PermissionError):
+        return RowRejected("fetch", f"access denied: {uri}: {exc}"[:300])
+    if isinstance(exc, IsADirectoryError):
+        return RowRejected("fetch", f"not a regular file: {uri} is a directory")
+    if isinstance(exc, ValueError):  # a URI the filesystem cannot even address (bad bucket name)
+        return RowRejected("fetch", f"unreadable object: {uri}: {exc}"[:300])
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return RowRejected("fetch", f"{_PERMANENT_ERRNOS[exc.errno]}: {uri}: {exc}"[:300])
+    return _Transient(f"{type(exc).__name__}: {exc}")  # botocore/aiohttp connection, timeout, throttling
 
 
 def fetch_bytes(
@@ -203,24 +274,29 @@ class Preprocessor:
         self.tokenizer = self.text.load_tokenizer()
         self.processing = ckpt.image_processing
         self.limits = limits or ImageLimits()
+        self.fetch_threads = fetch_threads
         self.pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="fetch")
         self.fetch_timeout_s = fetch_timeout_s
         timer.done()
 
-    def _image(self, uri: str, started: dict[int, float], r: int) -> tuple[np.ndarray, tuple[int, int]]:
-        started[r] = time.monotonic()
+    def _image(self, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
         data = fetch_bytes(uri, self.limits.max_object_bytes)
         return decode_image(data, self.processing, self.limits.max_pixels)
 
-    def _result(self, fut, started: dict[int, float], r: int, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
-        """The row's pixels and patch grid; TransientFailure once its fetch has run longer than the timeout."""
-        while True:
-            try:
-                return fut.result(timeout=1.0)
-            except FutureTimeout:
-                began = started.get(r)
-                if began is not None and time.monotonic() - began > self.fetch_timeout_s:
-                    raise TransientFailure(f"fetching {uri} took more than {self.fetch_timeout_s:g}s") from None
+    def _result(self, fut, deadline: float, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """The row's pixels and patch grid; TransientFailure once *deadline* has passed.
+
+        The deadline runs from the fetch's submission, not from when a thread picks it up: a
+        fetch queued behind hung ones is bounded too. Threads stuck in such fetches cannot be
+        stopped, so the pool they hold is left to them and a fresh one serves the next batch."""
+        try:
+            return fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = ThreadPoolExecutor(max_workers=self.fetch_threads, thread_name_prefix="fetch")
+            raise TransientFailure(
+                f"fetching {uri} took more than {self.fetch_timeout_s:g}s from its submission"
+            ) from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["id"]
@@ -237,18 +313,18 @@ class Preprocessor:
         input_ids, attention_mask = self.text.encode(self.tokenizer, texts)
         pixels = np.zeros((n, *self.processing.pixel_shape), dtype=np.uint8)
         grids = np.zeros((n, 2), dtype=np.int64)
-        started: dict[int, float] = {}
-        futures = [self.pool.submit(self._image, u, started, r) if ok[r] else None for r, u in enumerate(uris)]
+        deadline = time.monotonic() + self.fetch_timeout_s
+        futures = [self.pool.submit(self._image, u) if ok[r] else None for r, u in enumerate(uris)]
         try:
             for r, fut in enumerate(futures):
                 if fut is None:
                     continue
                 try:
-                    pixels[r], grids[r] = self._result(fut, started, r, uris[r])
+                    pixels[r], grids[r] = self._result(fut, deadline, uris[r])
                 except RowRejected as exc:
                     ok[r], stage[r], reason[r] = False, exc.stage, exc.reason
-                except TransientFailure:
-                    raise  # not the row's fault: the batch fails and is retried
+                except (TransientFailure, FilesystemUnavailable):
+                    raise  # not the row's fault: the batch fails (and is retried if transient)
                 except MemoryError as exc:
                     raise TransientFailure(f"out of memory decoding {uris[r]}") from exc
                 except Exception as exc:  # a decoder bug on odd bytes: one bad row never fails the partition

@@ -8,16 +8,17 @@ from ray_jobs.job.config import PreparedJob
 
 #: Environment every Ray worker of the job gets (no hub access, quiet transformers).
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-_FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "RAY_JOBS_CACHE_DIR",
-)
+#: Where storage is, never how to log in to it: the only variables of this process a job's
+#: ``runtime_env`` carries. A ``runtime_env`` is shown by the Ray dashboard and its job API, so
+#: credentials never go there: on a cluster, the workers use their own credential chain (an
+#: instance or workload identity, or a Kubernetes Secret on KubeRay); a local Ray started here
+#: inherits this process's environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_JOBS_CACHE_DIR")
+
+
+def job_runtime_env() -> dict[str, str]:
+    """The ``env_vars`` of the job's ``runtime_env``: :data:`WORKER_ENV` and :data:`FORWARDED_ENV`."""
+    return {**WORKER_ENV, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
 
 
 def ensure_ray(job: PreparedJob) -> None:
@@ -25,7 +26,7 @@ def ensure_ray(job: PreparedJob) -> None:
 
     if ray.is_initialized():
         return
-    env = {**WORKER_ENV, **{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}}
+    env = job_runtime_env()
     if job.config.ray_address:
         ray.init(address=job.config.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
         return

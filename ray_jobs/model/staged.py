@@ -226,6 +226,25 @@ def _select(batch: Mapping[str, np.ndarray], rows) -> dict[str, np.ndarray]:
     return {k: v[rows] for k, v in batch.items()}
 
 
+def neutral_row(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One well-formed input row of *batch*'s shapes that holds none of its rows' data: token 0
+    at every position, all attended; black pixels; zero hidden states; and for a patch-grid
+    tower (SigLIP 2) a 1 x 1 grid (a rejected row carries ``(0, 0)``, which the model refuses).
+
+    A stage runs it where it needs a row it knows is valid: for the output shapes of a batch
+    without one valid row, and to tell a broken stage from rows that each break it."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in batch.items():
+        first = _dense(v)[:1]
+        if first.dtype == object:
+            out[k] = np.full(1, "", dtype=object)
+        elif k in ("attention_mask", "spatial_shapes"):
+            out[k] = np.ones_like(first)
+        else:
+            out[k] = np.zeros_like(first)
+    return out
+
+
 class ModelStage:
     """Ray Data callable class for one stage; one instance per actor in the stage's pool."""
 
@@ -263,10 +282,12 @@ class ModelStage:
         """Run the stage on the batch's valid rows.
 
         An out-of-memory error halves the rows and tries again, down to one row. Any other
-        error is retried row by row: a row that fails alone while others succeed is rejected
-        (``model error``); when every row fails alone, the stage itself is broken and the batch
-        fails with :class:`~ray_jobs.errors.TransientFailure` (Ray Data retries the task, then
-        the job fails): infrastructure faults are never committed as rejects."""
+        error is retried row by row. Rows that fail alone are rejected (``model error``) only
+        once the stage has shown it works: some row of the batch succeeded, and a
+        :func:`neutral_row` succeeds after the failures (so one bad row is a reject even when it
+        is the batch's only valid row). When the neutral row fails too, the stage itself is
+        broken and the batch fails with :class:`~ray_jobs.errors.TransientFailure` (Ray Data
+        retries the task, then the job fails): infrastructure faults are never committed as rejects."""
         batch = dict(batch)
         for col in ("ok", "reject_stage", "reject_reason"):  # Arrow-backed arrays are read-only
             batch[col] = np.array(batch[col], copy=True)
@@ -282,8 +303,8 @@ class ModelStage:
                         raise
                     log.warning("%s: batch failed (%s); retrying row by row", self.name, exc)
                     produced, rows = self._row_by_row(batch, rows, exc)
-            else:  # nothing valid: shapes from one placeholder row, values discarded
-                produced = self.module.run(_select(batch, [0]))
+            else:  # nothing valid: the output's shapes from a neutral row, its values discarded
+                produced = self.module.run(neutral_row(batch))
         except TransientFailure:
             raise
         except Exception as exc:
@@ -319,15 +340,22 @@ class ModelStage:
                 if _is_oom(exc):
                     raise
                 failed.append((r, exc))
-        if not results:
-            raise TransientFailure(
-                f"{self.name}: the batch and each of its {len(rows)} rows failed alone, so the stage is at fault, "
-                f"not the rows: {type(batch_error).__name__}: {batch_error}"[:500]
-            )
+        if failed:  # the rows' fault only if the stage works now, on a row known to be valid
+            try:
+                neutral = self.module.run(neutral_row(batch))
+            except Exception as exc:
+                if _is_oom(exc):
+                    raise
+                raise TransientFailure(
+                    f"{self.name}: {len(failed)} of the batch's {len(rows)} rows failed alone and so did a neutral "
+                    f"row, so the stage is at fault, not the rows: {type(batch_error).__name__}: {batch_error}"[:500]
+                ) from exc
         for r, exc in failed:
             batch["ok"][r] = False
             batch["reject_stage"][r] = self.name
             batch["reject_reason"][r] = f"model error: {type(exc).__name__}: {exc}"[:500]
+        if not results:  # every row was bad: the output's shapes from the neutral row
+            return neutral, np.array([], dtype=np.int64)
         merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
         return merged, np.array(good, dtype=np.int64)
 

@@ -155,10 +155,34 @@ def commit_attempt(
     return publish_marker(attempt, marker, force=force)
 
 
+#: The object that every attempt under one output folder probes conditional writes with.
+COMMIT_PROBE_FILE = "_COMMIT_PROBE"
+
+
+def commit_probe_uri(partition_uri: str) -> str:
+    """The probe object: beside the partitions (never inside one), one deterministic name."""
+    return join_uri(posixpath.dirname(partition_uri.rstrip("/")), COMMIT_PROBE_FILE)
+
+
+def check_commit_store(partition_uri: str) -> bool:
+    """Whether the store holding *partition_uri* honours ``If-None-Match: *`` (asked once per
+    store and process: :func:`ray_jobs.storage.probe_conditional_create`). A store that ignores
+    it commits through the claim protocol; said once, at job start."""
+    honoured = storage.probe_conditional_create(commit_probe_uri(partition_uri))
+    if not honoured and storage.is_remote(partition_uri):
+        log.warning(
+            "the output store of %s does not refuse a conditional PUT of an existing object (If-None-Match: *): "
+            "markers are created through claims (claim, list, check, put) instead",
+            partition_uri,
+        )
+    return honoured
+
+
 def publish_marker(attempt: Attempt, marker: CommitMarker, force: bool = False) -> CommitMarker:
     """Create ``_SUCCESS`` if absent; replace it only under *force* or when the files it lists
     are gone, after keeping it in ``_history/`` (its files stay protected forever)."""
     uri = join_uri(attempt.partition_uri, SUCCESS_FILE)
+    storage.probe_conditional_create(commit_probe_uri(attempt.partition_uri))  # known since job start
     current = None
     for _ in range(2):  # a marker removed by hand between our two calls: try again once
         if storage.create_exclusive(uri, marker.to_json()):

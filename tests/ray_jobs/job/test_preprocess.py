@@ -1,7 +1,9 @@
 import errno
+import http.server
 import io
 import os
 import random
+import threading
 from typing import ClassVar
 
 import fsspec
@@ -10,6 +12,7 @@ import pytest
 from fsspec import AbstractFileSystem
 from PIL import Image
 
+from ray_jobs import storage
 from ray_jobs.demo.assets import _bomb_png, _broken, _image_bytes
 from ray_jobs.errors import TransientFailure
 from ray_jobs.job.preprocess import Preprocessor, RowRejected, decode_image, fetch_bytes
@@ -250,5 +253,158 @@ def test_preprocessor_times_out_a_fetch_that_hangs(demo_checkpoint, scripted):
     try:
         with pytest.raises(TransientFailure, match=r"scripted://b/slow.jpg took more than 0.5s"):
             pre(batch)
+    finally:
+        release.set()
+
+
+# ----------------------------------------------------------- real stores: S3 behind the fault proxy, HTTP
+
+
+@pytest.fixture
+def s3_image(s3_bucket):
+    key = f"fetch/{os.getpid()}-{random.Random().randrange(10**9)}/img.jpg"
+    storage.write_text(f"{s3_bucket}/{key}", "jpeg bytes")
+    return f"{s3_bucket}/{key}"
+
+
+def _through_proxy(s3_server, monkeypatch, **proxy_args):
+    from tests.s3_faults import FaultProxy
+
+    proxy = FaultProxy(s3_server, match="/fetch/", **proxy_args)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    storage._remote_fs.cache_clear()
+    return proxy
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "ExpiredToken"),
+        (403, "RequestTimeTooSkewed"),
+        (400, "TokenRefreshRequired"),
+        (400, "IncompleteBody"),
+        (400, None),  # a bare 400: no error code at all
+    ],
+)
+def test_credential_clock_and_body_errors_from_s3_are_transient_never_rejects(
+    s3_server, s3_image, scripted, monkeypatch, status, code
+):
+    """s3fs reads ExpiredToken and RequestTimeTooSkewed as "access denied", the others as EINVAL."""
+    with _through_proxy(s3_server, monkeypatch, answers=[(status, code)] * 2) as proxy:
+        assert fetch_bytes(s3_image, 100, attempts=3) == b"jpeg bytes"
+        assert proxy.counts["answered"] == 2 and len(scripted) == 2, "retried with backoff"
+        proxy.answers = [(status, code)] * 3
+        with pytest.raises(TransientFailure, match=f"failed 3 times: S3 {code or status}"):
+            fetch_bytes(s3_image, 100, attempts=3)
+    storage._remote_fs.cache_clear()
+
+
+@pytest.mark.integration
+def test_a_real_access_denied_from_s3_is_still_a_reject(s3_server, s3_image, scripted, monkeypatch):
+    with (
+        _through_proxy(s3_server, monkeypatch, answers=[(403, "AccessDenied")]),
+        pytest.raises(RowRejected, match="access denied"),
+    ):
+        fetch_bytes(s3_image, 100, attempts=3)
+    storage._remote_fs.cache_clear()
+    assert scripted == [], "never retried"
+
+
+class _Statuses(http.server.BaseHTTPRequestHandler):
+    """``/<status>/...`` answers GET with that status; ``/head-ok/<status>/...`` answers HEAD with
+    200 and a size first (a signed URL valid for GET only, or one that expired in between)."""
+
+    def log_message(self, *args):
+        pass
+
+    def _any(self):
+        parts = self.path.strip("/").split("/")
+        head_ok = parts[0] == "head-ok"
+        status = int(parts[1] if head_ok else parts[0])
+        if status == 200 or (head_ok and self.command == "HEAD"):
+            status, body = 200, b"image bytes"
+        else:
+            body = b"no"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = _any
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Statuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("head", ["", "head-ok/"])
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(401, "access denied"), (403, "access denied"), (404, "missing object"), (410, "missing object")],
+)
+def test_a_permanent_http_status_is_a_reject_at_once(http_server, scripted, head, status, reason):
+    uri = f"{http_server}/{head}{status}/img.jpg"
+    with pytest.raises(RowRejected, match=f"^{reason}: {uri}"):
+        fetch_bytes(uri, 100)
+    assert scripted == [], "never retried"
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_other_http_error_statuses_are_transient(http_server, scripted, status):
+    assert fetch_bytes(f"{http_server}/200/img.jpg", 100) == b"image bytes"
+    with pytest.raises(TransientFailure, match=f"failed 2 times: HTTP {status}"):
+        fetch_bytes(f"{http_server}/{status}/img.jpg", 100, attempts=2)
+
+
+def test_a_protocol_without_its_filesystem_fails_the_batch_naming_the_package(demo_checkpoint):
+    from ray_jobs.errors import FilesystemUnavailable
+
+    assert storage.required_package("gs://bucket/img.jpg") == "gcsfs", "this environment has no gcsfs"
+    assert storage.required_package("s3://bucket/img.jpg") is None and storage.required_package("/x") is None
+    batch = {"id": np.array(["a"], dtype=object), "text": np.array(["x"], dtype=object)}
+    batch["image_uri"] = np.array(["gs://bucket/img.jpg"], dtype=object)
+    with pytest.raises(FilesystemUnavailable, match="install the 'gcsfs' package"):
+        Preprocessor(demo_checkpoint)(batch)
+
+
+def test_a_fetch_queued_behind_a_hung_one_is_bounded_from_its_submission(demo_checkpoint, scripted, tmp_path):
+    """One fetch thread, held by a fetch that never returns: the next batch's fetch waits in the
+    queue. Its deadline runs from submission (the batch fails in time), and the next batch gets
+    a fresh pool instead of queueing behind the hung thread forever."""
+    release = threading.Event()
+    ScriptedFS.script["b/hung.jpg"] = [lambda: release.wait(60) and io.BytesIO(b"late")]
+    good, _ = _image_bytes(random.Random(0), 0)
+    (tmp_path / "good.jpg").write_bytes(good)
+    pre = Preprocessor(demo_checkpoint, fetch_threads=1, fetch_timeout_s=0.5)
+
+    def batch(uri):
+        return {
+            "id": np.array(["a"], dtype=object),
+            "text": np.array(["x"], dtype=object),
+            "image_uri": np.array([uri]),
+        }
+
+    outcome = {}
+
+    def run():
+        try:
+            with pytest.raises(TransientFailure, match=r"took more than 0\.5s"):
+                pre(batch("scripted://b/hung.jpg"))
+            outcome["after"] = pre(batch(str(tmp_path / "good.jpg")))["ok"].tolist()
+        except BaseException as exc:  # reported below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    try:
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "the batch after a hung fetch waited forever"
+        assert outcome == {"after": [True]}, outcome
     finally:
         release.set()

@@ -164,3 +164,102 @@ def test_create_exclusive_on_s3_uses_a_conditional_put(s3_bucket, monkeypatch):
     other = uri + ".fallback"
     assert storage.create_exclusive(other, "first") and not storage.create_exclusive(other, "second")
     assert storage.read_text(other) == "first"
+
+
+# ----------------------------------------------------------------------------- stores without conditional writes
+
+
+def test_the_claim_protocol_has_exactly_one_winner_among_racing_writers(tmp_path):
+    """The fallback itself, on a filesystem as consistent as S3 (the local one, through fsspec)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = LocalFileSystem(), str(tmp_path / "p" / SUCCESS_FILE)
+    fs.makedirs(str(tmp_path / "p" / storage.CLAIMS_DIR), exist_ok=True)
+    wins, barrier = [], threading.Barrier(8)
+
+    def race(n):
+        barrier.wait()
+        if storage._create_by_claim(fs, path, f"writer {n}".encode()):
+            wins.append(n)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and storage.read_text(path) == f"writer {wins[0]}"
+    assert os.listdir(tmp_path / "p" / storage.CLAIMS_DIR) == [], "every claim was released"
+
+
+def test_a_claim_left_by_a_writer_that_died_stops_the_commit_naming_it(tmp_path):
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = LocalFileSystem(), str(tmp_path / "p" / SUCCESS_FILE)
+    fs.makedirs(str(tmp_path / "p" / storage.CLAIMS_DIR))
+    fs.pipe_file(str(tmp_path / "p" / storage.CLAIMS_DIR / f"{SUCCESS_FILE}.dead"), b"")
+    with pytest.raises(OutputError, match=r"_SUCCESS.dead\) has been pending for 0.3s .* delete the claim"):
+        storage._create_by_claim(fs, path, b"x", pending_s=0.3)
+    assert not os.path.exists(path)
+
+
+@pytest.fixture
+def ignoring_store(s3_server, monkeypatch):
+    """The S3 server behind a proxy that drops ``If-None-Match``: a store that accepts a
+    conditional PUT and ignores it (a stand-in for older MinIO or Ceph RGW, which cannot run here)."""
+    from tests.s3_faults import FaultProxy
+
+    with FaultProxy(s3_server, match="/none/", strip_request_headers=("If-None-Match",)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        storage._remote_fs.cache_clear()
+        yield proxy
+    storage._remote_fs.cache_clear()
+
+
+@pytest.mark.integration
+def test_the_probe_tells_a_store_that_honours_if_none_match_from_one_that_ignores_it(s3_bucket, s3_server, monkeypatch):
+    from ray_jobs.output.commit import check_commit_store, commit_probe_uri
+    from tests.s3_faults import FaultProxy
+
+    part = f"{s3_bucket}/probe/{time.time_ns()}/partition=00000"
+    assert commit_probe_uri(part) == f"{part.rsplit('/', 1)[0]}/_COMMIT_PROBE"
+    assert check_commit_store(part), "moto honours the header"
+    with FaultProxy(s3_server, match="/none/", strip_request_headers=("If-None-Match",)) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        storage._remote_fs.cache_clear()
+        assert not check_commit_store(part)
+        assert proxy.stripped == [("PUT", f"/{commit_probe_uri(part).removeprefix('s3://')}")] * 2
+    storage._remote_fs.cache_clear()
+    assert not storage.exists(part), "the probe writes nothing into a partition"
+
+
+@pytest.mark.integration
+def test_through_a_store_that_ignores_if_none_match_exactly_one_writer_reports_success(s3_bucket, ignoring_store):
+    part = f"{s3_bucket}/race/{time.time_ns()}/partition=00000"
+    from ray_jobs.output.commit import check_commit_store
+
+    assert not check_commit_store(part)
+    uri = f"{part}/{SUCCESS_FILE}"
+    wins, barrier = [], threading.Barrier(6)
+
+    def race(n):
+        barrier.wait()
+        if storage.create_exclusive(uri, f"writer {n}"):
+            wins.append(n)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and storage.read_text(uri) == f"writer {wins[0]}", wins
+    assert ignoring_store.stripped, "the writers went through the proxy that drops the header"
+    assert storage.sizes_under(part) == {SUCCESS_FILE: len(f"writer {wins[0]}")}, "no claim left behind"
+
+
+@pytest.mark.integration
+def test_a_late_attempt_cannot_replace_a_marker_through_a_store_that_ignores_if_none_match(s3_bucket, ignoring_store):
+    part = f"{s3_bucket}/zombie/{time.time_ns()}/partition=00000"
+    first = commit_batches(part, [[make_batch(["a", "b"])]], 2)
+    with pytest.raises(CommitConflict, match=f"committed by attempt {first.attempt} first"):
+        commit_batches(part, [[make_batch(["a", "b"], value=2.0)]], 2)
+    assert read_marker(part) == first and committed_marker(part, "m") == first
