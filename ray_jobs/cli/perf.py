@@ -71,12 +71,34 @@ def add_capacity(sub) -> None:
     hw.add_argument("--max-partitions", type=positive_int, default=1024)
     hw.add_argument("--rows-per-file", type=positive_int, default=100_000)
     hw.add_argument("--embed-dim", type=positive_int, help="default: from the rates' record, else 512")
+    nightly = p.add_argument_group("nightly runs (work keyed by content: only changed manifest files are embedded)")
+    nightly.add_argument(
+        "--daily-change",
+        type=float,
+        help="fraction of the rows that change per day (e.g. 0.02): also print the nightly run beside the full run",
+    )
+    nightly.add_argument(
+        "--manifest-file-rows",
+        type=positive_int,
+        help="rows per manifest file (default: the manifest's mean with --manifest, else --partition-rows)",
+    )
+    add_price_flags(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def add_price_flags(p) -> None:
+    """The prices ``capacity`` sizes a run with and a run report costs it with."""
     price = p.add_argument_group("prices (USD)")
     price.add_argument("--gpu-hour", type=float, default=2.50)
     price.add_argument("--cpu-hour", type=float, default=0.04)
     price.add_argument("--get-per-1k", type=float, default=0.0004)
     price.add_argument("--put-per-1k", type=float, default=0.005)
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def prices_of(args):
+    from ray_jobs.perf.capacity_model import Prices
+
+    return Prices(args.gpu_hour, args.cpu_hour, args.get_per_1k, args.put_per_1k)
 
 
 def run_model_id(args) -> int:
@@ -160,8 +182,40 @@ def run_capacity(args) -> int:
         ),
         Prices(args.gpu_hour, args.cpu_hour, args.get_per_1k, args.put_per_1k),
     )
+    nightly_out, nightly_text = {}, []
+    if args.daily_change is not None:
+        from ray_jobs.perf.capacity_model import nightly_lines, plan_nightly
+
+        file_rows = _manifest_file_rows(args)
+        fraction, nightly = plan_nightly(
+            rates, plan.dataset, args.daily_change, file_rows, plan.hardware, plan.run, plan.prices
+        )
+        nightly_out = {
+            "nightly": {
+                "daily_change": args.daily_change,
+                "manifest_file_rows": file_rows,
+                "work_fraction": round(fraction, 6),
+                **nightly.to_dict(),
+            }
+        }
+        nightly_text = nightly_lines(plan, nightly, args.daily_change, file_rows, fraction)
     if args.json:
-        print(json.dumps({"rates_source": measured.source, **plan.to_dict(), "notes": notes}, indent=2), flush=True)
+        out = {"rates_source": measured.source, **plan.to_dict(), **nightly_out, "notes": notes}
+        print(json.dumps(out, indent=2), flush=True)
     else:
-        print("\n".join([f"rates: {measured.source} {args.rates}", *plan.lines(), *notes]), flush=True)
+        print("\n".join([f"rates: {measured.source} {args.rates}", *plan.lines(), *nightly_text, *notes]), flush=True)
     return 0
+
+
+def _manifest_file_rows(args) -> int:
+    """Rows per manifest file for the nightly model: --manifest-file-rows, else the
+    manifest's mean, else one partition's worth."""
+    if args.manifest_file_rows:
+        return args.manifest_file_rows
+    if args.manifest:
+        from ray_jobs.planning.manifest import read_manifest
+
+        files = [f for f in read_manifest(args.manifest) if f.rows]
+        if files:
+            return max(1, round(sum(f.rows for f in files) / len(files)))
+    return args.partition_rows

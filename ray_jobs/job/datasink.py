@@ -61,6 +61,8 @@ class EmbeddingDatasink(Datasink[TaskResult]):
         #: driver side only: the executed dataset whose stats go into the marker, and its operators
         self.stats_dataset = None
         self.stats_shapes: tuple = ()
+        #: a :class:`ray_jobs.job.progress.RowCounter` actor the write tasks add their rows to (or None)
+        self.progress_counter = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -85,7 +87,11 @@ class EmbeddingDatasink(Datasink[TaskResult]):
                 acc = BlockAccessor.for_block(block)
                 present = [c for c in _COLUMNS if c in acc.column_names()]
                 batch = BlockAccessor.for_block(acc.select(present)).to_batch_format("numpy")
+                seen, rejected = writer.result.rows_seen, len(writer.rejects["id"])
                 writer.add(batch)
+                if self.progress_counter is not None:  # fire and forget: progress never slows the write
+                    new_rejected = len(writer.rejects["id"]) - rejected
+                    self.progress_counter.add.remote(writer.result.rows_seen - seen - new_rejected, new_rejected)
             return writer.finish()
         except BaseException as exc:
             writer.abort()

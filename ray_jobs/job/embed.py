@@ -76,15 +76,18 @@ class EmbedResult:
 
 def run_prepared(job: PreparedJob) -> EmbedResult:
     from ray_jobs.job.datasink import EmbeddingDatasink
+    from ray_jobs.output.commit import check_commit_store
     from ray_jobs.output.lease import Attempt, clean_dead_attempts
     from ray_jobs.output.markers import committed_marker, read_marker_or_refuse
 
     start = time.perf_counter()
     read_marker_or_refuse(job.partition_uri)  # fail now, not after the whole pipeline ran
+    expect = {"work_key": job.work_key, "output_key": job.output_key} if job.work_key else {}
     if not job.config.force:
-        marker = committed_marker(job.partition_uri, job.model_id)
+        marker = committed_marker(job.partition_uri, job.model_id, **expect)
         if marker is not None:
             return EmbedResult.from_marker(job.partition_uri, marker, skipped=True)
+    check_commit_store(job.partition_uri)  # how the marker will be created, known before any work
     with Attempt(job.partition_uri) as attempt:
         clean_dead_attempts(job.partition_uri, keep=attempt.id)
         sink = EmbeddingDatasink(
@@ -99,6 +102,8 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
                 "model_id": job.model_id,
                 "plan_id": job.plan_id,
                 "partition": job.partition,
+                "work_key": job.work_key,
+                "output_key": job.output_key,
                 "stages": job.layout.spec(),
             },
         )
@@ -116,7 +121,7 @@ def run_prepared(job: PreparedJob) -> EmbedResult:
             raise
     wall = time.perf_counter() - start
     if sink.conflict is not None:
-        winner = committed_marker(job.partition_uri, job.model_id)
+        winner = committed_marker(job.partition_uri, job.model_id, **expect)
         if winner is None:
             raise sink.conflict
         return EmbedResult.from_marker(job.partition_uri, winner, skipped=True, lost_race=True)

@@ -148,6 +148,7 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
 
     Part files are written by Ray Data write tasks; ``sink.on_write_complete`` commits on the
     driver with the tasks' small results only."""
+    from ray_jobs.job.progress import ProgressReporter, actor_totals, progress_uri, start_counter
     from ray_jobs.perf.stage_stats import job_shapes
 
     ds = build_dataset(job, remote_args, startup_scope=sink.attempt_id)
@@ -157,4 +158,9 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
         job.layout, cfg.preprocess_cpus, cfg.preprocess_pool.max, READ_TASK_CPUS, WRITE_TASK_CPUS
     )
     sink.pipeline_started_at = time.time()
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")})
+    sink.progress_counter = start_counter()
+    uri = progress_uri(job.config.plan_uri, job.partition) if job.config.plan_uri else None
+    with ProgressReporter(
+        actor_totals(sink.progress_counter), partition=job.partition, rows_total=job.rows_in, uri=uri
+    ):
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")})

@@ -245,6 +245,14 @@ def _requests(rates_actors: int, partitions: int, rows_per_partition: int, rows:
     return gets, puts
 
 
+def object_store_requests(
+    actors: int, partitions: int, rows_per_partition: int, rows: int, run: RunShape
+) -> tuple[int, int]:
+    """``(GETs, PUTs)`` of *partitions* jobs of *rows_per_partition* rows (*rows* in all), each
+    starting *actors* actors: the counts the module docstring describes."""
+    return _requests(actors, partitions, rows_per_partition, rows, run)
+
+
 def plan_capacity(
     rates: Sequence[StageRate],
     dataset: DatasetSize,
@@ -299,3 +307,63 @@ def plan_capacity(
         gets=gets,
         puts=puts,
     )
+
+
+def nightly_work_fraction(daily_change: float, partition_rows: int, file_rows: int) -> float:
+    """The fraction of the rows a nightly run embeds when *daily_change* of the rows changed.
+
+    Work is keyed by content (sticky plans): a night embeds the rows of new and rewritten
+    manifest files, plus the unchanged rows that shared a partition with a rewritten or deleted
+    file (that partition is retired and its other row groups are packed anew). A changed file
+    of *file_rows* rows sits in partitions of *partition_rows* rows, straddling at most about
+    one partition of unchanged neighbours, so the model is
+    ``min(1, daily_change x (1 + partition_rows / file_rows))``: an upper bound (appended files
+    have no neighbours; a partition of one file has none either)."""
+    if not (0 <= daily_change <= 1 and math.isfinite(daily_change)):
+        raise UsageError(f"--daily-change must be a fraction between 0 and 1, got {daily_change}")
+    _positive("run", partition_rows=partition_rows, file_rows=file_rows)
+    return min(1.0, daily_change * (1 + partition_rows / file_rows))
+
+
+def plan_nightly(
+    rates: Sequence[StageRate],
+    dataset: DatasetSize,
+    daily_change: float,
+    file_rows: int,
+    hardware: Hardware | None = None,
+    run: RunShape | None = None,
+    prices: Prices | None = None,
+) -> tuple[float, CapacityPlan]:
+    """The work fraction (:func:`nightly_work_fraction`) and the capacity plan of a night that
+    embeds that fraction of *dataset*, within the same window, on the same nodes and prices."""
+    run = run or RunShape()
+    fraction = nightly_work_fraction(daily_change, run.partition_rows, file_rows)
+    nightly = DatasetSize(max(1, math.ceil(dataset.rows * fraction)), max(1, round(dataset.image_bytes * fraction)))
+    return fraction, plan_capacity(rates, nightly, hardware, run, prices)
+
+
+def nightly_lines(full: CapacityPlan, nightly: CapacityPlan, daily_change: float, file_rows: int, fraction: float):
+    """The nightly run beside the full run, as printed by ``capacity --daily-change``."""
+
+    def total(p: CapacityPlan) -> float:
+        return p.compute_cost + p.request_cost
+
+    rows = [
+        ("rows embedded", f"{full.dataset.rows:,}", f"{nightly.dataset.rows:,}"),
+        ("partitions", f"{full.partitions:,}", f"{nightly.partitions:,}"),
+        ("nodes", f"{full.replicas:,}", f"{nightly.replicas:,}"),
+        ("wall time", f"{full.wall_s / 3600:,.2f} h", f"{nightly.wall_s / 3600:,.2f} h"),
+        ("node-hours", f"{full.node_hours:,.1f}", f"{nightly.node_hours:,.1f}"),
+        ("compute", f"${full.compute_cost:,.2f}", f"${nightly.compute_cost:,.2f}"),
+        ("requests", f"${full.request_cost:,.2f}", f"${nightly.request_cost:,.2f}"),
+        ("total", f"${total(full):,.2f}", f"${total(nightly):,.2f}"),
+    ]
+    ratio = total(nightly) / total(full) if total(full) else 0.0
+    return [
+        f"nightly at {daily_change:.2%} daily change: embeds min(1, {daily_change:g} x (1 + "
+        f"{full.run.partition_rows:,} / {file_rows:,} rows per manifest file)) = {fraction:.2%} of the rows",
+        "| | full run | nightly |",
+        "|---|---:|---:|",
+        *(f"| {name} | {a} | {b} |" for name, a, b in rows),
+        f"nightly cost: {ratio:.1%} of a full run's",
+    ]

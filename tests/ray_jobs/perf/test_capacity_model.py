@@ -72,3 +72,30 @@ def test_inputs_are_validated():
         Hardware(cpus_per_node=2, reserved_cpus=2)
     with pytest.raises(UsageError, match="gpus-per-node is 0"):
         plan_capacity(GPU_RATES, DatasetSize(1, 1), Hardware(32, 0))
+
+
+def test_a_nightly_run_embeds_the_changed_rows_and_their_partitions_neighbours():
+    from ray_jobs.perf.capacity_model import nightly_work_fraction
+
+    assert nightly_work_fraction(0.02, 1_000_000, 1_000_000) == pytest.approx(0.04)  # a partition per file
+    assert nightly_work_fraction(0.01, 1_000_000, 250_000) == pytest.approx(0.05)  # 4 files per partition
+    assert nightly_work_fraction(0.3, 1_000_000, 100_000) == 1.0  # bounded by a full run
+    assert nightly_work_fraction(0.0, 1_000_000, 1_000_000) == 0.0
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(UsageError, match="--daily-change"):
+            nightly_work_fraction(bad, 1_000_000, 1_000_000)
+
+
+def test_the_nightly_plan_sizes_the_changed_work_within_the_same_window():
+    from ray_jobs.perf.capacity_model import plan_nightly
+
+    data = DatasetSize(rows=2_000_000_000, image_bytes=2_000_000_000 * 100_000)
+    hw, run = Hardware(cpus_per_node=32, gpus_per_node=6, reserved_cpus=2), RunShape(window_h=8.0)
+    full = plan_capacity(GPU_RATES, data, hw, run)
+    fraction, nightly = plan_nightly(GPU_RATES, data, 0.02, 1_000_000, hw, run)
+    assert fraction == pytest.approx(0.04)
+    assert nightly.dataset.rows == 80_000_000 and nightly.dataset.image_bytes == 80_000_000 * 100_000
+    assert nightly.partitions == 80 and nightly.replica_rows_per_s == full.replica_rows_per_s
+    assert nightly.node_hours < 0.1 * full.node_hours and nightly.gets < 0.05 * full.gets
+    _, everything = plan_nightly(GPU_RATES, data, 1.0, 1_000_000, hw, run)
+    assert everything.partitions == full.partitions and everything.node_hours == full.node_hours

@@ -90,3 +90,22 @@ def test_a_module_shared_by_several_layers_is_charged_call_by_call():
     timer.reset()
     assert timer.totals == {} and timer.calls[id(shared)] == 0
     timer.close()
+
+
+def test_capacity_prints_the_nightly_run_beside_the_full_run(tmp_path, capsys):
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(TUNE))
+    argv = ["capacity", "--rates", str(path), "--rows", "10000000", "--bytes", str(10**12), "--gpus-per-node", "0"]
+    argv += ["--cpus-per-node", "8", "--preprocess-rows-per-s", "100", "--daily-change", "0.02"]
+    assert main([*argv, "--manifest-file-rows", "500000", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    nightly = out["nightly"]
+    assert nightly["work_fraction"] == pytest.approx(0.06)  # 0.02 x (1 + 1,000,000 / 500,000)
+    assert nightly["rows"] == 600_000 and nightly["partitions"] == 1 and out["partitions"] == 10
+    assert nightly["compute_cost"] < out["compute_cost"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "nightly at 2.00% daily change" in text and "= 4.00% of the rows" in text  # file rows: a partition's
+    assert "| rows embedded | 10,000,000 | 400,000 |" in text
+    assert main([*argv[:-1], "1.5"]) == 2
+    assert "--daily-change must be a fraction" in capsys.readouterr().err
