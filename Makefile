@@ -57,19 +57,27 @@ test-unit: setup
 # The DAG run locally: Airflow on SQLite under $(DEMO_DIR)/airflow, local Ray, local storage.
 DEMO_ABS = $(abspath $(DEMO_DIR))
 AIRFLOW_ENV = AIRFLOW_HOME=$(DEMO_ABS)/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
-	AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False EMB_DEPLOYMENT_ALLOWED_URI_PREFIXES='s3://,gs://,$(DEMO_ABS)' \
 	PYTHONPATH=$(CURDIR):$(CURDIR)/dags
 DEMO_CONF = {"manifest_uri": "$(DEMO_ABS)/manifest", "output_uri": "$(DEMO_ABS)/output", \
 	"model_uri": "$(DEMO_ABS)/model", "partition_rows": $(DEMO_PARTITION_ROWS), "batch_size": 32, "poll_interval_s": 2}
 DEMO_PARTITION_ROWS ?= 1000
+DEMO_NIGHT_ROWS ?= 200
 
 demo: setup
-	$(PY) -m ray_jobs demo-assets --out $(DEMO_DIR) --rows $(DEMO_ROWS) --bad-images $(DEMO_BAD)
+	rm -rf $(DEMO_DIR)/output $(DEMO_DIR)/manifest
+	$(PY) -m ray_jobs demo-assets --out $(DEMO_DIR) --rows $(DEMO_ROWS) --bad-images $(DEMO_BAD) --files 4
 	$(AIRFLOW_ENV) $(VENV)/bin/airflow db migrate > $(DEMO_DIR)/airflow-db.log 2>&1
 	@echo "running the multimodal_embeddings DAG (airflow dags test; log: $(DEMO_DIR)/dags-test.log) ..."
 	@$(AIRFLOW_ENV) EMB_RETRIES=0 $(VENV)/bin/airflow dags test multimodal_embeddings -c '$(DEMO_CONF)' \
 		> $(DEMO_DIR)/dags-test.log 2>&1 || { tail -40 $(DEMO_DIR)/dags-test.log; exit 1; }
-	@$(PY) -m ray_jobs summary --output $(DEMO_DIR)/output
+	@$(PY) -m ray_jobs summary --output $(DEMO_DIR)/output --label "night 1"
+	@echo
+	@echo "night 2: the manifest gains $(DEMO_NIGHT_ROWS) rows and loses a file; the DAG runs again (log: $(DEMO_DIR)/dags-test-2.log) ..."
+	@$(PY) -m ray_jobs demo-night --out $(DEMO_DIR) --add-rows $(DEMO_NIGHT_ROWS) --drop-files 1
+	@$(AIRFLOW_ENV) EMB_RETRIES=0 $(VENV)/bin/airflow dags test multimodal_embeddings -c '$(DEMO_CONF)' \
+		> $(DEMO_DIR)/dags-test-2.log 2>&1 || { tail -40 $(DEMO_DIR)/dags-test-2.log; exit 1; }
+	@$(PY) -m ray_jobs summary --output $(DEMO_DIR)/output --label "night 2"
 
 airflow-ui: setup  ## the same DAG in the Airflow UI: http://localhost:8080 (credentials printed by standalone)
 	$(AIRFLOW_ENV) $(VENV)/bin/airflow standalone

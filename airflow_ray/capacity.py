@@ -60,17 +60,17 @@ def nodes_from_state_api(payload: dict[str, Any]) -> list[dict[str, float]]:
     ]
 
 
-def live_nodes(handle, wait_s: float = 60.0, poll_s: float = 0.25) -> list[dict[str, float]]:
-    """The live cluster's alive nodes. A head that just came up answers on its dashboard a few
-    seconds before its node is listed: wait (bounded) for at least one node with resources."""
+def live_nodes(address: str, token: str | None, wait_s: float = 60.0, poll_s: float = 0.25) -> list[dict[str, float]]:
+    """The alive nodes of the live cluster whose dashboard is at *address* (what a backend's
+    ``credentials`` gives). A head that just came up answers on its dashboard a few seconds
+    before its node is listed: wait (bounded) for at least one node with resources."""
     import httpx
 
-    from airflow_ray.cluster import resolve_token
     from airflow_ray.errors import RayJobsApiError
     from airflow_ray.hooks.ray_jobs import RayJobsClient
 
     deadline = time.monotonic() + wait_s
-    with RayJobsClient(handle.dashboard_url, resolve_token(handle.token)) as client:
+    with RayJobsClient(address, token) as client:
         while True:
             try:
                 nodes = nodes_from_state_api(client.nodes())

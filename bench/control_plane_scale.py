@@ -2,8 +2,11 @@
 """The control plane at scale: the nightly DAG with N partitions in Airflow as deployed,
 against a loopback stand-in of the Ray cluster, and what Airflow costs per partition.
 
-    RAY_ADDRESS=local python bench/control_plane_scale.py --partitions 200
+    python bench/control_plane_scale.py --partitions 1000 --max-triggerer-cpu-s 0.3 --max-overhead-s 0.5
     python bench/control_plane_scale.py --partitions 20 --min-delay-s 5 --max-delay-s 15   # short
+
+With ``--max-triggerer-cpu-s`` / ``--max-overhead-s`` (per partition) it exits 3 when a figure is
+over its bound, naming it.
 
 Airflow runs as in ``tests/topology``: PostgreSQL, then the api-server, scheduler (LocalExecutor),
 dag-processor and triggerer as separate processes, the run triggered through the REST API. The
@@ -80,6 +83,8 @@ class BenchConfig:
     watch_every_s: float = 5.0
     extrapolate_to: int = 1000
     timeout_s: float | None = None
+    max_triggerer_cpu_s: float | None = None  # per partition
+    max_overhead_s: float | None = None  # per partition
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 1024:
@@ -309,7 +314,7 @@ def report(res: dict) -> str:
         f"poll_interval_s {cfg['poll_interval_s']:g}",
         f"harness: LocalExecutor parallelism {cfg['parallelism']}, max_active_tasks_per_dag "
         f"{cfg['max_active_tasks_per_dag']}, default_pool {cfg['pool_slots']} slots (deferred tasks not counted), "
-        f"one triggerer of capacity {cfg['triggerer_capacity']}, embed max_active_tis_per_dagrun 1024; "
+        f"one triggerer of capacity {cfg['triggerer_capacity']}, embed max_active_tis_per_dagrun 512; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
         f"embed phase wall: {f.wall_s:.1f}s (first embed task start -> last embed task end; validate/catalog/"
         "report fail afterwards by design: the stand-in's jobs write no embeddings)",
@@ -334,9 +339,22 @@ def report(res: dict) -> str:
         f"scheduler CPU ~{x['scheduler_cpu_s']:.0f}s",
         f"figures partitions={f.partitions} limit={f.limit} wall_s={f.wall_s:.1f} ideal_s={f.ideal_s:.1f} "
         f"overhead_per_partition_s={f.overhead_per_partition_s:.3f} triggerer_cpu_s={f.triggerer_cpu_s:.1f} "
+        f"triggerer_cpu_per_partition_s={f.triggerer_cpu_s / f.partitions:.3f} "
         f"scheduler_cpu_s={f.scheduler_cpu_s:.1f} peak_deferred={w.peak_deferred}",
     ]
     return "\n".join(lines)
+
+
+def over_bounds(res: dict) -> list[str]:
+    """The per-partition figures above the bounds the run was given (none given: none)."""
+    cfg, f = res["config"], res["figures"]
+    out = []
+    cpu = f.triggerer_cpu_s / f.partitions
+    if cfg["max_triggerer_cpu_s"] is not None and cpu > cfg["max_triggerer_cpu_s"]:
+        out.append(f"triggerer CPU {cpu:.3f} s per partition > {cfg['max_triggerer_cpu_s']:g}")
+    if cfg["max_overhead_s"] is not None and f.overhead_per_partition_s > cfg["max_overhead_s"]:
+        out.append(f"wall overhead {f.overhead_per_partition_s:.3f} s per partition > {cfg['max_overhead_s']:g}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch-every-s", type=float, default=d.watch_every_s)
     parser.add_argument("--extrapolate-to", type=int, default=d.extrapolate_to)
     parser.add_argument("--timeout-s", type=float, default=None)
+    parser.add_argument("--max-triggerer-cpu-s", type=float, default=None, help="bound per partition (exit 3 above)")
+    parser.add_argument("--max-overhead-s", type=float, default=None, help="bound per partition (exit 3 above)")
     parser.add_argument("--keep", help="work in this directory and keep it (Airflow home, logs, assets)")
     args = parser.parse_args(argv)
     try:
@@ -375,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.keep or tempfile.mkdtemp(prefix="cp-scale-")
     os.makedirs(workdir, exist_ok=True)
     try:
-        print(report(run(cfg, workdir)), flush=True)
+        res = run(cfg, workdir)
+        print(report(res), flush=True)
+        over = over_bounds(res)
+        if over:
+            print("control_plane_scale: over its bounds: " + "; ".join(over), file=sys.stderr)
+            return 3
     except BenchError as exc:
         print(f"control_plane_scale: {exc}", file=sys.stderr)
         return 1

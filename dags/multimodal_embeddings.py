@@ -3,16 +3,19 @@
 
 Embeds every row of an (image, text) manifest with the twin-tower model split into pipeline
 stages on a Ray cluster, validates that every input row is accounted for, and registers the
-result as one snapshot of the Iceberg table `embeddings.<dataset>__<model_id>`.
+result as one snapshot of the Iceberg table `embeddings.<dataset>__<model_id>__<output_key>`.
 
 **Flow:** check inputs → plan (Parquet footers only) → cluster up → one deferrable Ray job per
 partition → validate → Iceberg catalog (+ asset event) → report → cluster down (always).
 
-**Trigger with params** to run another manifest, model, backend or stage layout. Clearing a
-failed run resumes it: partitions already committed are skipped. A second run of the same
-manifest and settings re-embeds nothing and adds no rows.
+**Nightly runs embed only what changed:** the plan keeps the partitions of unchanged manifest
+files, embeds new and rewritten row groups, and the night's snapshot removes the rows of
+deleted or rewritten files. Clearing a failed run resumes it.
 
-Outputs: `{output_uri}/embeddings/model=…/plan=…/partition=…/`, the plan and the report under
+**Trigger with params** to run another manifest, model, backend or stage layout;
+`redo_partitions` / `redo_rejects` embed chosen committed work again.
+
+Outputs: `{output_uri}/embeddings/model=…/out=…/work=…/`, the plan and the report under
 `{output_uri}/runs/{run_id}/`. Defaults: `include/multimodal_embeddings.defaults.yaml`
 (override with `EMB_*` environment variables).
 """
@@ -26,7 +29,9 @@ from airflow.sdk import Asset, dag, task
 
 from airflow_ray.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
 from airflow_ray.operators.ray_job import RayJobOperator
+from embedding_run.catalog_task import RegisterCatalogOperator
 from embedding_run.config import build_params
+from embedding_run.deadline import deadline_alert
 from embedding_run.deployment import load_defaults
 
 CONFIG = load_defaults()
@@ -60,15 +65,6 @@ def validate(planned: dict, checked: dict) -> dict:
     return validate_partitions(checked, planned)
 
 
-@task(outlets=[EMBEDDINGS_TABLE])
-def catalog(planned: dict, checked: dict, validated: dict, run_id=None, outlet_events=None):
-    from embedding_run.steps import register_catalog
-
-    result = register_catalog(checked, planned, run_id)
-    outlet_events[EMBEDDINGS_TABLE].extra = {**result, **validated, "run_id": run_id}
-    return result
-
-
 @task  # its verdict raises AirflowFailException (no retry); storage errors are retried
 def report(planned: dict | None, checked: dict | None, ti=None) -> dict:
     from embedding_run.steps import write_run_report
@@ -99,6 +95,8 @@ def cluster_config(checked: dict) -> dict:
     tags=["embeddings", "ray", "iceberg", "nightly"],
     params=build_params(CONFIG),
     doc_md=__doc__,
+    # the deployment's finish_by (UTC): a run still going then is reported late (it goes on)
+    deadline=deadline_alert(CONFIG["deployment"]),
     default_args={
         "owner": CONFIG["owner"],
         "retries": CONFIG["retries"],
@@ -122,15 +120,24 @@ def multimodal_embeddings():
     embed = RayJobOperator.partial(
         task_id="embed",
         cluster=cluster_up.output,
+        backend_config=config,  # the token and the dashboard address come from the backend, not the handle
         poll_interval="{{ params.poll_interval_s }}",
         max_in_flight=slots["max_in_flight"],
         timeout_s="{{ params.embed_timeout_s }}",
         # a backstop behind the trigger's own deadline (which stops the job and names the partition)
         execution_timeout=dt.timedelta(seconds=int(CONFIG["params"]["embed_timeout_s"]) + 900),
-        max_active_tis_per_dagrun=1024,
+        # At most this many partitions of a run are deferred or running at once (a deferred one
+        # holds a trigger); the rest wait `scheduled`, holding nothing, and start in map-index
+        # order. Half of one triggerer's default capacity (1,000): a run never fills it with
+        # gate waits while the job triggers of admitted partitions wait to be assigned.
+        max_active_tis_per_dagrun=512,
+        map_index_template="{{ task.job_label }}",  # "partition 17 · 1,000,000 rows"
     ).expand_kwargs(jobs(planned))
     validated = validate(planned, checked)
-    cataloged = catalog(planned, checked, validated)
+    # registers the files (the table's Asset event) and reports the run's OpenLineage facets
+    cataloged = RegisterCatalogOperator(
+        task_id="catalog", checked=checked, planned=planned, validated=validated, table=EMBEDDINGS_TABLE
+    )
     # The report is a teardown that fails the run when anything is missing: it runs after
     # failures and after a run is marked failed by hand, and a night that did not embed every
     # partition never ends green.

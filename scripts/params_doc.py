@@ -91,8 +91,9 @@ def render() -> str:
     lines += [
         "## Job settings on the command line only",
         "",
-        "These are not in the form; every partition job runs with their defaults unless",
-        "`python -m ray_jobs embed` is run by hand with the flag.",
+        "These are not in the form; the run's plan and partition jobs use their defaults unless",
+        "`python -m ray_jobs plan` or `embed` is run by hand with the flag (the DAG resolves an",
+        "`iceberg://` manifest's catalog from the `manifest_conn_id` connection instead).",
         "",
         "| setting | default | flag | what it does |",
         "|---|---|---|---|",

@@ -53,3 +53,25 @@ def cluster_nodes(handle: ClusterHandle | Mapping[str, Any], config: Mapping[str
     if not isinstance(handle, ClusterHandle):
         handle = ClusterHandle.from_dict(dict(handle))
     return get_backend(handle.backend, config).capacity_nodes(handle)
+
+
+def credentials(
+    handle: ClusterHandle | Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> tuple[str, str | None]:
+    """``(dashboard address, token)`` of the cluster of *handle*, from its backend with the
+    deployment's settings *config*: never from the handle, whose ``dashboard_url`` must be the
+    address the backend produces (:class:`~airflow_ray.errors.ClusterError` otherwise). Blocking I/O."""
+    from airflow_ray.cluster import ClusterHandle
+
+    if not isinstance(handle, ClusterHandle):
+        handle = ClusterHandle.from_dict(dict(handle))
+    return get_backend(handle.backend, config).credentials(handle)
+
+
+async def acredentials(
+    handle: ClusterHandle | Mapping[str, Any], config: Mapping[str, Any] | None = None
+) -> tuple[str, str | None]:
+    """:func:`credentials` from async code (a trigger), off the event loop."""
+    import asyncio
+
+    return await asyncio.to_thread(credentials, handle, config)

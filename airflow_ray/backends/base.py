@@ -67,6 +67,13 @@ class ClusterBackend(ABC):
     def down(self, handle: ClusterHandle) -> None:
         """Delete the cluster; deleting one that is already gone is success."""
 
+    @abstractmethod
+    def credentials(self, handle: ClusterHandle) -> tuple[str, str | None]:
+        """``(dashboard address, token)`` of the cluster *handle* names, from this backend's own
+        settings and sources (never from the handle): raises
+        :class:`~airflow_ray.errors.ClusterError` when the handle's ``dashboard_url`` is not
+        that address (:func:`check_dashboard_url`), before the token is read."""
+
     # ------------------------------------------------------------------ capacity
     @abstractmethod
     def capacity_nodes(self, handle: ClusterHandle) -> list[dict[str, float]]:
@@ -82,3 +89,16 @@ def narrowed(choice: Any, allowed: list[Any] | tuple[Any, ...] | None, what: str
     if allowed is not None and choice not in allowed:
         raise ValueError(f"{what} {choice!r} is not one the deployment allows ({list(allowed)})")
     return choice
+
+
+def check_dashboard_url(handle: ClusterHandle, expected: str) -> str:
+    """*expected* (the address the backend produces) if the handle names it, else ClusterError:
+    a token is only ever sent to the address its own source gives."""
+    from airflow_ray.errors import ClusterError
+
+    if handle.dashboard_url.rstrip("/") != expected.rstrip("/"):
+        raise ClusterError(
+            f"the handle of cluster {handle.name!r} names dashboard {handle.dashboard_url!r}, but the {handle.backend} "
+            f"backend gives {expected!r} for it: no token is sent there"
+        )
+    return expected.rstrip("/")

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from airflow_ray.backends.base import ClusterBackend, narrowed
-from airflow_ray.cluster import ClusterHandle, TokenRef
+from airflow_ray.backends.base import ClusterBackend, check_dashboard_url, narrowed
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import ClusterError
 from airflow_ray.provider_info import CONN_TYPE
 
@@ -38,7 +38,7 @@ class ExistingClusterBackend(ClusterBackend):
         """The live cluster's alive nodes (the Ray state API)."""
         from airflow_ray.capacity import live_nodes
 
-        return live_nodes(handle)
+        return live_nodes(*self.credentials(handle))
 
     def _hook(self):
         from airflow_ray.hooks.ray_jobs import RayJobsHook
@@ -57,12 +57,14 @@ class ExistingClusterBackend(ClusterBackend):
         with hook.get_client() as client:
             client.version()  # reachable, and the token (if any) is accepted
         return ClusterHandle(
-            backend=self.name,
-            name=cluster_name,
-            dashboard_url=hook.get_address(),
-            token=TokenRef(kind="connection", conn_id=self.conn_id),
-            details={"conn_id": self.conn_id},
+            backend=self.name, name=cluster_name, dashboard_url=hook.get_address(), details={"conn_id": self.conn_id}
         )
+
+    def credentials(self, handle: ClusterHandle) -> tuple[str, str | None]:
+        """The deployment's connection (``conn_id``, of type ``ray_dashboard``): its address,
+        which the handle must name, and its password."""
+        hook = self._hook()
+        return check_dashboard_url(handle, hook.get_address()), hook.get_token()
 
     def handle_for(self, cluster_name: str) -> ClusterHandle:
         return ClusterHandle(backend=self.name, name=cluster_name, dashboard_url="", details={"conn_id": self.conn_id})

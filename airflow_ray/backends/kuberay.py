@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from airflow_ray.backends.base import ClusterBackend, narrowed
-from airflow_ray.cluster import ClusterHandle, TokenRef
+from airflow_ray.backends.base import ClusterBackend, check_dashboard_url, narrowed
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import ClusterError, ClusterNotReady
 from airflow_ray.hooks.kuberay import KubeRayHook, head_pod_ready
 
@@ -174,25 +174,23 @@ class KubeRayBackend(ClusterBackend):
         auth = ((obj or {}).get("spec") or {}).get("authOptions") or {}
         return auth.get("secretName") or cluster_name
 
-    def handle_for(self, cluster_name: str, obj: dict[str, Any] | None = None) -> ClusterHandle:
+    def handle_for(self, cluster_name: str) -> ClusterHandle:
         return ClusterHandle(
-            backend=self.name,
-            name=cluster_name,
-            dashboard_url="",
-            token=TokenRef(
-                kind="k8s_secret",
-                namespace=self.namespace,
-                name=self._secret_name(obj, cluster_name),
-                conn_id=self.kubernetes_conn_id,
-                kube_config=self.kube_config,
-            ),
-            details={"namespace": self.namespace},
+            backend=self.name, name=cluster_name, dashboard_url="", details={"namespace": self.namespace}
         )
 
     def _ready_handle(self, cluster_name: str, obj: dict[str, Any] | None) -> ClusterHandle:
-        handle = self.handle_for(cluster_name, obj)
         address = self._hook().dashboard_address(cluster_name, self.namespace)
-        return ClusterHandle(handle.backend, handle.name, address, handle.token, handle.details)
+        return ClusterHandle(self.name, cluster_name, address, {"namespace": self.namespace})
+
+    def credentials(self, handle: ClusterHandle) -> tuple[str, str | None]:
+        """The cluster's head service in the deployment's namespace (the handle must name its
+        address), and the Secret KubeRay made for this RayCluster (its ``authOptions``), read
+        through the deployment's Kubernetes connection."""
+        hook = self._hook()
+        address = check_dashboard_url(handle, hook.dashboard_address(handle.name, self.namespace))
+        obj = hook.get_cluster(handle.name, self.namespace)
+        return address, hook.read_secret_value(self.namespace, self._secret_name(obj, handle.name), "auth_token")
 
     def create(self, cluster_name: str) -> tuple[dict[str, Any], bool]:
         return self._hook().create_cluster(self.render(cluster_name))

@@ -41,8 +41,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from airflow_ray.backends.base import ClusterBackend
-from airflow_ray.cluster import ClusterHandle, TokenRef
+from airflow_ray.backends.base import ClusterBackend, check_dashboard_url
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import ClusterError, ClusterNotReady
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,37 @@ RAY_SUBDIR = "r"
 
 #: Seconds the cluster's processes get to exit on SIGTERM before SIGKILL (see ``_kill_leftovers``).
 KILL_GRACE_S = 0.5
+
+#: The worker's environment variables ``ray start`` gets (its jobs inherit them): what a Python
+#: process, its libraries and the jobs' own credential chains read. Nothing of Airflow's
+#: (``AIRFLOW__*`` holds the database URL, the Fernet key, the API's JWT secret;
+#: ``AIRFLOW_CONN_*`` / ``AIRFLOW_VAR_*`` connections and variables) and nothing unlisted.
+ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+        "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+        "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    }
+)  # fmt: skip
+#: ... and these families: locale, Ray's own settings, the workers' cloud credential chain
+#: (AWS_*: the same chain the Airflow worker's own S3 reads use), model caches and GPU runtimes.
+ENV_PREFIXES = ("LC_", "RAY_", "AWS_", "HF_", "TRANSFORMERS_", "TORCH", "CUDA_", "NVIDIA_", "NCCL_", "XDG_")
+#: Ray settings that would point the head elsewhere or replace its own token.
+ENV_DENIED = frozenset({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"})
+
+
+def head_environment(environ: Mapping[str, str], extra_names: tuple[str, ...] = ()) -> dict[str, str]:
+    """The allow-listed part of *environ* (:data:`ENV_NAMES`, :data:`ENV_PREFIXES`, and the
+    deployment's *extra_names*), without :data:`ENV_DENIED`."""
+    allowed = ENV_NAMES | set(extra_names)
+    return {
+        k: v
+        for k, v in environ.items()
+        if k not in ENV_DENIED and not k.startswith("AIRFLOW") and (k in allowed or k.startswith(ENV_PREFIXES))
+    }
 
 
 def _free_ports(n: int) -> list[int]:
@@ -132,9 +163,22 @@ def _read_state(tdir: str) -> ClusterHandle | None:
             handle = ClusterHandle.from_dict(json.load(fh))
         except (ValueError, KeyError, TypeError):
             return None
-    if handle.details.get("temp_dir") != tdir or handle.token.path != os.path.join(tdir, TOKEN_FILE):
+    if handle.details.get("temp_dir") != tdir:
         return None
     return handle
+
+
+def _read_token(tdir: str) -> str | None:
+    """The token file of a private dir: a regular file of this user, closed to everyone else."""
+    try:
+        fd = os.open(os.path.join(tdir, TOKEN_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ClusterError(f"cannot read the local cluster's auth token in {tdir}: {exc}") from exc
+    with os.fdopen(fd) as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ClusterError(f"the auth token file in {tdir} is not a private file of this user")
+        return fh.read().strip() or None
 
 
 def _write_private(path: str, text: str) -> None:
@@ -152,6 +196,9 @@ class LocalRayBackend(ClusterBackend):
     object_store_memory: int = 1 << 30
     temp_root: str | None = None
     ready_timeout_s: float = 180.0
+    #: names of further environment variables of the worker that ``ray start`` may get
+    #: (:func:`head_environment` lists those it always gets)
+    extra_env: tuple[str, ...] = ()
     name: str = "local"
     deletes_cluster: ClassVar[bool] = True
     on_this_host: ClassVar[bool] = True
@@ -177,7 +224,7 @@ class LocalRayBackend(ClusterBackend):
         """The live cluster's nodes (one: the head)."""
         from airflow_ray.capacity import live_nodes
 
-        return live_nodes(handle)
+        return live_nodes(*self.credentials(handle))
 
     def _root(self) -> str:
         return os.path.realpath(self.temp_root or tempfile.gettempdir())
@@ -222,14 +269,12 @@ class LocalRayBackend(ClusterBackend):
         _write_private(token_path, secrets.token_hex(32))
         cmd, gcs, dash = self._head_command(tdir)
         env = {
-            **os.environ,
+            **head_environment(os.environ, tuple(self.extra_env)),
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": token_path,
             # keep the loopback node IP (see the module docstring): a one-node cluster, by design
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
-        env.pop("RAY_AUTH_TOKEN", None)
-        env.pop("RAY_ADDRESS", None)
         logfile = open(os.path.join(tdir, "ray-start.log"), "wb")  # noqa: SIM115 - handed to the child
         proc = subprocess.Popen(
             cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
@@ -239,7 +284,6 @@ class LocalRayBackend(ClusterBackend):
             backend=self.name,
             name=cluster_name,
             dashboard_url=f"http://127.0.0.1:{dash}",
-            token=TokenRef(kind="file", path=token_path),
             details={"pid": proc.pid, "pgid": proc.pid, "temp_dir": tdir, "gcs_address": f"127.0.0.1:{gcs}"},
         )
         _write_private(os.path.join(tdir, STATE_FILE), json.dumps(handle.to_dict()))
@@ -279,7 +323,11 @@ class LocalRayBackend(ClusterBackend):
         handle = _read_state(tdir)
         if handle is None or handle.name != cluster_name or not self._alive(handle):
             return None
-        return handle if self._dashboard_ok(handle) else None
+        try:
+            token = _read_token(tdir)
+        except ClusterError:
+            return None
+        return handle if self._dashboard_ok(handle, token) else None
 
     @staticmethod
     def _alive(handle: ClusterHandle) -> bool:
@@ -288,12 +336,11 @@ class LocalRayBackend(ClusterBackend):
         return pid > 0 and _owned_by_me(pid) and tdir in _cmdline(pid)
 
     @staticmethod
-    def _dashboard_ok(handle: ClusterHandle) -> bool:
-        from airflow_ray.cluster import resolve_token
+    def _dashboard_ok(handle: ClusterHandle, token: str | None) -> bool:
         from airflow_ray.hooks.ray_jobs import RayJobsClient
 
         try:
-            with RayJobsClient(handle.dashboard_url, resolve_token(handle.token), timeout=5) as client:
+            with RayJobsClient(handle.dashboard_url, token, timeout=5) as client:
                 client.version()
                 return True
         except Exception:
@@ -304,10 +351,20 @@ class LocalRayBackend(ClusterBackend):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ClusterError(f"local Ray head exited with code {proc.returncode}")
-            if self._dashboard_ok(handle):
+            if self._dashboard_ok(handle, _read_token(handle.details["temp_dir"])):
                 return
             time.sleep(1.0)
         raise ClusterNotReady(f"local Ray dashboard not ready after {self.ready_timeout_s:.0f}s")
+
+    def credentials(self, handle: ClusterHandle) -> tuple[str, str | None]:
+        """From the cluster's private dir in this backend's temp root (proven ours, see
+        :func:`private_dir`): the dashboard address its ``cluster.json`` names, which the handle
+        must name too, and its token file. Nothing the handle says about paths is used."""
+        for tdir in self._ours(handle.name):
+            state = _read_state(tdir)
+            if state is not None and state.name == handle.name:
+                return check_dashboard_url(handle, state.dashboard_url), _read_token(tdir)
+        raise ClusterError(f"no local Ray cluster {handle.name!r} of this user in {self._root()}")
 
     def handle_for(self, cluster_name: str) -> ClusterHandle:
         """The handle of *cluster_name* from its newest private dir, or one that names no dir."""

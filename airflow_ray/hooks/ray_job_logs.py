@@ -8,6 +8,27 @@ job is terminal. :class:`JobLogFollower` keeps one such stream open and counts c
 rebuilt elsewhere (another triggerer, after a restart) skips what was already logged
 instead of replaying it. Each :meth:`JobLogFollower.read` hands out at most ``max_lines``
 lines and counts the rest as cut; the last ``tail_lines`` lines are kept for error messages.
+
+**A close is not the end of the log.** Ray's head proxies the stream from the agent on the
+driver's node and closes its side normally (code 1000) whenever the agent's side ends: when
+the job is terminal and its log fully sent, and also when the agent connection drops. The
+close code says nothing, so the job's status decides, asked right after the close: Ray's agent
+ends a job's stream only after reading EOF past the job's end, so a close followed by a
+terminal status is the end of the log (:meth:`JobLogFollower.finish`), and a stream that
+closes after the job was seen terminal (:meth:`JobLogFollower.job_is_terminal`) too. A close
+while the job is still PENDING or RUNNING is resumed: the next read reconnects, and what the
+new stream sends again up to ``offset`` is skipped, not logged again. (The one close taken
+for the end that was not: an agent dropped in the fraction of a second between the job's end
+and the status asked after the close; the lines the stream had not yet delivered then are
+missing from the task log and remain in the Ray dashboard.)
+
+**What a reconnect costs.** Ray 2.60 offers no read from an offset for a job's log: the tail
+websocket takes no parameter and always starts at byte 0, ``/api/jobs/{id}/logs`` is the whole
+file, and the state API's ``/api/v0/logs/{file,stream}`` counts ``lines`` from the end (its
+byte offsets are internal, for task logs). A reconnect (a dropped agent, a triggerer restart,
+a drain that finds the stream gone) therefore receives the log again from
+its start, skipping in memory what was already handed out (``resent`` counts it); nothing
+is logged twice and memory stays bounded.
 """
 
 from __future__ import annotations
@@ -57,8 +78,25 @@ class JobLogFollower:
         #: the server closed the current stream; unless it was complete, the next read
         #: reconnects and resumes from ``offset`` (a stream that closed early loses nothing)
         self.ended = False
-        #: the server closed normally: the job is terminal and its whole log was sent
+        #: a stream closed after the job was seen terminal: the whole log was sent
         self.complete = False
+        #: the job was seen terminal (:meth:`job_is_terminal`)
+        self.terminal = False
+        #: connections opened, and characters received again before ``offset`` (a reconnect's cost)
+        self.connections = 0
+        self.resent = 0
+
+    def job_is_terminal(self) -> None:
+        """The job's status is terminal: the next close of the stream is the end of the log."""
+        self.terminal = True
+
+    def finish(self) -> LogChunk:
+        """The stream closed and the job's status, asked after the close, is terminal: the log is
+        complete. Returns the incomplete last line, if any, as a last line."""
+        out = LogChunk(ended=True)
+        self.terminal = self.complete = True
+        self._flush_partial(out)
+        return out
 
     async def _connect(self) -> None:
         import aiohttp
@@ -68,6 +106,7 @@ class JobLogFollower:
             self._session = aiohttp.ClientSession(headers=headers)
         self._ws = await self._session.ws_connect(self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         self._seen, self._partial, self.ended = 0, "", False
+        self.connections += 1
 
     async def read(self, wait_s: float) -> LogChunk:
         """New lines that arrive within *wait_s* seconds; ``ended`` when the server closed the stream."""
@@ -92,9 +131,10 @@ class JobLogFollower:
                     if len(out.lines) >= self.max_lines and left <= 0:
                         break
                 elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
-                    # A normal close (1000) is Ray's "the job is terminal and its log fully sent";
-                    # anything else (an agent restart, a dropped connection) is resumed from offset.
-                    self.complete = msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.OK
+                    # Whatever the code (Ray's head closes with 1000 when its agent connection
+                    # drops too), only a close after the job was seen terminal ends the log;
+                    # any other is resumed from offset by the next read.
+                    self.complete = self.terminal
                     if self.complete:
                         self._flush_partial(out)
                     self.ended = out.ended = True
@@ -113,8 +153,10 @@ class JobLogFollower:
         start = self._seen
         self._seen += len(text)
         if self._seen <= self.offset:
+            self.resent += len(text)
             return  # already handed out before (this follower or an earlier one)
         if start < self.offset:
+            self.resent += self.offset - start
             text = text[self.offset - start :]
         data = self._partial + text
         pieces = data.split("\n")

@@ -9,7 +9,7 @@ import httpx
 from airflow.sdk import BaseOperator
 
 from airflow_ray.backends import get_backend
-from airflow_ray.cluster import ClusterHandle, resolve_token
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import ClusterError, RayJobsApiError
 from airflow_ray.hooks.ray_jobs import RayJobsClient
 from airflow_ray.naming import cluster_name
@@ -94,17 +94,17 @@ class RayClusterTeardownOperator(BaseOperator):
         else:
             handle = backend.handle_for(cluster_name(ti.dag_id, ti.run_id))
         if not backend.deletes_cluster:
-            self._stop_leftover_jobs(handle, ti.dag_id, ti.run_id)
+            self._stop_leftover_jobs(backend, handle, ti.dag_id, ti.run_id)
             return
         backend.down(handle)
         self.log.info("Ray cluster %s is down", handle.name)
 
-    def _stop_leftover_jobs(self, handle: ClusterHandle, dag_id: str, run_id: str) -> None:
+    def _stop_leftover_jobs(self, backend, handle: ClusterHandle, dag_id: str, run_id: str) -> None:
         if not handle.dashboard_url:  # no handle from the setup: it failed, no job was submitted
             self.log.info("cluster %s was never set up for this run: no job of it to stop", handle.name)
             return
         try:
-            with RayJobsClient(handle.dashboard_url, resolve_token(handle.token)) as client:
+            with RayJobsClient(*backend.credentials(handle)) as client:
                 stopped = stop_jobs_of_run(client, dag_id, run_id)
         except (httpx.HTTPError, RayJobsApiError) as exc:
             raise ClusterError(

@@ -9,12 +9,13 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_ray.cluster import ClusterHandle, resolve_token
+from airflow_ray.backends import credentials
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import RayJobError
 from airflow_ray.hooks.ray_jobs import ACTIVE, FAILED, RayJobsClient
 from airflow_ray.links import XCOM_JOB_URL, RayJobLink, job_url
 from airflow_ray.naming import submission_id as make_submission_id
-from airflow_ray.triggers.in_flight_gate import InFlightGateTrigger, fetch_states, unfinished_ahead
+from airflow_ray.triggers.in_flight_gate import InFlightGateTrigger, may_start_now, slot_wait_bound
 from airflow_ray.triggers.ray_job import LOG_OFFSET_XCOM_KEY, RayJobTrigger
 from airflow_ray.version_guard import check_compatible
 
@@ -83,6 +84,10 @@ def runs_one_task_at_a_time() -> bool:
 class RayJobOperator(BaseOperator):
     """Run ``entrypoint`` as a Ray job on the cluster described by ``cluster`` (a ClusterHandle dict).
 
+    :param backend_config: the deployment's settings of the cluster's backend (as the setup got
+        them): the token and the dashboard address come from the backend with these settings,
+        and the handle's ``dashboard_url`` must be that address
+
     :param partition: the key of this job within the DAG run, e.g. the index of the slice of
         the run's work it does (the submission id derives from ``(dag_id, run_id, partition)``,
         so a retried task adopts its job instead of duplicating it)
@@ -93,19 +98,27 @@ class RayJobOperator(BaseOperator):
     :param max_in_flight: at most this many map indices of this task run their jobs at once
         (a sliding window over map indices, see :mod:`airflow_ray.triggers.in_flight_gate`);
         ``None`` or 0: no bound
-    :param timeout_s: absolute deadline of one try, from its start: waiting for a slot plus
-        the job; past it the job is stopped and the task fails naming the partition
+    :param timeout_s: the bound of one partition's job, from the moment it is admitted (its
+        submission, or for a job adopted from an earlier try, the job's own start); past it the
+        job is stopped and the task fails naming the partition. Waiting for a slot is not counted.
+    :param slot_wait_timeout_s: the bound of the wait for a slot; ``None``: derived from the
+        queue ahead when the partition starts waiting (:func:`~airflow_ray.triggers.in_flight_gate.slot_wait_bound`:
+        its waves of ``max_in_flight`` jobs, each try bounded by ``timeout_s``), no bound without ``timeout_s``
     :param deferrable: sense from the triggerer (default) instead of occupying a worker slot
+    :param job_label: what the job is, in words (e.g. ``partition 17 · 1,000,000 rows``): a mapped
+        task shows it instead of its index with ``map_index_template="{{ task.job_label }}"``
     """
 
     template_fields: Sequence[str] = (
         "entrypoint",
         "cluster",
+        "backend_config",
         "partition",
         "runtime_env",
         "poll_interval",
         "max_in_flight",
         "timeout_s",
+        "slot_wait_timeout_s",
     )
     operator_extra_links = (RayJobLink(),)
     ui_color = "#e8f1fb"
@@ -115,74 +128,91 @@ class RayJobOperator(BaseOperator):
         *,
         cluster: dict[str, Any] | Any,
         entrypoint: str,
+        backend_config: dict[str, Any] | None = None,
         partition: int | str = 0,
         runtime_env: dict[str, Any] | None = None,
         entrypoint_num_cpus: float | None = None,
         entrypoint_memory: int | None = None,
         max_in_flight: int | str | None = None,
         timeout_s: float | str | None = None,
+        slot_wait_timeout_s: float | str | None = None,
         deferrable: bool = True,
         poll_interval: float = 5.0,
         tail_lines: int = 40,
         max_log_lines: int = 500,
+        job_label: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.cluster = cluster
         self.entrypoint = entrypoint
+        self.backend_config = backend_config or {}
         self.partition = partition
         self.runtime_env = runtime_env
         self.entrypoint_num_cpus = entrypoint_num_cpus
         self.entrypoint_memory = entrypoint_memory
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
+        self.slot_wait_timeout_s = slot_wait_timeout_s
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.tail_lines = tail_lines
         self.max_log_lines = max_log_lines
+        self.job_label = job_label
         self._submission_id: str | None = None
         self._handle: ClusterHandle | None = None
 
     def _client(self, handle: ClusterHandle) -> RayJobsClient:
-        return RayJobsClient(handle.dashboard_url, resolve_token(handle.token))
+        return RayJobsClient(*credentials(handle, self.backend_config))
 
     # ------------------------------------------------------------------ gate
     def _limit(self) -> int:
         return int(self.max_in_flight or 0)
 
-    def _deadline(self, context) -> float | None:
+    def _job_deadline(self, info: dict[str, Any] | None) -> float | None:
+        """The job's deadline: ``timeout_s`` from its admission, i.e. from now for a job just
+        submitted, from the job's own start (Ray's ``start_time``, ms) for one adopted."""
         if not self.timeout_s:
             return None
-        start = context["ti"].start_date
-        base = start.timestamp() if start is not None else time.time()
+        started_ms = (info or {}).get("start_time")
+        base = float(started_ms) / 1000.0 if started_ms else time.time()
         return base + float(self.timeout_s)
 
-    def _may_start(self, ti) -> bool:
-        """The in-flight gate, checked from the worker before deferring to wait for it."""
+    def _slot_deadline(self, ahead: int) -> float | None:
+        """When waiting for a slot ends, *ahead* partitions below this one unfinished now."""
+        if self.slot_wait_timeout_s:
+            return time.time() + float(self.slot_wait_timeout_s)
+        if not self.timeout_s:
+            return None
+        tries = int(self.retries or 0) + 1
+        return time.time() + slot_wait_bound(ahead, self._limit(), float(self.timeout_s), tries)
+
+    def _may_start(self, ti) -> tuple[bool, int]:
+        """The in-flight gate, checked from the worker before deferring to wait for it:
+        ``(open, how many partitions below are unfinished, or a lower bound of it)``."""
         limit = self._limit()
         if limit <= 0 or getattr(ti, "map_index", -1) < 0:
-            return True
+            return True, 0
         if runs_one_task_at_a_time():
             # `airflow dags test` runs mapped tasks one by one, in any order, and a deferred
             # task's trigger in line: a gate waiting for a lower index would wait forever, and
             # one task at a time never exceeds a limit >= 1
             self.log.info("partition %s: tasks run one at a time (dag.test), no in-flight gate", self.partition)
-            return True
+            return True, 0
         try:
-            states = fetch_states(ti.dag_id, ti.run_id, ti.task_id)
+            opened, ahead = may_start_now(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, limit)
         except Exception as exc:  # no supervisor channel (e.g. a unit-test harness): nothing to bound
             self.log.warning("in-flight bound not enforced: task states unavailable (%s)", exc)
-            return True
-        ahead = unfinished_ahead(states, ti.map_index)
-        if ahead < limit:
-            return True
+            return True, 0
+        if opened:
+            return True, ahead
         self.log.info(
             "partition %s waits for a slot: %d earlier partitions unfinished, at most %d in flight",
             self.partition,
             ahead,
             limit,
         )
-        return False
+        return False, ahead
 
     def execute(self, context) -> dict[str, Any]:
         self.poll_interval = float(self.poll_interval)
@@ -192,7 +222,18 @@ class RayJobOperator(BaseOperator):
         with self._client(handle) as client:
             check_compatible(client.version().get("ray_version", ""))
             _, info = find_job(client, key)
-        if info is None and self.deferrable and not self._may_start(ti):
+        opened, ahead = (True, 0) if info is not None or not self.deferrable else self._may_start(ti)
+        if not opened:
+            deadline = self._slot_deadline(ahead)
+            if deadline is not None:
+                self.log.info(
+                    "partition %s waits for a slot until %s UTC at most (slot_wait_timeout_s=%s; the job's own "
+                    "timeout_s=%s counts from its admission)",
+                    self.partition,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(deadline)),
+                    self.slot_wait_timeout_s or f"derived from {ahead} partitions ahead",
+                    self.timeout_s,
+                )
             self.defer(
                 trigger=InFlightGateTrigger(
                     dag_id=ti.dag_id,
@@ -201,7 +242,7 @@ class RayJobOperator(BaseOperator):
                     map_index=ti.map_index,
                     limit=self._limit(),
                     poll_interval=self.poll_interval,
-                    deadline=self._deadline(context),
+                    deadline=deadline,
                 ),
                 method_name="execute_after_gate",
             )
@@ -211,8 +252,9 @@ class RayJobOperator(BaseOperator):
         if event.get("status") != "open":
             raise RayJobError(
                 f"partition {self.partition} waited {event.get('waited_s')}s for a slot ({event.get('ahead')} earlier "
-                f"partitions still unfinished, at most {self._limit()} in flight) and reached its deadline "
-                f"(timeout_s={self.timeout_s}); nothing was submitted"
+                f"partitions still unfinished, at most {self._limit()} in flight) and reached the bound of that "
+                f"wait (slot_wait_timeout_s={self.slot_wait_timeout_s or 'derived from the queue ahead'}); "
+                "nothing was submitted"
             )
         self.log.info("partition %s got a slot after %ss", self.partition, event.get("waited_s"))
         return self._submit_and_sense(context, ClusterHandle.from_dict(self.cluster))
@@ -247,11 +289,13 @@ class RayJobOperator(BaseOperator):
         trigger = RayJobTrigger(
             dashboard_url=handle.dashboard_url,
             submission_id=sid,
-            token=handle.token.to_dict(),
+            backend=handle.backend,
+            cluster_name=handle.name,
+            backend_config=dict(self.backend_config),
             poll_interval=self.poll_interval,
             tail_lines=self.tail_lines,
             max_log_lines=self.max_log_lines,
-            deadline=self._deadline(context),
+            deadline=self._job_deadline(info),
             partition=self.partition,
         )
         if self.deferrable:

@@ -27,12 +27,13 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_ray.cluster import TokenRef, aresolve_token
 from airflow_ray.errors import RayJobsApiError
 from airflow_ray.hooks.ray_job_logs import JobLogFollower
 from airflow_ray.hooks.ray_jobs import TERMINAL, AsyncRayJobsClient
+from airflow_ray.progress import split_progress
 
-#: Status poll interval once the job's log stream has closed normally (the job is ending).
+#: The pause after the job's log stream closed before its status is asked again (the job is
+#: likely ending); it doubles with each close in a row, up to ``poll_interval``.
 _ENDING_POLL_S = 0.25
 _MAX_CONSECUTIVE_ERRORS = 12
 #: XCom key under which a trigger checkpoints how far into the job's log it has logged.
@@ -98,7 +99,9 @@ class RayJobTrigger(BaseTrigger):
         self,
         dashboard_url: str,
         submission_id: str,
-        token: dict[str, Any] | None = None,
+        backend: str | None = None,
+        cluster_name: str | None = None,
+        backend_config: dict[str, Any] | None = None,
         poll_interval: float = 5.0,
         log_offset: int = 0,
         tail_lines: int = 40,
@@ -110,7 +113,11 @@ class RayJobTrigger(BaseTrigger):
         super().__init__()
         self.dashboard_url = dashboard_url
         self.submission_id = submission_id
-        self.token = dict(token or {})
+        #: where the token comes from: the deployment's backend (its settings, never a path or a
+        #: secret's name), which also checks ``dashboard_url`` is this cluster's; no backend: no token
+        self.backend = backend
+        self.cluster_name = cluster_name
+        self.backend_config = dict(backend_config or {})
         self.poll_interval = poll_interval
         self.log_offset = log_offset
         self.tail_lines = tail_lines
@@ -125,7 +132,9 @@ class RayJobTrigger(BaseTrigger):
             {
                 "dashboard_url": self.dashboard_url,
                 "submission_id": self.submission_id,
-                "token": self.token,
+                "backend": self.backend,
+                "cluster_name": self.cluster_name,
+                "backend_config": self.backend_config,
                 "poll_interval": self.poll_interval,
                 "log_offset": self.log_offset,
                 "tail_lines": self.tail_lines,
@@ -137,9 +146,14 @@ class RayJobTrigger(BaseTrigger):
         )
 
     async def _client(self, timeout: float = 30.0) -> AsyncRayJobsClient:
-        return AsyncRayJobsClient(
-            self.dashboard_url, await aresolve_token(TokenRef.from_dict(self.token)), timeout=timeout
-        )
+        token = None
+        if self.backend:
+            from airflow_ray.backends import acredentials
+            from airflow_ray.cluster import ClusterHandle
+
+            handle = ClusterHandle(self.backend, self.cluster_name or "", self.dashboard_url)
+            _, token = await acredentials(handle, self.backend_config)
+        return AsyncRayJobsClient(self.dashboard_url, token, timeout=timeout)
 
     def _event(self, status: str, message: str | None, follower: JobLogFollower | None) -> TriggerEvent:
         return TriggerEvent(
@@ -155,8 +169,11 @@ class RayJobTrigger(BaseTrigger):
     def _write(self, lines: list[str], cut: int) -> None:
         if not self.stream_logs:
             return
+        lines, progress = split_progress(lines)  # the newest progress line of this poll, in words
         for line in lines:
             self.log.info("[ray job %s] %s", self.submission_id, line)
+        if progress is not None:
+            self.log.info("[ray job %s] %s", self.submission_id, progress.describe(self.partition))
         if cut:
             self.log.info(
                 "[ray job %s] ... %d more lines not shown (over %d per poll); the full log is in the Ray dashboard",
@@ -177,7 +194,7 @@ class RayJobTrigger(BaseTrigger):
             max_lines=self.max_log_lines,
             tail_lines=self.tail_lines,
         )
-        errors = 0
+        errors = closes = 0
         try:
             while True:
                 try:
@@ -213,25 +230,32 @@ class RayJobTrigger(BaseTrigger):
                 chunk = await follower.read(self.poll_interval)
                 self._write(chunk.lines, chunk.cut)
                 await checkpoint.save(follower.offset)
-                if chunk.ended or not chunk.lines:
-                    # The whole log was sent (normal close): the job is ending, so ask for its status
-                    # again soon instead of holding the slot for a poll interval. A stream that closed
-                    # early (job not started, agent restarted) or brought nothing new: don't spin.
-                    if follower.complete:
-                        await asyncio.sleep(min(_ENDING_POLL_S, self.poll_interval))
-                    else:
-                        await asyncio.sleep(self.poll_interval if chunk.ended else 0)
+                if chunk.ended:
+                    # The stream closed: the job may be ending (ask its status again soon), or Ray's
+                    # head lost its agent connection, whose close looks the same (code 1000): the next
+                    # read reconnects and resumes from the offset. Closes in a row back off to a poll
+                    # interval, so a job that has not started yet is not asked for its log in a loop.
+                    closes += 1
+                    await asyncio.sleep(min(self.poll_interval, _ENDING_POLL_S * 2 ** (closes - 1)))
+                elif chunk.lines:
+                    closes = 0
         finally:
             await follower.aclose()
             await client.aclose()
 
     async def _drain(self, follower: JobLogFollower, budget_s: float = _DRAIN_S) -> None:
-        """After a terminal status: the stream ends once the log is fully sent."""
+        """After a terminal status: the stream ends once the log is fully sent. One that closed
+        just before this status was asked has already sent it (see :mod:`~airflow_ray.hooks.ray_job_logs`)."""
+        if follower.ended and not follower.complete:
+            last = follower.finish()
+            self._write(last.lines, last.cut)
+            return
+        follower.job_is_terminal()
         end = time.monotonic() + budget_s
         while time.monotonic() < end:
             chunk = await follower.read(min(2.0, end - time.monotonic()))
             self._write(chunk.lines, chunk.cut)
-            if chunk.ended:  # the server sent the whole log and closed the stream
+            if follower.complete:  # closed after the job was seen terminal: the whole log was sent
                 return
 
     async def on_kill(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import typing
 from typing import Any
 
@@ -45,6 +46,9 @@ class CatalogChoice(Settings):
     catalog_conn_id: str | None = setting(
         None, help="Airflow connection of the Iceberg catalog (empty: SQLite next to the output)"
     )
+    manifest_conn_id: str | None = setting(
+        None, help="Airflow connection of the catalog holding an iceberg://<namespace>.<table> manifest_uri"
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,10 +69,24 @@ class Orchestration(Settings):
     )
     embed_timeout_s: int = setting(
         21600,
-        help="Deadline of one partition try (waiting for a slot + the Ray job); past it the job is "
-        "stopped and the task fails",
+        help="Deadline of one partition's Ray job, from its admission (waiting for a slot is bounded "
+        "apart, by the queue ahead); past it the job is stopped and the task fails",
         minimum=60,
         maximum=7 * 86400,
+    )
+    redo_partitions: str | None = setting(
+        None,
+        help="Embed these committed partitions again (indices of this run's plan, e.g. 3,7,10-12); "
+        "nothing else is redone",
+        pattern=r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$",
+        max_length=2000,
+    )
+    redo_rejects: str | None = setting(
+        None,
+        help="Embed again every committed partition with rejects of these reasons, as the report lists "
+        "them (comma-separated, e.g. access denied,unreadable object after a storage outage)",
+        pattern=r"^[a-z][a-z0-9 _-]*(\s*,\s*[a-z][a-z0-9 _-]*)*$",
+        max_length=500,
     )
 
 
@@ -106,16 +124,22 @@ class RunConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any], deployment: dict[str, Any]) -> RunConfig:
         """The run's params, each checked against its declaration and then against the
-        deployment's lists and limits as they are now. Raises :class:`ConfigError` naming the param."""
+        deployment's lists and limits as they are now. Raises :class:`ConfigError` naming the param
+        (an unknown one with the closest valid name)."""
+        from embedding_run.uri_policy import check_uri_params, normalize_prefixes
+
+        fields = {f.name: f for f in form_fields()}
+        check_known(params, fields)
         try:
             config = cls.from_dict(params)
         except ConfigError as exc:
             raise ConfigError(f"param {exc}") from None
-        values, fields = config.to_dict(), {f.name: f for f in form_fields()}
+        values = config.to_dict()
         for name, bounds in deployment_bounds(deployment).items():
             problem = check_value(fields[name], values[name], bounds)
             if problem:
                 raise ConfigError(f"param {name}: {problem}")
+        check_uri_params(values, normalize_prefixes(deployment.get("allowed_uri_prefixes")))
         return config
 
     @classmethod
@@ -137,6 +161,22 @@ class RunConfig:
         return tuple(getattr(self, name) for name in _GROUPS)
 
 
+def check_known(params: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Refuse a param this DAG does not declare (a typo would otherwise leave the default in
+    place, silently), naming it and the closest declared name."""
+    unknown = sorted(set(params) - set(fields))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise ConfigError(
+        f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: not a param of this DAG "
+        "(docs/params.md lists them)"
+    )
+
+
 #: group name -> its settings class, in form order (RunConfig's fields)
 _GROUPS: dict[str, type[Settings]] = typing.get_type_hints(RunConfig)
 
@@ -152,14 +192,25 @@ def form_fields() -> list[Field]:
 
 def deployment_bounds(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What the deployment allows, as JSON-schema keys that tighten the declarations: the
-    backends, connections and images it lists, and its limits."""
+    backends, connections, images and storage prefixes it lists, and its limits."""
+    from embedding_run.uri_policy import URI_PARAMS, form_pattern, normalize_prefixes
+
     k8s = deployment["kuberay"]
     cpu_w, gpu_w = k8s["cpu_workers"], k8s["gpu_workers"]
+    allowed = normalize_prefixes(deployment.get("allowed_uri_prefixes"))
+    helps = {f.name: f.spec.help for f in form_fields()}
+    # workers on other machines (deployment.catalog_conn_required): no SQLite catalog in AIRFLOW_HOME
+    no_catalog = [] if deployment.get("catalog_conn_required") else [None]
     return {
+        **{
+            name: {"pattern": form_pattern(allowed), "description": f"{helps[name]} (allowed: {', '.join(allowed)})"}
+            for name in URI_PARAMS
+        },
         "max_partitions": {"maximum": MAX_MAP_LENGTH},
         "backend": {"enum": list(deployment["backends"])},
         "existing_conn_id": {"enum": list(deployment["existing_conn_ids"])},
-        "catalog_conn_id": {"enum": [None, *deployment["catalog_conn_ids"]]},
+        "catalog_conn_id": {"enum": [*no_catalog, *deployment["catalog_conn_ids"]]},
+        "manifest_conn_id": {"enum": [None, *deployment.get("manifest_conn_ids", [])]},
         "kuberay_image": {
             "enum": [None, *k8s["images"]],
             "description": f"kuberay backend: Ray image (empty: {k8s['images'][0]})",

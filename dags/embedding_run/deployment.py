@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from embedding_run.config import BACKENDS, REQUIRED, form_fields
+from embedding_run.uri_policy import URI_PARAMS, normalize_prefixes, uri_problem
 from ray_jobs.config.declare import ConfigError, form_default
 
 DEFAULTS_FILE = os.environ.get(
@@ -81,7 +82,12 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
-def load_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
+def load_defaults(environ: dict[str, str] | None = None, executor: str | None = None) -> dict[str, Any]:
+    """The defaults file with ``EMB_*`` applied, checked. *executor*: Airflow's ``[core]
+    executor`` setting (None: as Airflow is configured here), which decides whether the
+    embedded SQLite catalog may be used (:func:`~embedding_run.catalog_connection.check_catalog_lasts`)."""
+    from embedding_run.catalog_connection import check_catalog_lasts, configured_executor
+
     env = os.environ if environ is None else environ
     with open(DEFAULTS_FILE) as fh:
         cfg = yaml.safe_load(fh)
@@ -96,6 +102,8 @@ def load_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
         if name in env:
             out["deployment"][key] = _merge(value, _coerce(env[name], value, name))
     out["deployment"] = check_deployment(out["deployment"], out["params"])
+    executor = configured_executor() if executor is None else executor
+    out["deployment"]["catalog_conn_required"] = check_catalog_lasts(out["params"]["catalog_conn_id"], executor)
     template = out["deployment"].get("task_pod_template_file")
     out["executor_config"] = {"pod_template_file": template} if template else {}
     if str(out["schedule"]).lower() in ("none", "null", ""):
@@ -129,6 +137,12 @@ def check_deployment(deployment: dict[str, Any], params: dict[str, Any]) -> dict
         raise ConfigError(f"deployment.backends {dep['backends']}: choose among {list(BACKENDS)}")
     dep["existing_conn_ids"] = _names(dep, "existing_conn_ids", params.get("existing_conn_id"))
     dep["catalog_conn_ids"] = _names(dep, "catalog_conn_ids", params.get("catalog_conn_id"))
+    dep["manifest_conn_ids"] = _names(dep, "manifest_conn_ids", params.get("manifest_conn_id"))
+    dep["allowed_uri_prefixes"] = normalize_prefixes(dep.get("allowed_uri_prefixes"))
+    for name in URI_PARAMS:  # a default the deployment does not allow would fail every scheduled run
+        problem = params.get(name) and uri_problem(params[name], dep["allowed_uri_prefixes"])
+        if problem:
+            raise ConfigError(f"default of {name} (EMB_{name.upper()}): {problem} (deployment.allowed_uri_prefixes)")
     template = dep.get("task_pod_template_file")
     if template is not None and not (isinstance(template, str) and os.path.isabs(template)):
         raise ConfigError(f"deployment.task_pod_template_file must be an absolute path, got {template!r}")
@@ -145,4 +159,7 @@ def check_deployment(deployment: dict[str, Any], params: dict[str, Any]) -> dict
         if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
             raise ConfigError(f"deployment.kuberay.{group} needs 0 <= min_replicas <= max_replicas, got {g!r}")
     dep["kuberay"] = kuberay
+    from embedding_run.deadline import DeadlineSettings
+
+    DeadlineSettings.from_deployment(dep)  # finish_by and its notifier, checked at parse time
     return dep

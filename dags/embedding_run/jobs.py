@@ -21,6 +21,7 @@ def embed_argv(
     python: str,
     model_id: str | None = None,
     stages: str | None = None,
+    force: bool = False,
 ) -> list[str]:
     """The job's argv. *model_id* and *stages* (the resolved stage spec) are the ones
     ``check_inputs`` computed for the run: the job then reads no checkpoint metadata for its id
@@ -30,20 +31,40 @@ def embed_argv(
     if model_id is not None:
         argv.append(f"--model-id={model_id}")
     argv.append(f"--model={config.sources.model_uri}")
+    if force:  # a redo: embed again and replace the committed marker atomically
+        argv.append("--force")
     stage = dataclasses.replace(config.stage, stages=stages) if stages else config.stage
     return argv + to_argv(stage) + to_argv(config.job)
 
 
-def embed_command(config: RunConfig, plan_uri: str, partition: int, python: str, **resolved: str | None) -> str:
+def embed_command(config: RunConfig, plan_uri: str, partition: int, python: str, **resolved: str | bool | None) -> str:
     """The Ray job entrypoint (Ray runs it through a shell): :func:`embed_argv`, quoted by shlex;
-    *resolved*: its ``model_id`` and ``stages``."""
+    *resolved*: its ``model_id``, ``stages`` and ``force``."""
     return shlex.join(embed_argv(config, plan_uri, partition, python, **resolved))
 
 
+def partition_label(partition: int, rows: int | None) -> str:
+    """What a mapped embed task is called in the UI: ``partition 17 · 1,000,000 rows``."""
+    return f"partition {partition}" + (f" · {rows:,} rows" if rows is not None else "")
+
+
+def plan_rows(plan) -> dict[int, int]:
+    """Each planned partition's row count, by index."""
+    return {p.index: p.rows for p in plan.partitions}
+
+
 def partition_jobs(
-    config: RunConfig, plan_uri: str, partitions: list[int], model_id: str, stages: str | None
+    config: RunConfig,
+    plan_uri: str,
+    partitions: list[int],
+    model_id: str,
+    stages: str | None,
+    force: list[int] | tuple[int, ...] = (),
+    rows: dict[int, int] | None = None,
 ) -> list[dict]:
-    """One Ray job submission per partition (the mapped task's kwargs)."""
+    """One Ray job submission per partition (the mapped task's kwargs); the partitions in
+    *force* are embedded again even though committed. *rows*: each partition's planned rows,
+    for its label (:func:`partition_label`)."""
     import sys
 
     from airflow_ray.backends import backend_class
@@ -55,13 +76,15 @@ def partition_jobs(
         from embedding_run.runtime_env import working_tree_runtime_env
 
         runtime_env = working_tree_runtime_env()
+    redo = set(force)
     return [
         {
             "partition": k,
-            "entrypoint": embed_command(config, plan_uri, k, python, model_id=model_id, stages=stages),
+            "entrypoint": embed_command(config, plan_uri, k, python, model_id=model_id, stages=stages, force=k in redo),
             "runtime_env": runtime_env,
             # counted in the footprint; keeps drivers off a 0-CPU head
             "entrypoint_num_cpus": config.job.driver_cpus,
+            "job_label": partition_label(k, (rows or {}).get(k)),
         }
         for k in partitions
     ]

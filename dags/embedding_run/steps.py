@@ -53,6 +53,18 @@ def catalog_target(config: RunConfig):
         raise AirflowFailException(str(exc)) from None
 
 
+def manifest_target(config: RunConfig):
+    """The catalog of an ``iceberg://`` manifest, from ``manifest_conn_id``, read now (None for
+    a Parquet manifest): :class:`~embedding_run.manifest_connection.ManifestTarget`."""
+    from embedding_run.catalog_connection import CatalogConnectionError
+    from embedding_run.manifest_connection import manifest_target as resolve
+
+    try:
+        return resolve(config.catalog.manifest_conn_id, config.sources.manifest_uri)
+    except CatalogConnectionError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
 def _fail(exc: Exception) -> AirflowFailException:
     return AirflowFailException(str(exc))
 
@@ -65,16 +77,21 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
     from ray_jobs.planning.manifest import read_manifest
 
     config = run_config(params)
+    _check_filesystems(config)
     catalog = catalog_target(config)  # the connection exists and is usable, before any cluster starts
+    manifest = manifest_target(config)
     try:
         if config.partitioning.partition_rows and config.partitioning.partition_bytes:
             raise JobInputError("params: give partition_rows or partition_bytes, not both")
-        files = read_manifest(config.sources.manifest_uri)
+        files = read_manifest(config.sources.manifest_uri, catalog=manifest.catalog() if manifest else None)
+        _check_image_protocols(files)
         ckpt, layout = _model_layout(config)
         _check_writable(config.sources.output_uri)
     except (JobInputError, ValueError) as exc:
         raise _fail(exc) from None
+    identity = _output_identity(config, ckpt.model_id)
     return {
+        "output_key": identity.key,
         "config": config.to_dict(),
         "files": len(files),
         "rows": sum(f.rows for f in files),
@@ -84,7 +101,48 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
         "stages": layout.spec(),
         "footprint": footprint_of(layout, config.job).to_dict(),
         "catalog_uri": catalog.redacted_uri,
+        **(manifest.public() if manifest else {}),
     }
+
+
+def _check_filesystems(config: RunConfig) -> None:
+    """Every URI param's protocol can be opened here: its fsspec package is installed."""
+    from embedding_run.filesystems import MissingFilesystem, check_filesystems
+    from embedding_run.uri_policy import URI_PARAMS
+
+    try:
+        check_filesystems({f"param {name}": getattr(config.sources, name) for name in URI_PARAMS})
+    except MissingFilesystem as exc:
+        raise _fail(exc) from None
+
+
+def _check_image_protocols(files) -> None:
+    """The image URIs' protocols, sampled from the manifest's first row group, can be opened:
+    a missing filesystem package would otherwise reject every such row as unreadable."""
+    from embedding_run.filesystems import check_filesystems, image_uri_sample
+
+    first = next((f for f in files if f.rows), None)
+    if first is not None:
+        sample = image_uri_sample(first.uri)
+        check_filesystems({f"image_uri {uri} (manifest file {first.uri})": uri for uri in sample.values()})
+
+
+def dataset_of(config: RunConfig) -> str:
+    from ray_jobs.contract.ids import default_dataset_name
+
+    return config.sources.dataset or default_dataset_name(config.sources.manifest_uri)
+
+
+def _output_identity(config: RunConfig, model_id: str):
+    """The run's output identity, and what it means against the dataset's last night (logged)."""
+    from ray_jobs.output.catalog import table_identifier
+    from ray_jobs.output.identity import OutputIdentity, change_note, last_output
+
+    identity = OutputIdentity.of(model_id, config.stage, config.job)
+    dataset = dataset_of(config)
+    print(change_note(identity, last_output(config.sources.output_uri, dataset)))
+    print(f"table: {table_identifier(model_id, dataset, identity.key)}")
+    return identity
 
 
 def _model_layout(config: RunConfig):
@@ -167,15 +225,16 @@ def partition_capacity(checked: dict[str, Any], cluster: dict[str, Any], backend
 
 
 def plan_partitions(checked: dict[str, Any], airflow_run_id: str) -> dict[str, Any]:
-    """Write the plan; return one job per partition that is not committed yet (resume). Every
-    job gets the model id and the stage spec ``check_inputs`` resolved."""
-    from embedding_run.jobs import partition_jobs
-    from ray_jobs.contract.layout import partition_dir
+    """Write the plan (continuing the dataset's last plan: unchanged work is kept); return one
+    job per partition whose work is not committed yet (resume), plus the partitions the run's
+    ``redo_*`` params name, which are embedded again (``--force``). Every job gets the model id
+    and the stage spec ``check_inputs`` resolved."""
+    from embedding_run.jobs import partition_jobs, plan_rows
     from ray_jobs.errors import JobInputError
-    from ray_jobs.output.markers import committed_marker
-    from ray_jobs.planning.plan import run_plan
+    from ray_jobs.planning.plan import delta_line, run_plan
 
     config, model_id = config_of(checked), checked["model_id"]
+    manifest = manifest_target(config)  # an iceberg:// manifest's catalog: read now, kept in this process
     try:
         result = run_plan(
             config.sources.manifest_uri,
@@ -183,24 +242,51 @@ def plan_partitions(checked: dict[str, Any], airflow_run_id: str) -> dict[str, A
             config.partitioning,
             run_id=plan_run_id(airflow_run_id),
             model_uri=config.sources.model_uri,
+            dataset=dataset_of(config),
+            manifest_catalog=manifest.catalog() if manifest else None,
         )
     except JobInputError as exc:
         raise _fail(exc) from None
     plan = result.plan
-    todo = [
-        p.index
-        for p in plan.partitions
-        if committed_marker(partition_dir(plan.output_uri, model_id, plan.plan_id, p.index), model_id) is None
-    ]
+    print(result.summary())
+    todo, redo = _work_to_do(plan, model_id, checked["output_key"], config)
     return {
         "plan_uri": result.uri,
         "plan_id": plan.plan_id,
         "partitions": len(plan.partitions),
         "todo": todo,
-        "jobs": partition_jobs(config, result.uri, todo, model_id, checked.get("stages")),
+        "redo": redo,
+        "jobs": partition_jobs(
+            config, result.uri, todo, model_id, checked.get("stages"), force=redo, rows=plan_rows(plan)
+        ),
         "summary": result.summary().splitlines()[0],
+        "delta": delta_line(plan),
         "started_at": time.time(),
     }
+
+
+def _work_to_do(plan, model_id: str, output_key: str, config: RunConfig) -> tuple[list[int], list[int]]:
+    """The partitions to run (not committed, or named by a ``redo_*`` param) and, of those, the
+    committed ones to embed again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray_jobs.output.markers import check_planned
+    from ray_jobs.output.redo import partitions_to_redo
+
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(plan.partitions)))) as pool:
+        checks = list(pool.map(lambda p: check_planned(plan, p.index, model_id, output_key), plan.partitions))
+    markers = {
+        p.index: marker for p, (_, marker, problems) in zip(plan.partitions, checks, strict=True) if not problems
+    }
+    orch = config.orchestration
+    try:
+        redo = partitions_to_redo(plan, markers, orch.redo_partitions, orch.redo_rejects)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    if redo:
+        print(f"redo: embedding {len(redo)} committed partition(s) again: {redo[:20]}")
+    todo = sorted({p.index for p in plan.partitions if p.index not in markers} | set(redo))
+    return todo, redo
 
 
 def validate_partitions(checked: dict[str, Any], planned: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +295,9 @@ def validate_partitions(checked: dict[str, Any], planned: dict[str, Any]) -> dic
 
     config = config_of(checked)
     plan = load_plan(planned["plan_uri"])
-    report = validate_plan(plan, checked["model_id"], max_reject_rate=config.acceptance.max_reject_rate)
+    report = validate_plan(
+        plan, checked["model_id"], max_reject_rate=config.acceptance.max_reject_rate, output_key=checked["output_key"]
+    )
     print(report.table())
     if not report.ok:
         failed = ", ".join(f"{c.index:05d}" for c in report.failed)
@@ -234,14 +322,17 @@ def register_catalog(checked: dict[str, Any], planned: dict[str, Any], airflow_r
     config, model_id = config_of(checked), checked["model_id"]
     plan = load_plan(planned["plan_uri"])
     target = catalog_target(config)
-    result = register_plan(plan, model_id, target.uri, run_id=airflow_run_id, dataset=config.sources.dataset)
+    from ray_jobs.output.identity import OutputIdentity, record_output
+
+    dataset = dataset_of(config)
+    result = register_plan(
+        plan, model_id, target.uri, run_id=airflow_run_id, dataset=dataset, output_key=checked["output_key"]
+    )
     print(result.summary())
+    identity = OutputIdentity.of(model_id, config.stage, config.job)
+    record_output(config.sources.output_uri, dataset, identity, result.table, airflow_run_id)
     return {
-        "table": result.table,
-        "snapshot_id": result.snapshot_id,
-        "rows": result.rows,
-        "files": result.files,
-        "new_snapshot": result.new_snapshot,
+        **result.as_dict(),
         "plan_id": plan.plan_id,
         "model_id": model_id,
         **target.public(),
@@ -255,6 +346,9 @@ def write_run_report(checked: dict[str, Any] | None, planned: dict[str, Any] | N
     ``on_failure_fail_dagrun``: a night that did not embed everything never ends green. A run
     that ended before its partitions were planned (inputs refused, or stopped by hand) has no
     plan to report on: it fails saying so."""
+    import json
+
+    from embedding_run.metrics import emit_run_metrics
     from ray_jobs.output.report import build_report, write_report
     from ray_jobs.output.validate import validate_plan
     from ray_jobs.planning.plan import load_plan
@@ -269,10 +363,17 @@ def write_run_report(checked: dict[str, Any] | None, planned: dict[str, Any] | N
     max_reject_rate = config_of(checked).acceptance.max_reject_rate
     catalog = ti.xcom_pull(task_ids="catalog", key="return_value", default=None)
     plan = load_plan(planned["plan_uri"])
-    validation = validate_plan(plan, model_id, max_reject_rate=max_reject_rate)
-    report = build_report(plan, validation, wall_s=time.time() - planned["started_at"], catalog=catalog)
+    validation = validate_plan(
+        plan, model_id, max_reject_rate=max_reject_rate, output_key=(checked or {}).get("output_key")
+    )
+    report = build_report(
+        plan, validation, wall_s=time.time() - planned["started_at"], catalog=catalog, embedded=planned.get("todo")
+    )
     json_uri, md_uri = write_report(report)
     print(report.to_markdown())
+    if report.night:
+        print(f"night: {report.night_line()}")
+    emit_run_metrics(json.loads(report.to_json()))  # StatsD/OpenTelemetry, by Airflow's [metrics] config
     if not validation.ok:
         failed = ", ".join(f"{c.index:05d}" for c in validation.failed)
         raise AirflowFailException(
@@ -281,4 +382,9 @@ def write_run_report(checked: dict[str, Any] | None, planned: dict[str, Any] | N
         )
     if catalog is None:
         raise AirflowFailException(f"the catalog was not updated for this run; report: {md_uri}")
-    return {"summary": report.summary(), "report_json": json_uri, "report_md": md_uri}
+    return {
+        "summary": report.summary(),
+        "night": report.night_line(),
+        "report_json": json_uri,
+        "report_md": md_uri,
+    }

@@ -29,6 +29,9 @@ class StandInJob:
     status: str = "RUNNING"
     written: int = 0  # lines "written" so far (a slow job's log grows)
     close_first_after: int | None = None  # the first stream closes after this many lines, job still running
+    #: the code of that close: 1001 (going away) as an agent restart, or 1000 as Ray's head
+    #: closes its side when its connection to the agent drops
+    close_first_code: int = 1001
     status_lag_s: float = 0.0  # the status turns SUCCEEDED this long after the whole log was sent
     connections: int = 0
     chars_sent: int = 0
@@ -151,10 +154,8 @@ class JobsApiStandIn:
                 await ws.close()
                 return ws
             job.status = "SUCCEEDED"
-        if job.status == "RUNNING":  # cut short while the job runs: an abnormal close, as an agent restart
-            from aiohttp import WSCloseCode
-
-            await ws.close(code=WSCloseCode.GOING_AWAY)
+        if job.status == "RUNNING":  # cut short while the job runs: an agent restart, or a dropped agent
+            await ws.close(code=job.close_first_code)
         else:
             await ws.close()
         return ws

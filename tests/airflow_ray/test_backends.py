@@ -17,7 +17,7 @@ from airflow_ray.backends.existing import ExistingClusterBackend
 from airflow_ray.backends.kuberay import KubeRayBackend
 from airflow_ray.backends.local import LocalRayBackend
 from airflow_ray.capacity import max_in_flight, nodes_from_raycluster
-from airflow_ray.cluster import ClusterHandle, TokenRef
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.operators.ray_cluster import RayClusterSetupOperator
 from tests.airflow_ray.standins import StandInTaskInstance
 from tests.topology.ray_cluster_standin import RayClusterStandIn
@@ -147,21 +147,10 @@ def test_live_backends_capacity_is_the_clusters_alive_nodes(monkeypatch, tmp_pat
         monkeypatch.setenv(
             "AIRFLOW_CONN_RAY_TEST", json.dumps({"conn_type": "ray_dashboard", "host": cluster.url, "password": TOKEN})
         )
-        borrowed = ClusterHandle(
-            backend="existing",
-            name="emb-x",
-            dashboard_url=cluster.url,
-            token=TokenRef(kind="connection", conn_id="ray_test"),
-        )
+        borrowed = ClusterHandle(backend="existing", name="emb-x", dashboard_url=cluster.url)
         expected = [{"CPU": 8.0, "GPU": 1.0}] * 3
         assert cluster_nodes(borrowed, {"conn_id": "ray_test"}) == expected
-        assert cluster_nodes(borrowed.to_dict(), None) == expected  # the settings play no part
-        token_file = tmp_path / "auth_token"
-        token_file.write_text(TOKEN)
-        local = ClusterHandle(
-            backend="local", name="emb-y", dashboard_url=cluster.url, token=TokenRef(kind="file", path=str(token_file))
-        )
-        assert cluster_nodes(local, {"num_cpus": 2}) == expected
+        assert cluster_nodes(borrowed.to_dict(), {"conn_id": "ray_test"}) == expected
         result = max_in_flight(_footprint(cpus=4.0, gpus=1.0), expected, None)
         assert result["max_in_flight"] == 3 and result["nodes"] == 3
 
@@ -180,7 +169,37 @@ def test_setup_operator_starts_a_backend_that_does_not_defer_without_naming_it(m
         op = RayClusterSetupOperator(task_id="cluster_up", backend="existing", backend_config={"conn_id": "ray_test"})
         handle = op.execute({"ti": StandInTaskInstance(dag_id="nightly", run_id="scheduled__1")})
     assert handle["backend"] == "existing" and handle["dashboard_url"] == cluster.url
-    assert handle["token"] == {"kind": "connection", "conn_id": "ray_test", "key": "auth_token"}
+    assert "token" not in handle, "the handle names no token source"
     assert TOKEN not in json.dumps(handle)
     with pytest.raises(NotImplementedError, match="never defers"):
         op.execute_complete({}, {"status": "ready"})
+
+
+def test_the_local_heads_environment_is_allow_listed():
+    from airflow_ray.backends.local import head_environment
+
+    worker = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/a",
+        "LC_ALL": "C.UTF-8",
+        "AWS_REGION": "eu-west-1",
+        "RAY_DEDUP_LOGS": "0",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://u:pw@db/airflow",
+        "AIRFLOW__CORE__FERNET_KEY": "k",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "j",
+        "AIRFLOW_CONN_WAREHOUSE": "postgresql://u:pw@h/db",
+        "AIRFLOW_VAR_X": "v",
+        "RAY_AUTH_TOKEN": "someone else's",
+        "RAY_ADDRESS": "ray://elsewhere:10001",
+        "SOME_APP_PASSWORD": "p",
+        "MY_SETTING": "m",
+    }
+    assert head_environment(worker) == {
+        "PATH": "/usr/bin",
+        "HOME": "/home/a",
+        "LC_ALL": "C.UTF-8",
+        "AWS_REGION": "eu-west-1",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    assert head_environment(worker, ("MY_SETTING",))["MY_SETTING"] == "m"
+    assert "AIRFLOW_CONN_WAREHOUSE" not in head_environment(worker, ("AIRFLOW_CONN_WAREHOUSE",))

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
 
 from airflow_ray.capacity import max_in_flight, nodes_from_raycluster, nodes_from_state_api
 from airflow_ray.errors import ClusterError
-from airflow_ray.triggers.in_flight_gate import FINISHED, gate_open, mapped_states, unfinished_ahead
+from airflow_ray.triggers.in_flight_gate import (
+    FINISHED,
+    GateBoard,
+    InFlightGateTrigger,
+    gate_open,
+    join_board,
+    leave_board,
+    mapped_states,
+    may_start_now,
+    slot_wait_bound,
+    unfinished_ahead,
+)
 from ray_jobs.job.footprint import job_footprint
 
 
@@ -107,7 +120,6 @@ def test_live_nodes_rides_out_a_head_whose_state_api_is_not_up_yet(monkeypatch):
     import httpx
 
     from airflow_ray import capacity
-    from airflow_ray.cluster import ClusterHandle
     from airflow_ray.errors import RayJobsApiError
     from airflow_ray.hooks.ray_jobs import RayJobsClient
 
@@ -125,8 +137,127 @@ def test_live_nodes_rides_out_a_head_whose_state_api_is_not_up_yet(monkeypatch):
         return answer
 
     monkeypatch.setattr(RayJobsClient, "nodes", nodes)
-    handle = ClusterHandle(backend="local", name="c", dashboard_url="http://127.0.0.1:9")
-    assert capacity.live_nodes(handle, wait_s=30, poll_s=0.01) == [{"CPU": 8.0}]
+    assert capacity.live_nodes("http://127.0.0.1:9", None, wait_s=30, poll_s=0.01) == [{"CPU": 8.0}]
     answers[:] = [RayJobsApiError("HTTP 401", 401)]
     with pytest.raises(ClusterError, match="refused the node list"):
-        capacity.live_nodes(handle, wait_s=30, poll_s=0.01)
+        capacity.live_nodes("http://127.0.0.1:9", None, wait_s=30, poll_s=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- cost
+class _Counted:
+    """The supervisor channel's two calls over a run's states, counting what each call reads."""
+
+    def __init__(self, states: dict[int, str | None]):
+        self.states = states
+        self.counts = 0
+        self.rows_read = 0
+
+    def count(self, dag_id, run_id, task_id) -> int:
+        self.counts += 1
+        return sum(1 for s in self.states.values() if s in FINISHED)
+
+    def read(self, dag_id, run_id, task_id) -> dict[int, str | None]:
+        self.rows_read += len(self.states)
+        return dict(self.states)
+
+
+def _board(api: _Counted, max_age_s: float = 5.0) -> GateBoard:
+    return GateBoard("d", "r", "embed", max_age_s, count_fn=api.count, states_fn=api.read)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_board_answers_as_the_rule_does_for_every_index(seed):
+    rng = random.Random(seed)
+    n, limit = rng.randint(1, 60), rng.randint(1, 8)
+    states = {
+        i: rng.choice([None, "scheduled", "deferred", "running", "success", "failed", "up_for_retry"]) for i in range(n)
+    }
+    board = _board(_Counted(states), max_age_s=0)
+    for i in range(n):
+        got = asyncio.run(board.unfinished_below(i, limit))
+        assert (got < limit) == gate_open(states, i, limit), (i, got, unfinished_ahead(states, i))
+
+
+def test_a_poll_of_a_thousand_waiting_gates_reads_one_count_and_no_state():
+    """1,000 map indices, 16 in flight, 984 waiting: one poll cycle of every waiting gate costs
+    one COUNT and no read of the 1,000 states (each gate is proved closed by the count); the
+    cycle after a job finished reads the states once, for the one gate at the frontier."""
+    n, limit = 1000, 16
+    states: dict[int, str | None] = {i: ("running" if i < limit else "deferred") for i in range(n)}
+    api = _Counted(states)
+    board = _board(api, max_age_s=60)
+
+    async def cycle() -> list[int]:
+        return [await board.unfinished_below(i, limit) for i in range(limit, n)]
+
+    assert all(a >= limit for a in asyncio.run(cycle()))
+    assert (api.counts, api.rows_read) == (1, 0)
+    states[3] = "success"  # a job finished: index 16 may start
+    board.counted_at = float("-inf")  # the poll interval has passed
+    ahead = asyncio.run(cycle())
+    assert ahead[0] == limit - 1 and all(a >= limit for a in ahead[1:])
+    assert (api.counts, api.rows_read) == (2, n), "one COUNT, one read of the states, for 984 gates"
+    asyncio.run(cycle())  # within the poll interval: nothing asked again
+    assert (api.counts, api.rows_read) == (2, n)
+
+
+def test_gates_of_one_task_in_one_process_share_one_board():
+    async def two():
+        a = join_board("d", "r", "embed", 5.0)
+        b = join_board("d", "r", "embed", 2.0)
+        other = join_board("d", "r2", "embed", 5.0)
+        assert a is b and a.max_age_s == 2.0 and other is not a
+        for board in (a, b, other):
+            leave_board(board)
+
+    asyncio.run(two())
+    from airflow_ray.triggers import in_flight_gate
+
+    assert in_flight_gate._BOARDS == {}, "a board goes when its last gate does"
+
+
+def test_a_gate_trigger_opens_when_the_count_lets_it(monkeypatch):
+    from airflow_ray.triggers import in_flight_gate
+
+    states: dict[int, str | None] = {0: "running", 1: "deferred", 2: "deferred"}
+    api = _Counted(states)
+    monkeypatch.setattr(in_flight_gate, "fetch_finished_count", api.count)
+    monkeypatch.setattr(in_flight_gate, "fetch_states", api.read)
+
+    async def run_gate() -> dict:
+        trigger = InFlightGateTrigger("d", "r", "embed", map_index=2, limit=1, poll_interval=0.01)
+        task = asyncio.ensure_future(trigger.run().__anext__())
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        states[0], states[1] = "success", "success"
+        return (await asyncio.wait_for(task, 5)).payload
+
+    assert asyncio.run(run_gate())["status"] == "open"
+    # closed with a deadline already passed: times out, naming how many are ahead
+    states.update({0: "running", 1: "deferred"})
+    timed_out = asyncio.run(
+        InFlightGateTrigger("d", "r", "embed", 2, 1, 0.01, deadline=time.time() - 1).run().__anext__()
+    )
+    assert timed_out.payload["status"] == "timeout" and timed_out.payload["ahead"] >= 1
+
+
+def test_the_worker_side_check_reads_the_states_only_near_the_frontier(monkeypatch):
+    from airflow_ray.triggers import in_flight_gate
+
+    states = {i: ("running" if i < 4 else None) for i in range(100)}
+    api = _Counted(states)
+    monkeypatch.setattr(in_flight_gate, "fetch_finished_count", api.count)
+    monkeypatch.setattr(in_flight_gate, "fetch_states", api.read)
+    assert may_start_now("d", "r", "embed", 2, 4) == (True, 0) and api.counts == 0  # below the limit: no call
+    assert may_start_now("d", "r", "embed", 50, 4) == (False, 50) and api.rows_read == 0
+    states[1] = "success"
+    assert may_start_now("d", "r", "embed", 4, 4) == (True, 3) and api.rows_read == 100
+
+
+def test_the_slot_wait_bound_covers_the_queue_ahead():
+    assert slot_wait_bound(5, 1, 600.0, tries=1, slack_s=0) == 3000.0  # 5 waves of one 600 s job
+    assert slot_wait_bound(5, 1, 600.0, tries=2, slack_s=0) == 6000.0  # each may be tried twice
+    assert slot_wait_bound(1023, 256, 6 * 3600.0, slack_s=0) == 4 * 6 * 3600.0
+    assert slot_wait_bound(0, 4, 60.0) == 600.0
+    with pytest.raises(ValueError):
+        slot_wait_bound(3, 0, 60.0)

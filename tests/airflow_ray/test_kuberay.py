@@ -9,8 +9,7 @@ import yaml
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_ray.backends.kuberay import KubeRayBackend, WorkerGroup
-from airflow_ray.cluster import resolve_token
-from airflow_ray.errors import ClusterNotReady
+from airflow_ray.errors import ClusterError, ClusterNotReady
 from airflow_ray.naming import cluster_name
 from airflow_ray.operators.ray_cluster import RayClusterSetupOperator, RayClusterTeardownOperator
 from airflow_ray.triggers.ray_cluster import RayClusterReadyTrigger
@@ -127,7 +126,7 @@ def test_rbac_grants_exactly_what_the_hook_calls(tmp_path):
             {"kube_config": api.kubeconfig(tmp_path / "kc"), "namespace": "ns", "poll_interval_s": 0.05}
         )
         handle = backend.up("emb-rbac-0123456789")
-        resolve_token(handle.token)
+        backend.credentials(handle)
         backend.down(handle)
         backend.down(handle)
         used = {(res, verb) for verb, res, _ in api.calls}
@@ -154,14 +153,12 @@ def test_lifecycle_create_wait_ready_adopt_delete(tmp_path):
         assert event == {"status": "ready", "name": name, "namespace": "ns"}
         handle = op.execute_complete({"ti": ti}, event)
         assert handle["dashboard_url"] == f"http://{name}-head-svc.ns.svc.cluster.local:8265"
-        assert handle["token"] == {
-            "kind": "k8s_secret",
-            "namespace": "ns",
+        assert handle == {
+            "backend": "kuberay",
             "name": name,
-            "key": "auth_token",
-            "conn_id": "kubernetes_default",
-            "kube_config": config["kube_config"],
-        }
+            "dashboard_url": handle["dashboard_url"],
+            "details": {"namespace": "ns"},
+        }, "the handle names no Secret, connection or path"
         assert api.token not in repr(handle) and api.token not in repr(trigger.serialize())
 
         # a retried setup adopts the cluster: one create attempt answered 409, no second cluster
@@ -171,7 +168,11 @@ def test_lifecycle_create_wait_ready_adopt_delete(tmp_path):
 
         from airflow_ray.cluster import ClusterHandle
 
-        assert resolve_token(ClusterHandle.from_dict(handle).token) == api.token
+        backend = KubeRayBackend.from_config(config)
+        assert backend.credentials(ClusterHandle.from_dict(handle)) == (handle["dashboard_url"], api.token)
+        forged = ClusterHandle.from_dict({**handle, "dashboard_url": "http://collector.example:8265"})
+        with pytest.raises(ClusterError, match="no token is sent there"):
+            backend.credentials(forged)
 
         teardown = RayClusterTeardownOperator(
             task_id="cluster_down", cluster=handle, backend="kuberay", backend_config=config

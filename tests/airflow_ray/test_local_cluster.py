@@ -18,7 +18,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_ray.backends.local import LocalRayBackend, processes_referencing
-from airflow_ray.cluster import ClusterHandle, resolve_token
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import RayJobError
 from airflow_ray.hooks.ray_jobs import RayJobsClient
 from airflow_ray.naming import cluster_name, submission_id
@@ -30,6 +30,14 @@ from tests.airflow_ray.standins import StandInTaskInstance, first_event, run_tri
 
 pytestmark = pytest.mark.integration
 
+#: What an Airflow worker's environment holds and a Ray cluster must never see (sentinel values).
+WORKER_SECRETS = {
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:sentinel-db-password@db/airflow",
+    "AIRFLOW__CORE__FERNET_KEY": "sentinel-fernet-key",
+    "AIRFLOW__API_AUTH__JWT_SECRET": "sentinel-jwt-secret",
+    "AIRFLOW_CONN_WAREHOUSE": "postgresql://u:sentinel-conn-password@h/db",
+}
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -37,7 +45,17 @@ def cluster():
     config = {"num_cpus": 6}  # default temp root: Ray's socket paths must stay short
     ti = StandInTaskInstance(dag_id="pytest_local", run_id=f"manual__{os.getpid()}")
     setup = RayClusterSetupOperator(task_id="cluster_up", backend="local", backend_config=config)
-    handle = ClusterHandle.from_dict(setup.execute({"ti": ti}))
+    # the worker's own secrets, as an Airflow worker has them: `ray start` must not inherit them
+    saved = {k: os.environ.get(k) for k in WORKER_SECRETS}
+    os.environ.update(WORKER_SECRETS)
+    try:
+        handle = ClusterHandle.from_dict(setup.execute({"ti": ti}))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     assert handle.name == cluster_name(ti.dag_id, ti.run_id)
     yield LocalRayBackend(**config), handle
     RayClusterTeardownOperator(task_id="cluster_down", backend="local", backend_config=config).execute({"ti": ti})
@@ -45,8 +63,12 @@ def cluster():
     assert not os.path.exists(handle.details["temp_dir"])
 
 
+def _token(handle):
+    return LocalRayBackend().credentials(handle)[1]
+
+
 def _client(handle):
-    return RayJobsClient(handle.dashboard_url, resolve_token(handle.token))
+    return RayJobsClient(*LocalRayBackend().credentials(handle))
 
 
 def _operator(handle, entrypoint, partition, **kw):
@@ -96,7 +118,7 @@ def test_embed_job_submitted_and_sensed_to_success(cluster, demo_assets, tmp_pat
     task_log = caplog.text + out + err  # Airflow's structlog writes to the process's stdout here
     assert "embed: committed: rows_in=120" in task_log, "job log lines reach the task log"
     assert ti.xcom["ray_job_url"].endswith(f"/#/jobs/{trigger.submission_id}")
-    token = resolve_token(handle.token)
+    token = _token(handle)
     assert token and token not in task_log and token not in repr(ti.xcom) and token not in repr(trigger.serialize())
 
     # a retried task adopts the succeeded job instead of running it again
@@ -193,15 +215,14 @@ def test_existing_backend_from_an_airflow_connection(cluster, monkeypatch):
     from airflow_ray.backends.existing import ExistingClusterBackend
 
     _, handle = cluster
-    token = resolve_token(handle.token)
+    token = _token(handle)
     monkeypatch.setenv(
         "AIRFLOW_CONN_RAY_TEST",
         json.dumps({"conn_type": "ray_dashboard", "host": handle.dashboard_url, "password": token}),
     )
     existing = ExistingClusterBackend(conn_id="ray_test").up("whatever")
     assert existing.dashboard_url == handle.dashboard_url
-    assert existing.token.to_dict() == {"kind": "connection", "conn_id": "ray_test", "key": "auth_token"}
-    with RayJobsClient(existing.dashboard_url, resolve_token(existing.token)) as c:
+    with RayJobsClient(*ExistingClusterBackend(conn_id="ray_test").credentials(existing)) as c:
         assert c.version()["ray_version"] == "2.60.0"
     ExistingClusterBackend(conn_id="ray_test").down(existing)  # not ours: nothing happens
     with _client(handle) as c:
@@ -241,7 +262,7 @@ def test_handle_round_trips_without_the_token(cluster):
     _, handle = cluster
     data = handle.to_dict()
     assert ClusterHandle.from_dict(data) == handle
-    assert resolve_token(handle.token) not in repr(data)
+    assert _token(handle) not in repr(data) and "auth_token" not in repr(data)
 
 
 # ---------------------------------------------------------------------------------------------- loopback
@@ -431,3 +452,30 @@ def test_a_handle_naming_a_dir_that_is_not_ours_is_not_acted_on(cluster, tmp_pat
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_ray_start_gets_an_allow_listed_environment_without_the_workers_secrets(cluster):
+    """Every process of the cluster (``ray start``, GCS, raylet, dashboard, its agents and the
+    workers) was started from a worker whose environment held Airflow's database URL, Fernet
+    key, JWT secret and a connection: none of them reached any of those processes."""
+    _, handle = cluster
+    pids = processes_referencing(handle.details["temp_dir"])
+    assert len(pids) >= 3, pids
+    seen = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(e.split(b"=", 1) for e in fh.read().split(b"\0") if b"=" in e)
+        except OSError:
+            continue  # exited meanwhile
+        seen += 1
+        leaked = sorted(k.decode() for k in env if k.startswith(b"AIRFLOW"))
+        assert not leaked, f"pid {pid} ({_cmd(pid)}) got {leaked}"
+        assert not any(b"sentinel" in v for v in env.values()), f"pid {pid} got a worker secret"
+        assert env.get(b"RAY_AUTH_MODE") == b"token" and b"PATH" in env
+    assert seen >= 3
+
+
+def _cmd(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode(errors="replace")[:120]

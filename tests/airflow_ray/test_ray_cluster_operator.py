@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from airflow_ray.cluster import ClusterHandle, TokenRef
+from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import ClusterError
 from airflow_ray.hooks.ray_jobs import RayJobsClient
 from airflow_ray.operators.ray_cluster import RayClusterTeardownOperator
@@ -27,9 +27,7 @@ def borrowed(monkeypatch):
     def handle(url: str) -> ClusterHandle:
         conn = {"conn_type": "ray_dashboard", "host": url, "password": TOKEN}
         monkeypatch.setenv("AIRFLOW_CONN_RAY_TEST", json.dumps(conn))
-        return ClusterHandle(
-            backend="existing", name="emb-x", dashboard_url=url, token=TokenRef(kind="connection", conn_id="ray_test")
-        )
+        return ClusterHandle(backend="existing", name="emb-x", dashboard_url=url)
 
     return handle
 

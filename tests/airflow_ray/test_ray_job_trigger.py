@@ -122,6 +122,59 @@ def test_a_rebuilt_trigger_resumes_after_the_last_logged_line(caplog, in_memory_
     assert after == [log_line(i, 40) for i in range(600)]
 
 
+@pytest.mark.integration
+def test_what_a_triggerer_restart_re_receives_of_a_200_mb_log(caplog, in_memory_checkpoints, capsys):
+    """A triggerer restart in the middle of a 200 MB log: Ray 2.60 has no read from an offset
+    for a job's log, so the new stream starts at byte 0 again; the prefix up to the checkpoint is
+    received and skipped (counted in ``resent``), nothing is logged twice, and the figure printed
+    is what the restart cost."""
+    caplog.set_level(logging.INFO)
+    n, width = 100_000, 2_000  # 200 MB of log, written at 20,000 lines (40 MB) a second; 200 lines logged per poll
+    with JobsApiStandIn(jobs={"big": StandInJob(lines=n, width=width, rate=20_000)}) as api:
+
+        async def interrupted():
+            first = RayJobTrigger(api.url, "big", poll_interval=0.5, max_log_lines=200, tail_lines=5)
+            first.task_instance = _TI()
+            task = asyncio.create_task(_first(first))
+            while in_memory_checkpoints.get("offset", 0) < 80e6:
+                await asyncio.sleep(0.05)
+            task.cancel()  # the triggerer is SIGKILLed here
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(interrupted())
+        at_restart, sent_before = in_memory_checkpoints["offset"], api.jobs["big"].chars_sent
+        rebuilt = RayJobTrigger(api.url, "big", poll_interval=0.5, max_log_lines=200, tail_lines=5)
+        rebuilt.task_instance = _TI()
+        start = time.monotonic()
+        follower_cls = trigger_module.JobLogFollower
+        followers = []
+
+        class Recording(follower_cls):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                followers.append(self)
+
+        trigger_module.JobLogFollower = Recording
+        try:
+            event = asyncio.run(_first(rebuilt))
+        finally:
+            trigger_module.JobLogFollower = follower_cls
+        took = time.monotonic() - start
+        sent_after = api.jobs["big"].chars_sent - sent_before
+    assert event["status"] == "SUCCEEDED" and event["log_offset"] == n * (width + 1)
+    shown = [int(line[5:14]) for line in _logged(caplog, "big") if line.startswith("line ")]
+    assert shown == sorted(set(shown)), "no line logged twice across the restart (most are cut: 200 per poll)"
+    resent = followers[0].resent
+    assert resent == at_restart, "exactly the checkpointed prefix is received again, and skipped"
+    with capsys.disabled():
+        print(
+            f"\ntriggerer restart at {at_restart / 1e6:.1f} MB of a {n * (width + 1) / 1e6:.1f} MB log: the new stream "
+            f"sent {sent_after / 1e6:.1f} MB, of which {resent / 1e6:.1f} MB received again and skipped "
+            f"(Ray 2.60 has no offset read); {took:.1f}s to the job's end"
+        )
+
+
 def test_a_stream_that_closes_while_the_job_runs_is_reopened_and_loses_nothing(caplog):
     caplog.set_level(logging.INFO)
     with JobsApiStandIn(jobs={"j": StandInJob(lines=300, width=30, rate=600, close_first_after=120)}) as api:
@@ -129,6 +182,23 @@ def test_a_stream_that_closes_while_the_job_runs_is_reopened_and_loses_nothing(c
         assert api.jobs["j"].connections >= 2
     assert event["status"] == "SUCCEEDED"
     assert _logged(caplog, "j") == [log_line(i, 30) for i in range(300)]
+
+
+def test_a_dropped_agent_closing_the_stream_normally_is_not_the_end_of_the_log(caplog):
+    """Ray's head closes the log websocket with code 1000 when its connection to the agent
+    drops, while the job runs on: the follower reconnects, skips what it already logged, and
+    logs the rest of the job's log exactly once."""
+    caplog.set_level(logging.INFO)
+    job = StandInJob(lines=400, width=30, rate=800, close_first_after=150, close_first_code=1000)
+    with JobsApiStandIn(jobs={"j": job}) as api:
+        # (the stand-in's job ends once a stream has sent its whole log: a follower that took the
+        # first close for the end would wait for it until this deadline)
+        trigger = RayJobTrigger(api.url, "j", poll_interval=0.2, deadline=time.time() + 30)
+        event = asyncio.run(_first(trigger))
+        assert api.jobs["j"].connections >= 2
+    assert event["status"] == "SUCCEEDED"
+    assert _logged(caplog, "j") == [log_line(i, 30) for i in range(400)]
+    assert event["log_offset"] == 400 * 31
 
 
 def test_the_deadline_stops_the_job_and_ends_with_timeout():

@@ -118,3 +118,18 @@ def test_overhead_per_partition_and_the_linear_extrapolation():
     }
     with pytest.raises(MetricsError):
         ScaleFigures(partitions=0, limit=1, wall_s=1, ideal_s=1, triggerer_cpu_s=0, scheduler_cpu_s=0)
+
+
+def test_the_scale_bench_names_each_figure_over_its_bound():
+    from bench.control_plane_scale import over_bounds
+
+    f = ScaleFigures(partitions=1000, limit=16, wall_s=1800.0, ideal_s=1300.0, triggerer_cpu_s=250.0, scheduler_cpu_s=1)
+    res = {"config": {"max_triggerer_cpu_s": 0.3, "max_overhead_s": 0.5}, "figures": f}
+    assert over_bounds(res) == []  # 0.25 s of triggerer CPU and 0.5 s of overhead per partition
+    res["config"] = {"max_triggerer_cpu_s": 0.2, "max_overhead_s": 0.4}
+    assert over_bounds(res) == [
+        "triggerer CPU 0.250 s per partition > 0.2",
+        "wall overhead 0.500 s per partition > 0.4",
+    ]
+    res["config"] = {"max_triggerer_cpu_s": None, "max_overhead_s": None}
+    assert over_bounds(res) == []

@@ -125,3 +125,49 @@ def test_unscheduled_until_inputs_are_configured(monkeypatch):
     }
     cfg = load_defaults(env)
     assert cfg["schedule"] == "30 1 * * *" and cfg["params"]["partition_rows"] == 500000
+
+
+IMPORT_UNDER = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+dag = bag.dags.get("multimodal_embeddings")
+schema = dag.params.get_param("catalog_conn_id").schema if dag else None
+print(json.dumps({"errors": list(bag.import_errors.values()), "catalog_schema": schema}))
+"""
+
+
+def _import_under(executor: str, **env: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__CORE__EXECUTOR", "EMB_"))}
+    base.update(PYTHONPATH=os.pathsep.join([ROOT, DAGS]), AIRFLOW__CORE__EXECUTOR=executor, **env)
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_UNDER, os.path.join(DAGS, "multimodal_embeddings.py")],
+        capture_output=True,
+        text=True,
+        env=base,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("executor", ["KubernetesExecutor", "CeleryExecutor", "LocalExecutor,EdgeExecutor"])
+def test_a_sqlite_catalog_in_airflow_home_fails_the_parse_under_remote_workers(executor):
+    """Tasks on other machines: the embedded catalog ($AIRFLOW_HOME/embeddings_iceberg_catalog.db
+    for a remote output) would live in one task's filesystem. The DAG does not import, and the
+    import error names catalog_conn_id; with a catalog connection it imports, and the form
+    offers no empty catalog."""
+    refused = _import_under(executor, EMB_OUTPUT_URI="s3://b/o/")
+    assert len(refused["errors"]) == 1 and "catalog_conn_id is empty" in refused["errors"][0], refused
+    ok = _import_under(
+        executor,
+        EMB_OUTPUT_URI="s3://b/o/",
+        EMB_CATALOG_CONN_ID="iceberg_catalog",
+        EMB_DEPLOYMENT_CATALOG_CONN_IDS="iceberg_catalog",
+    )
+    assert ok["errors"] == [] and ok["catalog_schema"]["enum"] == ["iceberg_catalog"], ok
+
+
+def test_a_local_executor_keeps_the_embedded_catalog():
+    ok = _import_under("LocalExecutor", EMB_OUTPUT_URI="s3://b/o/")
+    assert ok["errors"] == [] and ok["catalog_schema"]["enum"] == [None], ok

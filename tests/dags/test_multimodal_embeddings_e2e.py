@@ -34,6 +34,8 @@ def _env(home, extra=None):
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "dags")]),
             "EMB_RETRIES": "0",
+            # the deployment's local root: pytest's base temp dir, holding the home, assets and outputs
+            "EMB_DEPLOYMENT_ALLOWED_URI_PREFIXES": json.dumps(["s3://", "gs://", os.path.dirname(str(home))]),
             **(extra or {}),
         }
     )
@@ -112,7 +114,8 @@ def test_run_accounts_for_every_row_and_registers_the_table(first_run, demo_asse
         ).fetchall()
     extras = [json.loads(r[0]) for r in rows]
     assert any(e.get("snapshot_id") == cat["snapshot_id"] and e.get("rows_ok") == 108 for e in extras), extras
-    assert os.path.exists(os.path.join(output, "runs", os.listdir(os.path.join(output, "runs"))[0], "report.md"))
+    runs = [d for d in os.listdir(os.path.join(output, "runs")) if not d.startswith("_")]
+    assert os.path.exists(os.path.join(output, "runs", runs[0], "report.md"))
     assert "[ray job emb-" in log, "Ray job logs reach the task log"
     _no_ray_left()
 
@@ -126,6 +129,23 @@ def test_second_run_re_embeds_nothing_and_adds_no_rows(first_run, demo_assets, a
     assert "'todo': []" in log, "committed partitions are skipped"
     report = _report(output)
     assert report["catalog"]["snapshot_id"] == before and report["rows_ok"] == 108
+    _no_ray_left()
+
+
+def test_a_redo_run_embeds_only_the_named_partition_and_execution_settings_reuse_work(
+    first_run, demo_assets, airflow_home
+):
+    output, ok, _ = first_run
+    assert ok
+    before = _report(output)
+    conf = _conf(demo_assets, output, batch_size=8, redo_partitions="1")  # batch size: not the output's identity
+    ok, log = _dags_test(airflow_home, conf)
+    assert ok, log[-4000:]
+    assert "'todo': [1]" in log and "'redo': [1]" in log, "only the named partition runs again"
+    report = _report(output)
+    assert report["valid"] and report["rows_ok"] == 108
+    assert report["catalog"]["table"] == before["catalog"]["table"]
+    assert report["catalog"]["rows_added"] == report["catalog"]["rows_removed"] > 0, "partition 1's files replaced"
     _no_ray_left()
 
 

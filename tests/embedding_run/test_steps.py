@@ -8,6 +8,7 @@ then parse that argv with the embed command's own parser.
 
 import copy
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -67,6 +68,8 @@ def test_every_string_param_is_one_argv_element_or_refused(tmp_path, recorder):
     python, out = recorder
     marker = tmp_path / "pwned"
     deployment, base = _defaults()
+    # the working directory as a local root: hostile URI values (relative paths) reach the shell too
+    deployment["allowed_uri_prefixes"] = [*deployment["allowed_uri_prefixes"], os.getcwd()]
     strings = _string_params(deployment)
     assert {"manifest_uri", "output_uri", "model_uri", "stages", "stage_pool", "preprocess_pool"} <= set(strings)
     reached = refused = 0
@@ -126,16 +129,18 @@ def test_the_stage_spec_check_inputs_resolved_reaches_every_job_instead_of_num_s
     assert args.stages is None and args.num_stages == 2, "without a resolved spec: the param as given"
 
 
-def test_a_conf_with_the_removed_params_changes_nothing():
+def test_a_conf_with_the_removed_params_is_refused_naming_them():
     deployment, params = _defaults(backend="kuberay")
     params["kuberay"] = {"image": "evil.example/x", "kube_config": "/tmp/evil", "service_account": "admin"}
     params["embed_extra_args"] = "; touch /tmp/x"
+    with pytest.raises(AirflowFailException, match=r"unknown params 'embed_extra_args', 'kuberay' \(did you mean"):
+        run_config(params, deployment)
+    del params["kuberay"], params["embed_extra_args"]
     config = run_config(params, deployment)
     cfg = backend_config(config, deployment)
     assert cfg["image"] == deployment["kuberay"]["images"][0]
     assert cfg["service_account"] == deployment["kuberay"]["service_account"]
     assert "kube_config" not in cfg and "images" not in cfg
-    assert "touch" not in embed_command(config, "/o/plan.json", 0, "python")
 
 
 def test_kuberay_settings_are_the_deployments_narrowed_by_the_form():

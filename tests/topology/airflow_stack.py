@@ -50,6 +50,12 @@ class AirflowStack:
         self.extra_env = dict(extra_env or {})
         self._token: str | None = None
 
+    @property
+    def local_root(self) -> str:
+        """The local directory the deployment allows runs to read and write: the one holding
+        the stack's home (pytest's base temp directory, or a bench's work directory)."""
+        return os.path.dirname(os.path.abspath(self.home))
+
     # ------------------------------------------------------------------ lifecycle
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
@@ -83,6 +89,8 @@ class AirflowStack:
                 "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "dags")]),
                 "EMB_RETRIES": "1",
                 "EMB_RETRY_DELAY_S": "5",
+                # the runs' inputs and outputs live beside the stack's home: its one local root
+                "EMB_DEPLOYMENT_ALLOWED_URI_PREFIXES": json.dumps(["s3://", "gs://", self.local_root]),
                 **self.extra_env,
             }
         )

@@ -51,6 +51,38 @@ def test_bad_conf_is_refused_through_the_rest_api_naming_the_field(stack, demo_a
     assert stack.run_count() == runs_before, "no run was created"
 
 
+def test_a_uri_the_deployment_does_not_list_is_refused_through_the_rest_api(stack, demo_assets, tmp_path):
+    """The deployment's allowed prefixes (``s3://``, ``gs://`` and the stack's local root) are
+    each URI param's pattern: a metadata address or a path outside the root is a 400 naming it."""
+    runs_before = stack.run_count()
+    for name, value in (
+        ("model_uri", "http://169.254.169.254/latest/meta-data/"),
+        ("manifest_uri", "/etc/passwd"),
+        ("output_uri", "file:///var/tmp/out"),
+    ):
+        r = stack.trigger(_conf(demo_assets, tmp_path, **{name: value}))
+        assert r.status_code == 400 and f"Invalid input for param {name}" in r.text, (name, r.text)
+    assert stack.run_count() == runs_before, "no run was created"
+
+
+def test_an_unknown_conf_key_fails_the_run_naming_it_before_any_cluster(stack, demo_assets, tmp_path):
+    """Airflow 3.3 creates the run (its params merge adds a key no param declares, without a
+    schema: the REST API and the form's request both answer 200); check_inputs, the first
+    task, refuses it naming the key and the closest param, and no cluster starts. Sent once as
+    the REST API's client sends it and once as the trigger form does (with its Referer)."""
+    for headers in ({}, {"Referer": f"{stack.url}/dags/{DAG_ID}"}):
+        body = {"logical_date": None, "conf": {**_conf(demo_assets, tmp_path), "batchsize": 8}}
+        r = stack.api("POST", f"/dags/{DAG_ID}/dagRuns", headers=headers, json=body)
+        assert r.status_code == 200, r.text
+        run_id = r.json()["dag_run_id"]
+        assert stack.wait_run(run_id, timeout=300) == "failed"
+        tis = {t["task_id"]: t["state"] for t in stack.task_instances(run_id) if t["map_index"] == -1}
+        assert tis["check_inputs"] == "failed" and tis["cluster_up"] in ("upstream_failed", None), tis
+        log = stack.task_log(run_id, "check_inputs")
+        assert "unknown param 'batchsize' (did you mean 'batch_size'?)" in log, log[-3000:]
+    assert_no_ray_left()
+
+
 def test_concurrent_partitions_survive_a_triggerer_and_a_scheduler_crash(stack, demo_assets, tmp_path):
     """6 partitions, room for 2 at a time; the triggerer is SIGKILLed while embed tasks are
     deferred and restarted 20 s later, the scheduler SIGKILLed mid-run and restarted."""

@@ -129,12 +129,20 @@ def test_invalid_values_are_shown_in_the_form_and_create_no_run(stack, dialog, d
     dialog.screenshot("invalid-3-manifest-uri-required")
     dialog.fill("manifest_uri", demo_assets.manifest)
 
+    # a URI outside the deployment's allowed prefixes (a metadata address): refused, named
+    dialog.fill("model_uri", "http://169.254.169.254/latest/meta-data/")
+    dialog.submit()
+    dialog.wait_dialog_text("Invalid input for param model_uri")
+    dialog.screenshot("invalid-4-model-uri-not-allowed")
+    dialog.wait_submit_enabled(True)
+    dialog.fill("model_uri", demo_assets.model)
+
     # a value the schema refuses: the api-server's refusal, naming the param, in the dialog
     dialog.section("Model stages")
     dialog.fill("stage_pool", "two")
     dialog.submit()
     text = dialog.wait_dialog_text("Invalid input for param stage_pool")
-    dialog.screenshot("invalid-4-stage-pool-refused")
+    dialog.screenshot("invalid-5-stage-pool-refused")
     assert "400 Bad Request" in text, text
     dialog.wait_submit_enabled(True)  # the dialog stays open with the user's input
     assert stack.run_count() == runs_before, "a refused trigger created a run"

@@ -182,7 +182,7 @@ def test_plan_partition_embeds_exactly_its_row_groups(ray_session, demo_assets, 
             preprocess_pool=(1, 1),
         )
     )
-    assert job.partition_uri.endswith(f"plan={planned.plan_id}/partition=00001")
+    assert job.partition_uri.endswith(f"out={job.output_key}/work={part.key}")
     result = run_prepared(job)
     assert result.rows_in == part.rows == len(expected_ids)
     marker = read_marker(job.partition_uri)
@@ -214,4 +214,7 @@ def test_plan_form_refuses_a_manifest_changed_since_planning(demo_assets, tmp_pa
     table = pq.read_table(first)
     pq.write_table(table.slice(0, 10), first)
     with pytest.raises(ManifestError, match="changed since planning"):
+        prepare(cfg)
+    os.remove(first)
+    with pytest.raises(ManifestError, match=r"part-00000.parquet no longer exists .*next night's plan retires"):
         prepare(cfg)
