@@ -236,7 +236,7 @@ class RayJobTrigger(BaseTrigger):
                     # read reconnects and resumes from the offset. Closes in a row back off to a poll
                     # interval, so a job that has not started yet is not asked for its log in a loop.
                     closes += 1
-                    await asyncio.sleep(min(self.poll_interval, _ENDING_POLL_S * 2 ** (closes - 1)))
+                    await asyncio.sleep(min(self.poll_interval, _ENDING_POLL_S * 2 ** min(closes - 1, 16)))
                 elif chunk.lines:
                     closes = 0
         finally:

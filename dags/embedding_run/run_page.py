@@ -60,7 +60,8 @@ def render_page(view) -> str:
         for k, v in figures.items()
     )
     parts = "".join(
-        f'<tr data-partition="{p["index"]}"><td>{p["index"]}</td><td class="{esc(str(p["state"]))}">'
+        f'<tr data-partition="{esc(str(p["index"]))}"><td>{esc(str(p["index"]))}</td>'
+        f'<td class="{esc(str(p["state"]))}">'
         f"{esc(str(p['state']))}</td><td>{_cell(p.get('rows_done'))} / {_cell(p.get('rows_total'))}</td>"
         f"<td>{_cell(p.get('rows_per_s'))}</td><td>{_cell(p.get('eta_s'))}</td></tr>"
         for p in view.partition_rows()

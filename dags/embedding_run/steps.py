@@ -127,6 +127,17 @@ def _check_image_protocols(files) -> None:
         check_filesystems({f"image_uri {uri} (manifest file {first.uri})": uri for uri in sample.values()})
 
 
+def output_key_of(checked: dict[str, Any]) -> str:
+    """The output identity ``check_inputs`` computed (recomputed from its config for a run
+    whose ``check_inputs`` predates output identities)."""
+    if checked.get("output_key"):
+        return checked["output_key"]
+    from ray_jobs.output.identity import OutputIdentity
+
+    config = config_of(checked)
+    return OutputIdentity.of(checked["model_id"], config.stage, config.job).key
+
+
 def dataset_of(config: RunConfig) -> str:
     from ray_jobs.contract.ids import default_dataset_name
 
@@ -249,7 +260,7 @@ def plan_partitions(checked: dict[str, Any], airflow_run_id: str) -> dict[str, A
         raise _fail(exc) from None
     plan = result.plan
     print(result.summary())
-    todo, redo = _work_to_do(plan, model_id, checked["output_key"], config)
+    todo, redo = _work_to_do(plan, model_id, output_key_of(checked), config)
     return {
         "plan_uri": result.uri,
         "plan_id": plan.plan_id,
@@ -296,7 +307,7 @@ def validate_partitions(checked: dict[str, Any], planned: dict[str, Any]) -> dic
     config = config_of(checked)
     plan = load_plan(planned["plan_uri"])
     report = validate_plan(
-        plan, checked["model_id"], max_reject_rate=config.acceptance.max_reject_rate, output_key=checked["output_key"]
+        plan, checked["model_id"], max_reject_rate=config.acceptance.max_reject_rate, output_key=output_key_of(checked)
     )
     print(report.table())
     if not report.ok:
@@ -326,7 +337,7 @@ def register_catalog(checked: dict[str, Any], planned: dict[str, Any], airflow_r
 
     dataset = dataset_of(config)
     result = register_plan(
-        plan, model_id, target.uri, run_id=airflow_run_id, dataset=dataset, output_key=checked["output_key"]
+        plan, model_id, target.uri, run_id=airflow_run_id, dataset=dataset, output_key=output_key_of(checked)
     )
     print(result.summary())
     identity = OutputIdentity.of(model_id, config.stage, config.job)
@@ -364,7 +375,7 @@ def write_run_report(checked: dict[str, Any] | None, planned: dict[str, Any] | N
     catalog = ti.xcom_pull(task_ids="catalog", key="return_value", default=None)
     plan = load_plan(planned["plan_uri"])
     validation = validate_plan(
-        plan, model_id, max_reject_rate=max_reject_rate, output_key=(checked or {}).get("output_key")
+        plan, model_id, max_reject_rate=max_reject_rate, output_key=output_key_of(checked), check_duplicates=False
     )
     report = build_report(
         plan, validation, wall_s=time.time() - planned["started_at"], catalog=catalog, embedded=planned.get("todo")

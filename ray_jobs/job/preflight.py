@@ -7,12 +7,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from ray_jobs import storage
-from ray_jobs.config.declare import identity_of
-from ray_jobs.contract.ids import make_plan_id, output_key, work_key
+from ray_jobs.contract.ids import make_plan_id, work_key
 from ray_jobs.contract.layout import partition_dir, work_dir
 from ray_jobs.errors import ManifestError, PlanError, UsageError
 from ray_jobs.job.config import EmbedConfig, PreparedJob
 from ray_jobs.job.datasource import FragmentRef
+from ray_jobs.output.identity import OutputIdentity
 from ray_jobs.planning.manifest import fingerprint, read_manifest
 
 
@@ -75,7 +75,7 @@ def prepare(cfg: EmbedConfig) -> PreparedJob:
                 "use --dtype bfloat16 on CPU or give every stage gpus (--stage-num-gpus / gpus= in --stages)"
             )
     model_id = cfg.model_id or ckpt.model_id
-    out_key = output_key(model_id, identity_of(cfg.stage, cfg.job))
+    out_key = OutputIdentity.of(model_id, cfg.stage, cfg.job).key
     where = work_dir(output, model_id, out_key, key) if key else partition_dir(output, model_id, plan_id, partition)
     return PreparedJob(
         config=cfg,

@@ -92,8 +92,10 @@ def _read_local(path: str, uri: str, max_bytes: int) -> bytes:
         return fh.read(max_bytes + 1)
 
 
-#: S3 error codes that say nothing about the object: credentials that expired or must be
-#: refreshed, a clock out of step, a request body cut short, throttling and server errors. s3fs
+#: S3 error codes that say nothing about the object: credentials that expired, must be
+#: refreshed, or were rotated or revoked mid-night (the worker's key, not the row, is wrong: the
+#: batch fails and the job fails loudly rather than committing every row as a reject), a clock
+#: out of step, a request body cut short, throttling and server errors. s3fs
 #: maps several of them to PermissionError or EINVAL, as if the object were the problem. A bare
 #: ``400`` (no code: a HEAD, or a proxy's answer) is not the object's fault either.
 _TRANSIENT_S3_CODES = frozenset(
@@ -101,6 +103,10 @@ _TRANSIENT_S3_CODES = frozenset(
         "ExpiredToken",
         "ExpiredTokenException",
         "TokenRefreshRequired",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "AccountProblem",
         "RequestExpired",
         "RequestTimeTooSkewed",
         "IncompleteBody",

@@ -279,7 +279,7 @@ class Collector:
             except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
                 self.plans_unreadable.add(f"{uri}: {exc}")
         first = self.known_runs is None
-        runs = {r for r in storage.list_dirs(self._uri(self.runs)) if r != LINEAGE_DIR}
+        runs = {r for r in storage.list_dirs(self._uri(self.runs)) if not r.startswith("_")}
         for run_id in sorted(runs - (self.known_runs or set())):
             if not first or self._run_age(run_id) >= self.cutoff:
                 self.young_runs.add(run_id)
@@ -467,7 +467,7 @@ class Collector:
             self.result.history_removed.append(self._uri(self._abs(work, rel)))
 
     def _collect_runs(self) -> None:
-        for run_id in [r for r in storage.list_dirs(self._uri(self.runs)) if r != LINEAGE_DIR]:
+        for run_id in [r for r in storage.list_dirs(self._uri(self.runs)) if not r.startswith("_")]:
             if run_id in self.kept_runs:
                 self.result.keep("run dirs")
                 continue

@@ -2,8 +2,9 @@
 
 :func:`ray_jobs.contract.ids.output_key` hashes the model id and the settings declared with
 ``identity=True``. After a night's registration its identity is recorded beside the dataset's
-lineage (``runs/_lineage/<dataset>.output.json``), so the next run's input check can say, before
+lineage (``runs/_identity/<dataset>.json``), so the next run's input check can say, before
 anything runs, that a changed dtype or image limit starts a new table and embeds every row.
+The record lives in ``runs/_identity/<dataset>.json``, apart from the lineage pointers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class OutputIdentity:
 
 
 def _record_uri(output_uri: str, dataset: str) -> str:
-    return join_uri(output_uri, "runs", "_lineage", f"{dataset}.output.json")
+    return join_uri(output_uri, "runs", "_identity", f"{dataset}.json")
 
 
 def record_output(output_uri: str, dataset: str, identity: OutputIdentity, table: str, run_id: str) -> None:

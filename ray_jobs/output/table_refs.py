@@ -22,8 +22,6 @@ from ray_jobs import storage
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "embeddings"
-
 
 def file_key(uri: str) -> str:
     """The path of *uri* inside its filesystem: how gc compares files."""
@@ -67,12 +65,20 @@ class TableFiles:
     _snapshots: dict[tuple[str, int], frozenset[str]] = field(default_factory=dict)
 
     def tables(self) -> list[str]:
+        """Every table of every namespace of the catalog (nested namespaces too): a table
+        outside ``embeddings`` that registered this output's files protects them as well."""
         from pyiceberg.exceptions import NoSuchNamespaceError
 
-        try:
-            return sorted(".".join(ident) for ident in self.catalog.list_tables(NAMESPACE))
-        except NoSuchNamespaceError:
-            return []
+        out: list[str] = []
+        pending = [tuple(ns) for ns in self.catalog.list_namespaces()]
+        while pending:
+            ns = pending.pop()
+            try:
+                out += [".".join(ident) for ident in self.catalog.list_tables(ns)]
+                pending += [tuple(child) for child in self.catalog.list_namespaces(ns) if tuple(child) != ns]
+            except NoSuchNamespaceError:  # dropped since it was listed
+                continue
+        return sorted(set(out))
 
     def load(self, ident: str):
         from pyiceberg.exceptions import NoSuchTableError

@@ -184,7 +184,7 @@ def plan_from_files(
         previous = None
     kept, retired, fresh = _sticky(files, units, previous) if previous is not None else ([], [], units)
     room = settings.max_partitions - len(kept)
-    if kept and room < 1:
+    if kept and fresh and room < 1:
         notes.append(
             f"the {len(kept)} partitions kept from run {previous.run_id} leave no room within max_partitions "
             f"{settings.max_partitions}: every row group is packed anew"
@@ -326,19 +326,34 @@ def write_plan(plan: Plan, *, force: bool = False, dataset: str | None = None) -
     Returns the URI and whether an identical plan was already there.
     """
     uri = plan_uri(plan.output_uri, plan.run_id)
+    lineage = lineage_uri(plan.output_uri, dataset or default_dataset_name(plan.manifest_uri))
     if storage.exists(uri) and not force:
         existing = load_plan(uri)
         if existing.plan_id == plan.plan_id:
+            _point_at_if_behind(lineage, existing, uri)  # a try that died between the two writes
             return uri, True
         raise PlanError(
             f"{uri} already holds plan {existing.plan_id} for run {plan.run_id}, but this manifest and these settings "
             f"give plan {plan.plan_id}; use another --run-id (or --force to replace it)"
         )
     storage.write_text(uri, plan.to_json())
-    pointer = {"run_id": plan.run_id, "plan_id": plan.plan_id, "plan_uri": uri, "manifest_uri": plan.manifest_uri}
-    lineage = lineage_uri(plan.output_uri, dataset or default_dataset_name(plan.manifest_uri))
-    storage.write_text(lineage, json.dumps(pointer))
+    storage.write_text(lineage, json.dumps(_pointer(plan, uri)))
     return uri, False
+
+
+def _pointer(plan: Plan, uri: str) -> dict[str, str]:
+    return {"run_id": plan.run_id, "plan_id": plan.plan_id, "plan_uri": uri, "manifest_uri": plan.manifest_uri}
+
+
+def _point_at_if_behind(lineage: str, plan: Plan, uri: str) -> None:
+    """Point the lineage at *plan* if it is missing or still names the plan *plan* continues;
+    a pointer to a later run is left alone (the lineage never moves back)."""
+    try:
+        current = json.loads(storage.read_text(lineage)).get("run_id")
+    except (FileNotFoundError, ValueError, AttributeError):
+        current = None
+    if current is None or current == plan.previous_run_id:
+        storage.write_text(lineage, json.dumps(_pointer(plan, uri)))
 
 
 def previous_plan(output_uri: str, dataset: str, run_id: str | None) -> Plan | None:
@@ -351,7 +366,13 @@ def previous_plan(output_uri: str, dataset: str, run_id: str | None) -> Plan | N
         mine = load_plan(own)
         if not mine.previous_run_id:
             return None
-        return load_plan(plan_uri(output_uri, mine.previous_run_id))
+        try:
+            return load_plan(plan_uri(output_uri, mine.previous_run_id))
+        except PlanError as exc:
+            raise PlanError(
+                f"run {run_id}'s plan continues run {mine.previous_run_id}, whose plan is gone ({exc}); "
+                "trigger a new run instead of clearing this one"
+            ) from None
     try:
         pointer = json.loads(storage.read_text(lineage_uri(output_uri, dataset)))
     except FileNotFoundError:
@@ -361,6 +382,8 @@ def previous_plan(output_uri: str, dataset: str, run_id: str | None) -> Plan | N
         raise PlanError(f"{where} is not valid JSON ({exc}); remove it to plan afresh") from exc
     try:
         return load_plan(pointer["plan_uri"])
+    except (KeyError, TypeError):
+        raise PlanError(f"{lineage_uri(output_uri, dataset)} names no plan; remove it to plan afresh") from None
     except PlanError:
         return None  # the plan it named was collected: plan afresh
 

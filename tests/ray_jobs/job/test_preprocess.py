@@ -285,6 +285,8 @@ def _through_proxy(s3_server, monkeypatch, **proxy_args):
         (400, "TokenRefreshRequired"),
         (400, "IncompleteBody"),
         (400, None),  # a bare 400: no error code at all
+        (403, "InvalidAccessKeyId"),  # the worker's key rotated or revoked mid-night
+        (403, "SignatureDoesNotMatch"),
     ],
 )
 def test_credential_clock_and_body_errors_from_s3_are_transient_never_rejects(

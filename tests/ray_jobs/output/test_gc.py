@@ -354,3 +354,23 @@ def test_retired_work_on_s3_goes_and_the_table_still_scans(s3_bucket, tmp_path):
     table = open_catalog(catalog, join_uri(out, "warehouse")).load_table(result.tables[0])
     assert table.scan().to_arrow().num_rows == plans[1].rows
     assert validate_plan(plans[1], MODEL, embed_dim=4, output_key=OUT_KEY).ok
+
+
+def test_a_table_in_another_namespace_protects_the_files_it_registered(nights):
+    """Someone registered night 1's part files in their own table: gc keeps the work they read."""
+    retired_1 = _retired_by_night_2(nights)
+    catalog = open_catalog(nights.catalog, join_uri(nights.out, "warehouse"))
+    catalog.create_namespace_if_not_exists("analytics")
+    theirs = catalog.create_table("analytics.copied", schema=nights.table().schema())
+    files = [
+        join_uri(w, f.path)
+        for w in retired_1
+        for f in read_marker(w).files  # the embedding files the marker lists
+    ]
+    theirs.add_files(files)
+    result = gc.collect(nights.out, nights.retain_s(), catalog_uri=nights.catalog)
+    assert "analytics.copied" in result.tables
+    assert not result.work_removed and all(os.path.exists(f) for f in files)
+    assert catalog.load_table("analytics.copied").scan().to_arrow().num_rows == sum(
+        read_marker(w).rows_ok for w in retired_1
+    )

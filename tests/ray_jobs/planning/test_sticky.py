@@ -138,3 +138,35 @@ def test_a_broken_lineage_pointer_is_a_clear_error(tmp_path):
         fh.write("{not json")
     with pytest.raises(PlanError, match=r"_lineage.*not valid JSON"):
         _night(tmp_path, "n2")
+
+
+def test_a_plan_at_max_partitions_keeps_everything_when_nothing_changed(tmp_path):
+    write_manifest(tmp_path / "m", n_files=4)
+    full = Partitioning(partition_rows=60, max_partitions=4)
+    first = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), full, run_id="n1").plan
+    assert len(first.partitions) == 4
+    second = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), full, run_id="n2").plan
+    assert all(p.kept for p in second.partitions) and not second.retired, "no change: nothing repacked"
+    write_manifest(tmp_path / "m", n_files=1, start=900)
+    third = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), full, run_id="n3")
+    assert not any(p.kept for p in third.plan.partitions) and len(third.plan.partitions) <= 4
+    assert "leave no room within max_partitions 4" in third.summary()
+
+
+def test_a_retried_plan_step_restores_a_lineage_pointer_its_first_try_did_not_write(tmp_path):
+    write_manifest(tmp_path / "m", n_files=2)
+    _night(tmp_path, "n1")
+    write_manifest(tmp_path / "m", n_files=1, start=900)
+    second = _night(tmp_path, "n2")
+    pointer = lineage_uri(str(tmp_path / "out"), default_dataset_name(str(tmp_path / "m")))
+    with open(pointer, "w") as fh:  # as if the first try died between plan.json and the pointer
+        json.dump({"run_id": "n1", "plan_uri": str(tmp_path / "out" / "runs" / "n1" / "plan.json")}, fh)
+    assert _night(tmp_path, "n2").reused
+    with open(pointer) as fh:
+        assert json.load(fh)["run_id"] == "n2"
+    third = _night(tmp_path, "n3")
+    assert third.plan.previous_run_id == "n2" and all(p.kept for p in third.plan.partitions)
+    _night(tmp_path, "n2")  # an older run's retry never moves the lineage back
+    with open(pointer) as fh:
+        assert json.load(fh)["run_id"] == "n3"
+    assert second.plan.previous_run_id == "n1"
