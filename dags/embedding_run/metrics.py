@@ -1,7 +1,8 @@
 """The run's figures as Airflow metrics: StatsD or OpenTelemetry, as the deployment's Airflow
 config (``[metrics]``) says, under Airflow's prefix (``airflow.embeddings.*`` by default).
 
-Emitted by the report step from the run report, once per run:
+Emitted by the report step from the run report, once per run, for the partitions this run
+embedded (work kept from earlier nights is not counted again):
 
 ========================================  ======  =============================================
 ``embeddings.rows_ok``                    count   rows embedded (committed partitions)
@@ -35,13 +36,19 @@ def _stats():
     return Stats
 
 
-def emit_run_metrics(report: dict[str, Any], stats=None) -> dict[str, Any]:
-    """Emit *report*'s (``report.json``'s) figures; returns what was emitted, by metric name."""
+def emit_run_metrics(report: dict[str, Any], stats=None, embedded=None) -> dict[str, Any]:
+    """Emit *report*'s (``report.json``'s) figures for the partitions in *embedded* (the run's
+    to-do list; None: every partition); returns what was emitted, by metric name."""
     stats = stats or _stats()
-    done = [p for p in report.get("partitions", ()) if p.get("status") == "ok"]
+    chosen = None if embedded is None else set(embedded)
+    done = [
+        p
+        for p in report.get("partitions", ())
+        if p.get("status") == "ok" and (chosen is None or p.get("index") in chosen)
+    ]
     emitted: dict[str, Any] = {
-        "rows_ok": int(report.get("rows_ok") or 0),
-        "rows_rejected": int(report.get("rows_rejected") or 0),
+        "rows_ok": sum(int(p.get("rows_ok") or 0) for p in done),
+        "rows_rejected": sum(int(p.get("rows_rejected") or 0) for p in done),
         "partitions_done": len(done),
     }
     for name, count in emitted.items():

@@ -384,7 +384,8 @@ def write_run_report(checked: dict[str, Any] | None, planned: dict[str, Any] | N
     print(report.to_markdown())
     if report.night:
         print(f"night: {report.night_line()}")
-    emit_run_metrics(json.loads(report.to_json()))  # StatsD/OpenTelemetry, by Airflow's [metrics] config
+    # StatsD/OpenTelemetry, by Airflow's [metrics] config; only the partitions this run embedded
+    emit_run_metrics(json.loads(report.to_json()), embedded=planned.get("todo"))
     if not validation.ok:
         failed = ", ".join(f"{c.index:05d}" for c in validation.failed)
         raise AirflowFailException(

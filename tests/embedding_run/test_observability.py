@@ -125,12 +125,23 @@ REPORT = {
             "index": 0,
             "rows_planned": 64,
             "rows_in": 64,
+            "rows_ok": 58,
+            "rows_rejected": 6,
             "status": "ok",
             "rows_per_s": 3.1,
             "wall_s": 20.5,
             "startup": {"startup_admission_wait_s": 0.4},
         },
-        {"index": 1, "rows_planned": 56, "rows_in": 56, "status": "ok", "rows_per_s": 2.9, "wall_s": 19.0},
+        {
+            "index": 1,
+            "rows_planned": 56,
+            "rows_in": 56,
+            "rows_ok": 50,
+            "rows_rejected": 6,
+            "status": "ok",
+            "rows_per_s": 2.9,
+            "wall_s": 19.0,
+        },
     ],
     "rejects_by_reason": {"decode": 8, "too_small": 4},
     "startup_median": {"startup_driver_s": 1.5, "startup_model_load_s": 2.0},
@@ -178,6 +189,14 @@ def test_the_report_becomes_the_six_metrics():
         ("timing", "embeddings.admission_wait_seconds", 0.4),
         ("gauge", "embeddings.run_cost_estimate", 0.0123),
     ]
+
+
+def test_work_kept_from_earlier_nights_is_not_counted_again():
+    stats = _Stats()
+    emitted = emit_run_metrics(REPORT, stats, embedded=[1])
+    assert (emitted["rows_ok"], emitted["rows_rejected"], emitted["partitions_done"]) == (50, 6, 1)
+    assert emitted["partition_seconds"] == [19.0] and emitted["admission_wait_seconds"] == []
+    assert emit_run_metrics(REPORT, _Stats(), embedded=[])["rows_ok"] == 0, "a night with no change embeds nothing"
 
 
 def test_a_mapped_partition_is_named_by_its_index_and_rows():
