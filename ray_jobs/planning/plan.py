@@ -282,6 +282,8 @@ def _pack_within_max_partitions(
     if it grew."""
     room = settings.max_partitions if room is None else room
     target = settings.target
+    if not units:  # nothing new to pack (a night with no change)
+        return [], target, None
     parts = pack(units, target, settings.unit)
     if len(parts) <= room:
         return parts, target, None
