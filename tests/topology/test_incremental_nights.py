@@ -5,6 +5,7 @@ its table equals a from-scratch run over the new manifest."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 
@@ -36,6 +37,12 @@ def _night(stack, conf, logical_date):
     return run_id
 
 
+def _night_of(days_ago: int, hour: int = 1) -> str:
+    """A logical date a month back: other modules of the shared stack trigger yesterday's night."""
+    day = dt.datetime.now(dt.UTC) - dt.timedelta(days=days_ago)
+    return day.replace(hour=hour, minute=0, second=0, microsecond=0).isoformat()
+
+
 def test_the_second_night_embeds_only_the_change_and_its_table_equals_a_full_run(stack, demo_assets, tmp_path):
     manifest = tmp_path / "manifest"
     shutil.copytree(demo_assets.manifest, manifest)
@@ -43,7 +50,7 @@ def test_the_second_night_embeds_only_the_change_and_its_table_equals_a_full_run
     output = tmp_path / "out"
     conf = {**_conf(demo_assets, output, partition_rows=60), "manifest_uri": str(manifest)}  # a partition per file
 
-    night1 = _night(stack, conf, "2026-12-04T01:00:00Z")
+    night1 = _night(stack, conf, _night_of(31))
     first = _report(str(output), night1)
     assert first["valid"] and first["rows_in"] == 120 and first["night"]["kept_rows"] == 0
 
@@ -53,7 +60,7 @@ def test_the_second_night_embeds_only_the_change_and_its_table_equals_a_full_run
     new = new.set_column(0, "id", pa.array([f"new-{i:03d}" for i in range(40)], pa.string()))
     pq.write_table(new, manifest / "part-added.parquet", row_group_size=16)
 
-    night2 = _night(stack, conf, "2026-12-05T01:00:00Z")
+    night2 = _night(stack, conf, _night_of(30))
     planned = stack.xcom(night2, "plan", "return_value")
     second = _report(str(output), night2)
     n = second["night"]
@@ -64,7 +71,7 @@ def test_the_second_night_embeds_only_the_change_and_its_table_equals_a_full_run
     assert "night: embedded 40 new or changed rows, kept 60, removed" in log, log[-2000:]
 
     fresh_out = tmp_path / "fresh"
-    fresh = _night(stack, {**conf, "output_uri": str(fresh_out)}, "2026-12-05T02:00:00Z")
+    fresh = _night(stack, {**conf, "output_uri": str(fresh_out)}, _night_of(30, hour=2))
     catalog2 = stack.xcom(night2, "catalog", "return_value")
     catalog_fresh = stack.xcom(fresh, "catalog", "return_value")
     incremental, scratch = _table(output, catalog2), _table(fresh_out, catalog_fresh)
