@@ -5,6 +5,7 @@ schemas of the part and rejects files written there. Paths are built without tou
 
     {output}/runs/{run_id}/plan.json
     {output}/runs/_lineage/{dataset}.json   the last plan of a manifest: where the next night's plan starts
+    {output}/runs/_identity/{dataset}.json  the output identity the dataset's table was last registered with
     {output}/embeddings/model={model_id}/out={output_key}/work={work_key}/
         _SUCCESS                           the commit marker (:mod:`ray_jobs.contract.marker`)
         _history/{attempt}.json            markers replaced by ``--force``
@@ -67,9 +68,19 @@ def work_dir(output: str, model_id: str, output_key: str, work_key: str) -> str:
     return join_uri(output_root(output, model_id, output_key), f"work={work_key}")
 
 
+#: Directories under ``runs/`` that are not runs (their names start with ``_``; run ids never do).
+LINEAGE_DIR = "_lineage"
+IDENTITY_DIR = "_identity"
+
+
 def lineage_uri(output: str, dataset: str) -> str:
     """The pointer to the last plan made for *dataset* in this output root."""
-    return join_uri(output, "runs", "_lineage", f"{dataset}.json")
+    return join_uri(output, "runs", LINEAGE_DIR, f"{dataset}.json")
+
+
+def identity_uri(output: str, dataset: str) -> str:
+    """The record of the output identity *dataset*'s table was last registered with."""
+    return join_uri(output, "runs", IDENTITY_DIR, f"{dataset}.json")
 
 
 ATTEMPT_PREFIX = "attempt="

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 from ray_jobs import storage
-from ray_jobs.contract.layout import ATTEMPT_PREFIX, HISTORY_DIR, SUCCESS_FILE, join_uri, plan_uri
+from ray_jobs.contract.layout import ATTEMPT_PREFIX, HISTORY_DIR, LINEAGE_DIR, SUCCESS_FILE, join_uri, plan_uri
 from ray_jobs.contract.marker import CommitMarker
 from ray_jobs.errors import OutputError, PlanError, UsageError
 from ray_jobs.output.lease import LEASE_TTL_S, last_heartbeat
@@ -51,7 +51,6 @@ DEFAULT_RETAIN = "7d"
 #: such as ``7m`` for ``7d``, which would expire every snapshot but the current one at once.
 MIN_RETAIN_S = 3600.0
 _UNITS = {"d": 86400, "h": 3600, "m": 60}
-LINEAGE_DIR = "_lineage"
 #: The embedded catalog next to a local output (what the DAG uses without a catalog connection).
 EMBEDDED_CATALOG = "iceberg_catalog.db"
 

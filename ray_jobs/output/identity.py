@@ -16,7 +16,7 @@ from typing import Any
 from ray_jobs import storage
 from ray_jobs.config.declare import identity_of
 from ray_jobs.contract.ids import output_key
-from ray_jobs.contract.layout import join_uri
+from ray_jobs.contract.layout import identity_uri
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,16 @@ class OutputIdentity:
         return {"model_id": self.model_id, "settings": dict(self.settings), "output_key": self.key}
 
 
-def _record_uri(output_uri: str, dataset: str) -> str:
-    return join_uri(output_uri, "runs", "_identity", f"{dataset}.json")
-
-
 def record_output(output_uri: str, dataset: str, identity: OutputIdentity, table: str, run_id: str) -> None:
     """Remember *identity* as what the dataset's table was last registered with."""
     storage.write_text(
-        _record_uri(output_uri, dataset), json.dumps({**identity.to_dict(), "table": table, "run_id": run_id})
+        identity_uri(output_uri, dataset), json.dumps({**identity.to_dict(), "table": table, "run_id": run_id})
     )
 
 
 def last_output(output_uri: str, dataset: str) -> dict[str, Any] | None:
     try:
-        return json.loads(storage.read_text(_record_uri(output_uri, dataset)))
+        return json.loads(storage.read_text(identity_uri(output_uri, dataset)))
     except (FileNotFoundError, ValueError):
         return None
 
