@@ -31,8 +31,10 @@ def _check(resp: httpx.Response, what: str) -> None:
         raise RayJobsApiError(f"Ray Jobs API: {what} failed: HTTP {resp.status_code}{hint}: {body}", resp.status_code)
 
 
-def _local_working_dir(runtime_env: dict[str, Any]) -> bool:
-    wd = runtime_env.get("working_dir")
+def uploads_working_dir(runtime_env: dict[str, Any] | None) -> bool:
+    """True when submitting with *runtime_env* uploads a local ``working_dir`` (from the
+    submitting machine's disk) instead of naming a remote package by its URI."""
+    wd = (runtime_env or {}).get("working_dir")
     return bool(wd) and "://" not in str(wd)
 
 
@@ -96,7 +98,7 @@ class RayJobsClient:
         public ``JobSubmissionClient``, which first uploads the directory as a content-addressed
         package (``excludes`` and ``.gitignore`` honoured; a package the cluster already has is
         not sent again): the REST API itself accepts only package URIs."""
-        if runtime_env and _local_working_dir(runtime_env):
+        if uploads_working_dir(runtime_env):
             return self._submit_uploading(
                 submission_id, entrypoint, runtime_env, metadata, entrypoint_num_cpus, entrypoint_memory
             )

@@ -13,7 +13,7 @@ from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import ClusterError, RayJobsApiError
 from airflow_ray.hooks.ray_jobs import RayJobsClient
 from airflow_ray.naming import cluster_name
-from airflow_ray.operators.ray_job import META_PARTITION, stop_jobs_of_run
+from airflow_ray.submission import META_PARTITION, stop_jobs_of_run
 
 
 class RayClusterSetupOperator(BaseOperator):

@@ -12,61 +12,12 @@ from airflow.sdk import BaseOperator
 from airflow_ray.backends import credentials
 from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import RayJobError
-from airflow_ray.hooks.ray_jobs import ACTIVE, FAILED, RayJobsClient
+from airflow_ray.hooks.ray_jobs import FAILED, RayJobsClient, uploads_working_dir
 from airflow_ray.links import XCOM_JOB_URL, RayJobLink, job_url
-from airflow_ray.naming import submission_id as make_submission_id
+from airflow_ray.submission import find_job, job_deadline, job_metadata, submit_or_adopt
 from airflow_ray.triggers.in_flight_gate import InFlightGateTrigger, may_start_now, slot_wait_bound
-from airflow_ray.triggers.ray_job import LOG_OFFSET_XCOM_KEY, RayJobTrigger
+from airflow_ray.triggers.ray_job import LOG_OFFSET_XCOM_KEY, SLOT_TIMEOUT, RayJobTrigger
 from airflow_ray.version_guard import check_compatible
-
-MAX_RESUBMISSIONS = 20
-#: Metadata every job of a DAG run carries (shows in ``ray job list`` and the dashboard); the
-#: run's teardown finds the run's jobs by it. ``partition``: the job's key within its run.
-META_DAG_ID, META_RUN_ID, META_PARTITION = "airflow_dag_id", "airflow_run_id", "partition"
-
-
-def job_metadata(dag_id: str, run_id: str, partition: int | str) -> dict[str, str]:
-    return {META_DAG_ID: dag_id, META_RUN_ID: run_id, META_PARTITION: str(partition)}
-
-
-def stop_jobs_of_run(client: RayJobsClient, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    """Stop every job of this DAG run that is still PENDING or RUNNING; returns the infos (status
-    as listed) of those the stop ended (one that finished meanwhile is not counted). Jobs of
-    other runs and DAGs, and jobs submitted by hand, are left alone."""
-    stopped = []
-    for info in client.jobs():
-        meta = info.get("metadata") or {}
-        sid = info.get("submission_id")
-        if not sid or meta.get(META_DAG_ID) != dag_id or meta.get(META_RUN_ID) != run_id:
-            continue
-        if info.get("status") in ACTIVE and client.stop(sid):
-            stopped.append(info)
-    return stopped
-
-
-def find_job(client: RayJobsClient, base_key: tuple[str, str, int | str]) -> tuple[str, dict[str, Any] | None]:
-    """This task's job: the first deterministic id (attempt 0, 1, 2, ...) whose job is PENDING,
-    RUNNING or SUCCEEDED (returned with its info), or else the first id with no job (info None).
-    FAILED and STOPPED jobs are stepped over."""
-    dag_id, run_id, partition = base_key
-    for attempt in range(MAX_RESUBMISSIONS):
-        sid = make_submission_id(dag_id, run_id, partition, attempt)
-        info = client.get(sid)
-        if info is None or info.get("status") in ACTIVE or info.get("status") == "SUCCEEDED":
-            return sid, info
-    raise RayJobError(f"{MAX_RESUBMISSIONS} earlier jobs for partition {partition} failed; not resubmitting again")
-
-
-def submit_or_adopt(
-    client: RayJobsClient, base_key: tuple[str, str, int | str], entrypoint: str, **submit_kwargs
-) -> tuple[str, str, dict[str, Any] | None]:
-    """Find this task's job (:func:`find_job`) or submit it under the first free id.
-    Returns ``(submission_id, "adopted" | "submitted", info)``."""
-    sid, info = find_job(client, base_key)
-    if info is None:
-        client.submit(sid, entrypoint, **submit_kwargs)
-        return sid, "submitted", None
-    return sid, "adopted", info
 
 
 def runs_one_task_at_a_time() -> bool:
@@ -170,13 +121,8 @@ class RayJobOperator(BaseOperator):
         return int(self.max_in_flight or 0)
 
     def _job_deadline(self, info: dict[str, Any] | None) -> float | None:
-        """The job's deadline: ``timeout_s`` from its admission, i.e. from now for a job just
-        submitted, from the job's own start (Ray's ``start_time``, ms) for one adopted."""
-        if not self.timeout_s:
-            return None
-        started_ms = (info or {}).get("start_time")
-        base = float(started_ms) / 1000.0 if started_ms else time.time()
-        return base + float(self.timeout_s)
+        """The job's deadline: ``timeout_s`` from its admission (:func:`~airflow_ray.submission.job_deadline`)."""
+        return job_deadline(info, self.timeout_s)
 
     def _slot_deadline(self, ahead: int) -> float | None:
         """When waiting for a slot ends, *ahead* partitions below this one unfinished now."""
@@ -224,16 +170,26 @@ class RayJobOperator(BaseOperator):
             _, info = find_job(client, key)
         opened, ahead = (True, 0) if info is not None or not self.deferrable else self._may_start(ti)
         if not opened:
-            deadline = self._slot_deadline(ahead)
+            # the bound covers every index below this one (``ahead`` may be a lower bound, and a
+            # cleared task below can re-enter the queue): at least as long as the queue needs
+            deadline = self._slot_deadline(max(ahead, int(ti.map_index)))
             if deadline is not None:
                 self.log.info(
                     "partition %s waits for a slot until %s UTC at most (slot_wait_timeout_s=%s; the job's own "
                     "timeout_s=%s counts from its admission)",
                     self.partition,
                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(deadline)),
-                    self.slot_wait_timeout_s or f"derived from {ahead} partitions ahead",
+                    self.slot_wait_timeout_s or f"derived from the {ti.map_index} partitions before it",
                     self.timeout_s,
                 )
+            if not uploads_working_dir(self.runtime_env):
+                # one deferral: the trigger waits for the slot, submits (or adopts) and senses the job
+                ti.xcom_push(key=LOG_OFFSET_XCOM_KEY, value=0)
+                self.defer(
+                    trigger=self._job_trigger(handle, submission_id="", info=None, gate=self._gate(ti, deadline)),
+                    method_name="execute_complete",
+                )
+            # a local working_dir is uploaded from the worker, which has it: wait, then submit here
             self.defer(
                 trigger=InFlightGateTrigger(
                     dag_id=ti.dag_id,
@@ -250,14 +206,60 @@ class RayJobOperator(BaseOperator):
 
     def execute_after_gate(self, context, event: dict[str, Any]) -> dict[str, Any]:
         if event.get("status") != "open":
-            raise RayJobError(
-                f"partition {self.partition} waited {event.get('waited_s')}s for a slot ({event.get('ahead')} earlier "
-                f"partitions still unfinished, at most {self._limit()} in flight) and reached the bound of that "
-                f"wait (slot_wait_timeout_s={self.slot_wait_timeout_s or 'derived from the queue ahead'}); "
-                "nothing was submitted"
-            )
+            raise self._slot_timeout(event)
         self.log.info("partition %s got a slot after %ss", self.partition, event.get("waited_s"))
         return self._submit_and_sense(context, ClusterHandle.from_dict(self.cluster))
+
+    def _slot_timeout(self, event: dict[str, Any]) -> RayJobError:
+        return RayJobError(
+            f"partition {self.partition} waited {event.get('waited_s')}s for a slot ({event.get('ahead')} earlier "
+            f"partitions still unfinished, at most {self._limit()} in flight) and reached the bound of that "
+            f"wait (slot_wait_timeout_s={self.slot_wait_timeout_s or 'derived from the queue ahead'}); "
+            "nothing was submitted"
+        )
+
+    def _gate(self, ti, deadline: float | None) -> dict[str, Any]:
+        return {
+            "dag_id": ti.dag_id,
+            "run_id": ti.run_id,
+            "task_id": ti.task_id,
+            "map_index": ti.map_index,
+            "limit": self._limit(),
+            "deadline": deadline,
+        }
+
+    def _job_trigger(
+        self, handle: ClusterHandle, submission_id: str, info: dict[str, Any] | None, gate: dict[str, Any] | None = None
+    ) -> RayJobTrigger:
+        """The trigger sensing this partition's job *submission_id*; with *gate*, one that first
+        waits for the slot, then submits or adopts the job itself (its id is then decided there)."""
+        submission = None
+        if gate is not None:
+            submission = {
+                "dag_id": gate["dag_id"],
+                "run_id": gate["run_id"],
+                "partition": self.partition,
+                "entrypoint": self.entrypoint,
+                "runtime_env": self.runtime_env,
+                "metadata": job_metadata(gate["dag_id"], gate["run_id"], self.partition),
+                "entrypoint_num_cpus": self.entrypoint_num_cpus,
+                "entrypoint_memory": self.entrypoint_memory,
+                "timeout_s": float(self.timeout_s) if self.timeout_s else None,
+            }
+        return RayJobTrigger(
+            dashboard_url=handle.dashboard_url,
+            submission_id=submission_id,
+            backend=handle.backend,
+            cluster_name=handle.name,
+            backend_config=dict(self.backend_config),
+            poll_interval=self.poll_interval,
+            tail_lines=self.tail_lines,
+            max_log_lines=self.max_log_lines,
+            deadline=None if gate is not None else self._job_deadline(info),
+            partition=self.partition,
+            gate=gate,
+            submission=submission,
+        )
 
     # ------------------------------------------------------------------ job
     def _submit_and_sense(self, context, handle: ClusterHandle) -> dict[str, Any]:
@@ -277,36 +279,37 @@ class RayJobOperator(BaseOperator):
                 entrypoint_memory=self.entrypoint_memory,
             )
         self._submission_id = sid
-        url = job_url(handle.dashboard_url, sid)
-        ti.xcom_push(key="submission_id", value=sid)
-        ti.xcom_push(key=XCOM_JOB_URL, value=url)
-        ti.xcom_push(key=RayJobLink().xcom_key, value=url)
+        url = self._publish(ti, handle, sid)
         self.log.info("%s Ray job %s on cluster %s (%s)", how, sid, handle.name, url)
         if info is not None and info.get("status") == "SUCCEEDED":
             return {"submission_id": sid, "status": "SUCCEEDED", "adopted": True}
         # the log is followed from its start in each try's own log; the trigger checkpoints from here
         ti.xcom_push(key=LOG_OFFSET_XCOM_KEY, value=0)
-        trigger = RayJobTrigger(
-            dashboard_url=handle.dashboard_url,
-            submission_id=sid,
-            backend=handle.backend,
-            cluster_name=handle.name,
-            backend_config=dict(self.backend_config),
-            poll_interval=self.poll_interval,
-            tail_lines=self.tail_lines,
-            max_log_lines=self.max_log_lines,
-            deadline=self._job_deadline(info),
-            partition=self.partition,
-        )
+        trigger = self._job_trigger(handle, sid, info)
         if self.deferrable:
             self.defer(trigger=trigger, method_name="execute_complete")
         return self.execute_complete(context, _run_trigger(trigger))
 
+    def _publish(self, ti, handle: ClusterHandle, sid: str) -> str:
+        """The job's id and dashboard link in the task's XCom (the link's button reads it)."""
+        url = job_url(handle.dashboard_url, sid)
+        ti.xcom_push(key="submission_id", value=sid)
+        ti.xcom_push(key=XCOM_JOB_URL, value=url)
+        ti.xcom_push(key=RayJobLink().xcom_key, value=url)
+        return url
+
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
         status, sid = event.get("status"), event.get("submission_id")
+        if status == SLOT_TIMEOUT:
+            raise self._slot_timeout(event)
+        if event.get("how"):  # submitted from the trigger once the slot opened
+            waited = event.get("waited_s")
+            self.log.info("partition %s got a slot after %ss; %s Ray job %s", self.partition, waited, event["how"], sid)
+            if sid and not event.get("xcoms_published"):
+                self._publish(context["ti"], ClusterHandle.from_dict(self.cluster), sid)
         if status == "SUCCEEDED":
             self.log.info("Ray job %s succeeded", sid)
-            return {"submission_id": sid, "status": status, "adopted": False}
+            return {"submission_id": sid, "status": status, "adopted": event.get("how") == "adopted"}
         failed = "FAILED/STOPPED" if status in FAILED else status
         raise RayJobError(
             f"Ray job {sid} (partition {self.partition}) ended {status} [{failed}]: {event.get('message', '')}\n"

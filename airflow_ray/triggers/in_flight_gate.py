@@ -223,19 +223,33 @@ class InFlightGateTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        waited_from = time.time()
-        board = join_board(self.dag_id, self.run_id, self.task_id, self.poll_interval)
-        try:
-            while True:
-                ahead = await board.unfinished_below(self.map_index, self.limit)
-                if ahead < self.limit:
-                    yield TriggerEvent({"status": "open", "waited_s": round(time.time() - waited_from, 1)})
-                    return
-                if self.deadline is not None and time.time() >= self.deadline:
-                    yield TriggerEvent(
-                        {"status": "timeout", "ahead": ahead, "waited_s": round(time.time() - waited_from, 1)}
-                    )
-                    return
-                await asyncio.sleep(self.poll_interval)
-        finally:
-            leave_board(board)
+        yield TriggerEvent(
+            await wait_for_slot(
+                self.dag_id, self.run_id, self.task_id, self.map_index, self.limit, self.poll_interval, self.deadline
+            )
+        )
+
+
+async def wait_for_slot(
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int,
+    limit: int,
+    poll_interval: float = 5.0,
+    deadline: float | None = None,
+) -> dict[str, Any]:
+    """Wait (in a triggerer) until *map_index* may start: ``{"status": "open", "waited_s"}``, or
+    ``{"status": "timeout", "ahead", "waited_s"}`` at *deadline* (epoch seconds)."""
+    waited_from = time.time()
+    board = join_board(dag_id, run_id, task_id, poll_interval)
+    try:
+        while True:
+            ahead = await board.unfinished_below(map_index, limit)
+            if ahead < limit:
+                return {"status": "open", "waited_s": round(time.time() - waited_from, 1)}
+            if deadline is not None and time.time() >= deadline:
+                return {"status": "timeout", "ahead": ahead, "waited_s": round(time.time() - waited_from, 1)}
+            await asyncio.sleep(poll_interval)
+    finally:
+        leave_board(board)

@@ -12,6 +12,15 @@ log's size.
 
 ``deadline`` (epoch seconds) bounds the whole wait: past it the trigger stops the Ray job and
 ends with ``TIMEOUT``, so a stuck job fails its task clearly instead of blocking the run.
+With ``gate`` and ``submission`` the same trigger also waits for the partition's slot
+(:func:`~airflow_ray.triggers.in_flight_gate.wait_for_slot`) and then submits or adopts its
+job (:func:`~airflow_ray.submission.submit_or_adopt`, under the deterministic id), so a
+partition that waits for a slot costs one deferral and one trigger instead of a worker start
+between two triggers. A triggerer that restarts after the submission rebuilds the trigger
+from its kwargs, finds the slot open again (the rule only counts lower indices) and adopts
+the job it submitted. The submission's ``runtime_env`` uploads nothing from the triggerer:
+one with a local ``working_dir`` is submitted by the worker instead (the operator decides).
+
 Marking the deferred task failed (or clearing it) calls :meth:`on_kill`, which stops the job;
 marked in the moment before the triggerer loads the trigger, nothing does, and the job ends
 with its run: the teardown deletes the cluster, or on a borrowed one stops the run's leftover
@@ -27,10 +36,13 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_ray.errors import RayJobsApiError
+from airflow_ray.errors import RayJobError, RayJobsApiError
 from airflow_ray.hooks.ray_job_logs import JobLogFollower
-from airflow_ray.hooks.ray_jobs import TERMINAL, AsyncRayJobsClient
+from airflow_ray.hooks.ray_jobs import TERMINAL, AsyncRayJobsClient, RayJobsClient
+from airflow_ray.links import XCOM_JOB_URL, RayJobLink, job_url
 from airflow_ray.progress import split_progress
+from airflow_ray.submission import job_deadline, submit_or_adopt
+from airflow_ray.triggers.in_flight_gate import wait_for_slot
 
 #: The pause after the job's log stream closed before its status is asked again (the job is
 #: likely ending); it doubles with each close in a row, up to ``poll_interval``.
@@ -40,6 +52,16 @@ _MAX_CONSECUTIVE_ERRORS = 12
 LOG_OFFSET_XCOM_KEY = "ray_log_offset"
 #: After a terminal status, how long to wait for the log stream to deliver its last lines.
 _DRAIN_S = 15.0
+#: Tries of a submission from the triggerer before the event reports the Jobs API's error.
+_SUBMIT_TRIES = 3
+#: The event's status when the wait for a slot reached its bound (nothing was submitted).
+SLOT_TIMEOUT = "SLOT_TIMEOUT"
+#: The keys of a ``gate`` and of a ``submission`` (the trigger's JSON kwargs).
+GATE_KEYS = frozenset({"dag_id", "run_id", "task_id", "map_index", "limit", "deadline"})
+SUBMISSION_KEYS = frozenset(
+    {"dag_id", "run_id", "partition", "entrypoint", "runtime_env", "metadata", "entrypoint_num_cpus",
+     "entrypoint_memory", "timeout_s"}
+)  # fmt: skip
 
 
 class _OffsetCheckpoint:
@@ -84,6 +106,25 @@ class _OffsetCheckpoint:
             return 0
         return self.saved
 
+    async def publish(self, values: dict[str, Any]) -> bool:
+        """Write *values* to the task instance's XCom (the job's id and link, once submitted);
+        False where there is no channel or the write failed (the resumed task writes them)."""
+        if not self.enabled:
+            return False
+
+        def write() -> None:
+            from airflow_ray.xcom import xcom_backend
+
+            for key, value in values.items():
+                xcom_backend().set(key, value, **self._key())
+
+        try:
+            await asyncio.to_thread(write)
+            return True
+        except Exception as exc:
+            self.log.warning("could not write the job's XComs (%s); the resumed task writes them", exc)
+            return False
+
     async def save(self, offset: int) -> None:
         if not self.enabled or offset == self.saved:
             return
@@ -109,8 +150,16 @@ class RayJobTrigger(BaseTrigger):
         max_log_lines: int = 500,
         deadline: float | None = None,
         partition: int | str | None = None,
+        gate: dict[str, Any] | None = None,
+        submission: dict[str, Any] | None = None,
     ):
         super().__init__()
+        if gate is not None and not set(gate) >= GATE_KEYS:
+            raise ValueError(f"gate needs {sorted(GATE_KEYS)}, got {sorted(gate)}")
+        if submission is not None and not set(submission) >= SUBMISSION_KEYS:
+            raise ValueError(f"submission needs {sorted(SUBMISSION_KEYS)}, got {sorted(submission)}")
+        if gate is not None and submission is None:
+            raise ValueError("a gate goes with a submission: the trigger submits the job once the slot opens")
         self.dashboard_url = dashboard_url
         self.submission_id = submission_id
         #: where the token comes from: the deployment's backend (its settings, never a path or a
@@ -125,6 +174,14 @@ class RayJobTrigger(BaseTrigger):
         self.max_log_lines = max_log_lines
         self.deadline = deadline
         self.partition = partition
+        #: wait for the partition's slot first (``dag_id``, ``run_id``, ``task_id``, ``map_index``,
+        #: ``limit``, ``deadline``: the bound of the wait), then submit or adopt ``submission``
+        self.gate = dict(gate) if gate is not None else None
+        #: the job to submit or adopt (``submission_id`` is then the one it gets): ``dag_id``,
+        #: ``run_id``, ``partition``, the submit arguments, and ``timeout_s``, the job's bound
+        #: from its admission (``deadline`` is then set from it)
+        self.submission = dict(submission) if submission is not None else None
+        self.published = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -142,6 +199,8 @@ class RayJobTrigger(BaseTrigger):
                 "max_log_lines": self.max_log_lines,
                 "deadline": self.deadline,
                 "partition": self.partition,
+                "gate": self.gate,
+                "submission": self.submission,
             },
         )
 
@@ -155,7 +214,27 @@ class RayJobTrigger(BaseTrigger):
             _, token = await acredentials(handle, self.backend_config)
         return AsyncRayJobsClient(self.dashboard_url, token, timeout=timeout)
 
-    def _event(self, status: str, message: str | None, follower: JobLogFollower | None) -> TriggerEvent:
+    async def _connected(self) -> AsyncRayJobsClient:
+        """:meth:`_client`, its credential lookup retried like a status poll: a Kubernetes API or
+        secrets backend that does not answer for a moment is not the end of the job's sensing."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._client()
+            except Exception as exc:
+                if attempt >= _MAX_CONSECUTIVE_ERRORS:
+                    raise
+                self.log.warning(
+                    "credentials for cluster %r unavailable (%d/%d): %s",
+                    self.cluster_name,
+                    attempt,
+                    _MAX_CONSECUTIVE_ERRORS,
+                    exc,
+                )
+                await asyncio.sleep(self.poll_interval)
+
+    def _event(self, status: str, message: str | None, follower: JobLogFollower | None, **extra) -> TriggerEvent:
         return TriggerEvent(
             {
                 "status": status,
@@ -163,6 +242,8 @@ class RayJobTrigger(BaseTrigger):
                 "message": message or "",
                 "log_tail": "\n".join(follower.tail) if follower else "",
                 "log_offset": follower.offset if follower else self.log_offset,
+                "xcoms_published": self.published,
+                **extra,
             }
         )
 
@@ -183,8 +264,30 @@ class RayJobTrigger(BaseTrigger):
             )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        client = await self._client()
+        waited: dict[str, Any] = {}
+        if self.gate is not None:
+            gate = self.gate
+            waited = await wait_for_slot(
+                gate["dag_id"], gate["run_id"], gate["task_id"], int(gate["map_index"]), int(gate["limit"]),
+                self.poll_interval, gate["deadline"],
+            )  # fmt: skip
+            if waited["status"] != "open":
+                yield self._event(SLOT_TIMEOUT, "", None, ahead=waited.get("ahead"), waited_s=waited["waited_s"])
+                return
+        try:
+            client = await self._connected()
+        except Exception as exc:  # the backend's lookup failed every try: the task fails, naming it
+            yield self._event("ERROR", f"no credentials for cluster {self.cluster_name!r}: {exc}", None)
+            return
         checkpoint = _OffsetCheckpoint(getattr(self, "task_instance", None), self.log)
+        how = None
+        if self.submission is not None:
+            try:
+                how = await self._submit(client, checkpoint)
+            except (RayJobsApiError, RayJobError, OSError) as exc:
+                await client.aclose()
+                yield self._event("ERROR", f"submitting the job failed: {exc}", None, waited_s=waited.get("waited_s"))
+                return
         offset = max(self.log_offset, await checkpoint.load())
         follower = JobLogFollower(
             self.dashboard_url,
@@ -215,7 +318,7 @@ class RayJobTrigger(BaseTrigger):
                 if status in TERMINAL:
                     await self._drain(follower)
                     await checkpoint.save(follower.offset)
-                    yield self._event(status, info.get("message"), follower)
+                    yield self._event(status, info.get("message"), follower, how=how, waited_s=waited.get("waited_s"))
                     return
                 if self.deadline is not None and time.time() >= self.deadline:
                     stopped = await client.stop(self.submission_id)
@@ -243,6 +346,43 @@ class RayJobTrigger(BaseTrigger):
             await follower.aclose()
             await client.aclose()
 
+    async def _submit(self, client: AsyncRayJobsClient, checkpoint: _OffsetCheckpoint) -> str:
+        """Submit or adopt the job (blocking calls, in a thread; a few tries for a Jobs API that
+        does not answer); sets ``submission_id`` and the job's ``deadline`` from its admission,
+        and writes its id and link to the task's XCom. Returns ``"submitted"`` or ``"adopted"``."""
+        sub = self.submission
+        key = (sub["dag_id"], sub["run_id"], sub["partition"])
+
+        def submit() -> tuple[str, str, dict[str, Any] | None]:
+            with RayJobsClient(self.dashboard_url, client.token) as sync:
+                return submit_or_adopt(
+                    sync,
+                    key,
+                    sub["entrypoint"],
+                    runtime_env=sub["runtime_env"],
+                    metadata=sub["metadata"],
+                    entrypoint_num_cpus=sub["entrypoint_num_cpus"],
+                    entrypoint_memory=sub["entrypoint_memory"],
+                )
+
+        for attempt in range(1, _SUBMIT_TRIES + 1):
+            try:
+                sid, how, info = await asyncio.to_thread(submit)
+                break
+            except (RayJobsApiError, OSError) as exc:
+                if attempt == _SUBMIT_TRIES:
+                    raise
+                self.log.warning(
+                    "submitting partition %s failed (%d/%d): %s", self.partition, attempt, _SUBMIT_TRIES, exc
+                )
+                await asyncio.sleep(self.poll_interval)
+        self.submission_id = sid
+        self.deadline = job_deadline(info, sub["timeout_s"])
+        url = job_url(self.dashboard_url, sid)
+        self.published = await checkpoint.publish({"submission_id": sid, XCOM_JOB_URL: url, RayJobLink().xcom_key: url})
+        self.log.info("%s Ray job %s for partition %s (%s)", how, sid, self.partition, url)
+        return how
+
     async def _drain(self, follower: JobLogFollower, budget_s: float = _DRAIN_S) -> None:
         """After a terminal status: the stream ends once the log is fully sent. One that closed
         just before this status was asked has already sent it (see :mod:`~airflow_ray.hooks.ray_job_logs`)."""
@@ -260,6 +400,11 @@ class RayJobTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """The user marked the task failed/success or cleared it: stop the job, say which, never raise."""
+        if not self.submission_id:
+            self.log.info(
+                "task killed by a user action while partition %s waited for a slot: nothing to stop", self.partition
+            )
+            return
         try:
             client = await self._client(timeout=10.0)
         except Exception:

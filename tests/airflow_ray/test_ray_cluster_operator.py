@@ -13,7 +13,7 @@ from airflow_ray.cluster import ClusterHandle
 from airflow_ray.errors import ClusterError
 from airflow_ray.hooks.ray_jobs import RayJobsClient
 from airflow_ray.operators.ray_cluster import RayClusterTeardownOperator
-from airflow_ray.operators.ray_job import job_metadata
+from airflow_ray.submission import job_metadata
 from tests.airflow_ray.standins import StandInTaskInstance
 from tests.topology.ray_cluster_standin import RayClusterStandIn
 

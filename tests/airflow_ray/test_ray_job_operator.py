@@ -8,9 +8,10 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from airflow_ray.cluster import ClusterHandle
+from airflow_ray.errors import RayJobError
 from airflow_ray.operators.ray_job import RayJobOperator
 from airflow_ray.triggers.ray_job import RayJobTrigger
-from tests.airflow_ray.standins import StandInTaskInstance
+from tests.airflow_ray.standins import StandInTaskInstance, run_trigger
 from tests.topology.ray_cluster_standin import RayClusterStandIn
 
 
@@ -97,7 +98,6 @@ def test_a_partition_waiting_for_a_slot_is_bounded_by_the_queue_ahead_not_by_the
     import time
 
     from airflow_ray.triggers import in_flight_gate
-    from airflow_ray.triggers.in_flight_gate import InFlightGateTrigger
 
     monkeypatch.setattr(in_flight_gate, "fetch_finished_count", lambda dag_id, run_id, task_id: 0)
     with RayClusterStandIn(delays=[0.0] * 6) as cluster:
@@ -112,10 +112,80 @@ def test_a_partition_waiting_for_a_slot_is_bounded_by_the_queue_ahead_not_by_the
         now = time.time()
         with pytest.raises(TaskDeferred) as deferred:
             op.execute({"ti": ti})
-    gate = deferred.value.trigger
-    assert isinstance(gate, InFlightGateTrigger)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, RayJobTrigger) and trigger.gate["map_index"] == 5
     # 5 partitions ahead x 2 tries each / 1 in flight = 10 waves of 600 s, plus 600 s of slack
-    assert gate.deadline == pytest.approx(now + 10 * 600 + 600, abs=5)
+    assert trigger.gate["deadline"] == pytest.approx(now + 10 * 600 + 600, abs=5)
+    assert trigger.submission["timeout_s"] == 600.0 and trigger.deadline is None, "the job's bound starts at admission"
     assert cluster.jobs == {}, "nothing is submitted before the slot"
     op.slot_wait_timeout_s = "120"
     assert op._slot_deadline(5) == pytest.approx(time.time() + 120, abs=1)
+
+
+def _waiting_partition(monkeypatch, cluster, **kwargs) -> tuple[RayJobOperator, _MappedTaskInstance]:
+    """Partition 3 of a task with 1 in flight, three lower indices unfinished: it must wait."""
+    from airflow_ray.triggers import in_flight_gate
+
+    monkeypatch.setattr(in_flight_gate, "fetch_finished_count", lambda dag_id, run_id, task_id: 0)
+    _connect(monkeypatch, cluster.url)
+    handle = ClusterHandle(backend="existing", name="c", dashboard_url=cluster.url)
+    op = RayJobOperator(
+        task_id="embed", cluster=handle.to_dict(), entrypoint="python -V", partition=3, max_in_flight="1",
+        timeout_s="600", poll_interval="0.05", **kwargs,
+    )  # fmt: skip
+    ti = _MappedTaskInstance(map_index=3)
+    ti.task_id = "embed"
+    return op, ti
+
+
+def test_a_waiting_partition_defers_once_and_its_trigger_submits_when_the_slot_opens(monkeypatch):
+    """One deferral per waiting partition: the job trigger waits for the slot, submits under the
+    deterministic id, and the resumed task returns the job's result and records its link. A
+    trigger rebuilt after a triggerer restart adopts the job instead of submitting it again."""
+    from airflow_ray.triggers import in_flight_gate
+
+    with RayClusterStandIn(delays=[0.0] * 4) as cluster:
+        op, ti = _waiting_partition(monkeypatch, cluster)
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({"ti": ti})
+        assert deferred.value.method_name == "execute_complete" and cluster.jobs == {}
+        assert ti.xcom == {"ray_log_offset": 0}, "the try's log offset starts at 0 before the trigger runs"
+        _, kwargs = deferred.value.trigger.serialize()
+        json.dumps(kwargs)  # what the triggerer stores: JSON only
+        monkeypatch.setattr(in_flight_gate, "fetch_finished_count", lambda dag_id, run_id, task_id: 3)
+        finished = {0: "success", 1: "success", 2: "failed", 3: "deferred"}
+        monkeypatch.setattr(in_flight_gate, "fetch_states", lambda dag_id, run_id, task_id: finished)
+        event = run_trigger(RayJobTrigger(**kwargs))
+        assert event["status"] == "SUCCEEDED" and event["how"] == "submitted" and event["waited_s"] >= 0
+        assert [j.partition for j in cluster.jobs.values()] == [3]
+        again = run_trigger(RayJobTrigger(**kwargs))  # the triggerer restarted: same kwargs
+        assert again["how"] == "adopted" and again["submission_id"] == event["submission_id"]
+        assert len(cluster.jobs) == 1, "adopted, not submitted twice"
+    result = op.execute_complete({"ti": ti}, event)
+    assert result == {"submission_id": event["submission_id"], "status": "SUCCEEDED", "adopted": False}
+    assert ti.xcom["submission_id"] == event["submission_id"], "no XCom channel in the trigger: the task wrote them"
+    assert ti.xcom["ray_job_url"].endswith(event["submission_id"])
+
+
+def test_a_slot_wait_past_its_bound_submits_nothing_and_says_so(monkeypatch):
+    with RayClusterStandIn(delays=[0.0] * 4) as cluster:
+        op, ti = _waiting_partition(monkeypatch, cluster, slot_wait_timeout_s="0.01")
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({"ti": ti})
+        event = run_trigger(deferred.value.trigger)
+        assert event["status"] == "SLOT_TIMEOUT" and event["ahead"] == 3 and cluster.jobs == {}
+    with pytest.raises(RayJobError, match=r"partition 3 waited .* for a slot .* nothing was submitted"):
+        op.execute_complete({"ti": ti}, event)
+
+
+def test_a_job_that_uploads_a_local_working_dir_is_submitted_by_the_worker_after_the_gate(monkeypatch, tmp_path):
+    """A local ``working_dir`` is on the worker's disk, not necessarily the triggerer's: the gate
+    alone is deferred, and the resumed task submits."""
+    from airflow_ray.triggers.in_flight_gate import InFlightGateTrigger
+
+    with RayClusterStandIn(delays=[0.0] * 4) as cluster:
+        op, ti = _waiting_partition(monkeypatch, cluster, runtime_env={"working_dir": str(tmp_path)})
+        with pytest.raises(TaskDeferred) as deferred:
+            op.execute({"ti": ti})
+    assert isinstance(deferred.value.trigger, InFlightGateTrigger)
+    assert deferred.value.method_name == "execute_after_gate"

@@ -239,3 +239,29 @@ def test_follower_hands_out_a_partial_last_line_once_the_stream_ends():
     assert follower.offset == 2 + 3 + 16_384
     follower._flush_partial(out)
     assert len(out.lines[3]) == 20_000 - 16_384
+
+
+def test_a_credential_lookup_that_fails_for_a_moment_is_retried_and_one_that_keeps_failing_is_named(
+    monkeypatch, caplog
+):
+    """The backend's lookup (a Kubernetes API, a secrets backend) failing for a moment does not
+    end the sensing; failing every try, the event names the cluster and the error."""
+    caplog.set_level(logging.INFO)
+    calls = {"n": 0}
+    original = RayJobTrigger._client
+
+    async def flaky(self, timeout: float = 30.0):
+        calls["n"] += 1
+        if calls["n"] <= calls.get("fail", 0):
+            raise ConnectionError("kubernetes API: connection refused")
+        return await original(self, timeout)
+
+    monkeypatch.setattr(RayJobTrigger, "_client", flaky)
+    with JobsApiStandIn(jobs={"j": StandInJob(lines=3)}) as api:
+        calls["fail"] = 2
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", cluster_name="c", poll_interval=0.01)))
+        assert event["status"] == "SUCCEEDED" and calls["n"] == 3
+        calls.update(n=0, fail=10**6)
+        event = asyncio.run(_first(RayJobTrigger(api.url, "j", cluster_name="c", poll_interval=0.01)))
+    assert event["status"] == "ERROR" and calls["n"] == trigger_module._MAX_CONSECUTIVE_ERRORS
+    assert "no credentials for cluster 'c': kubernetes API: connection refused" in event["message"]

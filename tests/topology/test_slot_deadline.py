@@ -38,14 +38,18 @@ def test_every_partition_of_a_queue_longer_than_the_deadline_succeeds_on_its_fir
     r = stack.trigger(conf)
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 420  # the queue needs about 6 x 25 s; well inside pytest's timeout
     while time.monotonic() < deadline:
         embeds = [t for t in stack.task_instances(run_id) if t["task_id"] == "embed"]
         if len(embeds) == PARTITIONS and all(t["state"] in FINISHED for t in embeds):
             break
         time.sleep(3)
     else:
-        raise AssertionError(f"the embed phase did not end: {embeds}\n{stack.log_tail('scheduler')}")
+        states = {t["task_id"]: t["state"] for t in stack.task_instances(run_id) if t["task_id"] != "embed"}
+        raise AssertionError(
+            f"the embed phase did not end: {embeds}\nother tasks: {states}\n{stack.log_tail('scheduler')}\n"
+            f"{stack.log_tail('triggerer')}"
+        )
     stack.wait_run(run_id, timeout=300)  # validate and the teardowns run after (validate fails by design)
 
     tries = {t["map_index"]: (t["state"], t["try_number"]) for t in embeds}
@@ -59,3 +63,9 @@ def test_every_partition_of_a_queue_longer_than_the_deadline_succeeds_on_its_fir
     assert waited > TIMEOUT_S, f"the last partition waited {waited:.0f}s for its slot, longer than embed_timeout_s"
     log = stack.task_log(run_id, "embed", PARTITIONS - 1)
     assert "waits for a slot until" in log and "got a slot after" in log, log[-3000:]
+    # a waiting partition deferred once: its trigger submitted the job when the slot opened and
+    # wrote the job's id and dashboard link to the task's XCom through the triggerer's channel
+    assert "submitted Ray job" in log and log.count("Pausing task as DEFERRED") <= 1, log[-3000:]
+    sid = stack.xcom(run_id, "embed", "submission_id", map_index=PARTITIONS - 1)
+    assert sid and sid in {j.submission_id for j in jobs}
+    assert (stack.xcom(run_id, "embed", "ray_job_url", map_index=PARTITIONS - 1) or "").endswith(sid)
