@@ -20,8 +20,10 @@ second sees the other's claim, or, once that claim is gone, the target it guarde
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import logging
 import os
 import posixpath
 import random
@@ -34,6 +36,8 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
 from ray_jobs.errors import FilesystemUnavailable, OutputError
+
+log = logging.getLogger(__name__)
 
 
 def _scheme(uri: str) -> str | None:
@@ -198,6 +202,9 @@ _HONOURS_IF_NONE_MATCH: dict[tuple[str, str, str], bool] = {}
 CLAIMS_DIR = "_claims"
 #: How long a writer waits for another writer's claim to turn into the target or go away.
 CLAIM_PENDING_S = 60.0
+#: A claim this much older than one's own (both dated by the store) was left by a writer that
+#: died inside the protocol, which takes a few requests: it is removed instead of waited for.
+CLAIM_STALE_S = 600.0
 
 
 def _store_key(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str, str]:
@@ -284,7 +291,7 @@ def _create_by_claim(fs: fsspec.AbstractFileSystem, path: str, data: bytes, pend
         fs.pipe_file(mine, b"")
         try:
             invalidate(fs, claims)
-            others = [p for p in fs.ls(claims, detail=False) if p.rstrip("/") != mine and _claim_of(p, name)]
+            others = _live_claims(fs, claims, name, mine)
             invalidate(fs, path)
             if not others and not fs.exists(path):
                 fs.pipe_file(path, data)
@@ -305,6 +312,38 @@ def _create_by_claim(fs: fsspec.AbstractFileSystem, path: str, data: bytes, pend
 
 def _claim_of(claim_path: str, name: str) -> bool:
     return posixpath.basename(claim_path.rstrip("/")).startswith(f"{name}.")
+
+
+def _modified(entry: dict) -> float | None:
+    """An ``ls`` entry's modification time, epoch seconds (S3: ``LastModified``; local: ``mtime``)."""
+    value = entry.get("LastModified", entry.get("mtime"))
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+def _live_claims(fs: fsspec.AbstractFileSystem, claims: str, name: str, mine: str) -> list[str]:
+    """The other writers' claims on *name*, after removing those :data:`CLAIM_STALE_S` older than
+    *mine* (dated by the store itself, so no clock of ours is compared with the store's)."""
+    entries = [e for e in fs.ls(claims, detail=True) if _claim_of(e["name"], name)]
+    own = next((_modified(e) for e in entries if e["name"].rstrip("/") == mine.rstrip("/")), None)
+    live = []
+    for entry in entries:
+        path = entry["name"].rstrip("/")
+        if path == mine.rstrip("/"):
+            continue
+        when = _modified(entry)
+        if own is not None and when is not None and own - when > CLAIM_STALE_S:
+            log.warning(
+                "removing the claim %s: %.0fs older than this writer's, left by a writer that died mid-commit",
+                path,
+                own - when,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+            continue
+        live.append(path)
+    return live
 
 
 def replace_text(uri: str, text: str) -> None:

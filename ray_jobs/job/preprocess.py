@@ -260,6 +260,16 @@ def decode_image(data: bytes, processing: ImageProcessing, max_pixels: int) -> t
         raise RowRejected("decode", f"{kind}: {msg}"[:300]) from None
 
 
+def fetch_waves(futures, threads: int):
+    """``(row, wave)`` of each submitted fetch: the fetches run ``threads`` at a time in
+    submission order, so the *k*-th submitted one is in wave ``k // threads``."""
+    k = 0
+    for r, fut in enumerate(futures):
+        if fut is not None:
+            yield r, k // max(1, threads)
+            k += 1
+
+
 class Preprocessor:
     """Ray Data callable class: one per CPU actor of the preprocessing pool."""
 
@@ -292,9 +302,12 @@ class Preprocessor:
     def _result(self, fut, deadline: float, uri: str) -> tuple[np.ndarray, tuple[int, int]]:
         """The row's pixels and patch grid; TransientFailure once *deadline* has passed.
 
-        The deadline runs from the fetch's submission, not from when a thread picks it up: a
-        fetch queued behind hung ones is bounded too. Threads stuck in such fetches cannot be
-        stopped, so the pool they hold is left to them and a fresh one serves the next batch."""
+        The deadline runs from the fetch's submission, not from when a thread picks it up, and
+        gives each wave of ``fetch_threads`` fetches its own ``fetch_timeout_s``: a fetch queued
+        behind hung ones is bounded too, and a big batch of slow but healthy fetches is not
+        timed out (and retried forever) because its last wave queued behind the first. Threads
+        stuck in hung fetches cannot be stopped, so the pool they hold is left to them and a
+        fresh one serves the next batch."""
         try:
             return fut.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
@@ -319,14 +332,15 @@ class Preprocessor:
         input_ids, attention_mask = self.text.encode(self.tokenizer, texts)
         pixels = np.zeros((n, *self.processing.pixel_shape), dtype=np.uint8)
         grids = np.zeros((n, 2), dtype=np.int64)
-        deadline = time.monotonic() + self.fetch_timeout_s
+        submitted = time.monotonic()
         futures = [self.pool.submit(self._image, u) if ok[r] else None for r, u in enumerate(uris)]
         try:
-            for r, fut in enumerate(futures):
-                if fut is None:
-                    continue
+            for r, wave in fetch_waves(futures, self.fetch_threads):
+                # the k-th wave of fetch_threads fetches starts once the waves before it ended, each
+                # within fetch_timeout_s: its deadline leaves it a whole fetch_timeout_s of its own
+                deadline = submitted + (wave + 1) * self.fetch_timeout_s
                 try:
-                    pixels[r], grids[r] = self._result(fut, deadline, uris[r])
+                    pixels[r], grids[r] = self._result(futures[r], deadline, uris[r])
                 except RowRejected as exc:
                     ok[r], stage[r], reason[r] = False, exc.stage, exc.reason
                 except (TransientFailure, FilesystemUnavailable):

@@ -410,3 +410,31 @@ def test_a_fetch_queued_behind_a_hung_one_is_bounded_from_its_submission(demo_ch
         assert outcome == {"after": [True]}, outcome
     finally:
         release.set()
+
+
+def test_each_wave_of_fetches_gets_its_own_timeout_so_slow_healthy_batches_commit(demo_checkpoint, scripted):
+    """Four fetches of 0.3 s each through one thread, fetch_timeout_s 0.5: the last one ends
+    1.2 s after the batch's submission. Each wave of ``fetch_threads`` fetches has its own
+    0.5 s, so the batch commits; one deadline for the whole batch timed it out on every retry."""
+    good, _ = _image_bytes(random.Random(0), 0)
+
+    def slow():
+        threading.Event().wait(0.3)  # not time.sleep: the fixture records sleeps instead of sleeping
+        return io.BytesIO(good)
+
+    uris = [f"scripted://b/slow{i}.jpg" for i in range(4)]
+    ScriptedFS.script.update({u.removeprefix("scripted://"): [slow] for u in uris})
+    pre = Preprocessor(demo_checkpoint, fetch_threads=1, fetch_timeout_s=0.5)
+    batch = {
+        "id": np.array(list("abcd"), dtype=object),
+        "text": np.array(list("wxyz"), dtype=object),
+        "image_uri": np.array(uris, dtype=object),
+    }
+    assert pre(batch)["ok"].tolist() == [True] * 4
+
+
+def test_fetch_waves_count_only_submitted_fetches():
+    from ray_jobs.job.preprocess import fetch_waves
+
+    futures = ["f", None, "f", "f", None, "f", "f"]
+    assert list(fetch_waves(futures, 2)) == [(0, 0), (2, 0), (3, 1), (5, 1), (6, 2)]

@@ -202,6 +202,22 @@ def test_a_claim_left_by_a_writer_that_died_stops_the_commit_naming_it(tmp_path)
     assert not os.path.exists(path)
 
 
+def test_a_claim_long_older_than_the_writers_own_is_removed_and_the_commit_goes_on(tmp_path, caplog):
+    """A writer that died inside the protocol (a few requests long) left its claim: one dated by
+    the store more than CLAIM_STALE_S before the new writer's own is removed, not waited for."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = LocalFileSystem(), str(tmp_path / "p" / SUCCESS_FILE)
+    fs.makedirs(str(tmp_path / "p" / storage.CLAIMS_DIR))
+    dead = tmp_path / "p" / storage.CLAIMS_DIR / f"{SUCCESS_FILE}.dead"
+    dead.write_bytes(b"")
+    old = time.time() - storage.CLAIM_STALE_S - 60
+    os.utime(dead, (old, old))
+    assert storage._create_by_claim(fs, path, b"x", pending_s=0.3)
+    assert storage.read_text(path) == "x" and os.listdir(dead.parent) == []
+    assert "left by a writer that died mid-commit" in caplog.text
+
+
 @pytest.fixture
 def ignoring_store(s3_server, monkeypatch):
     """The S3 server behind a proxy that drops ``If-None-Match``: a store that accepts a
