@@ -90,6 +90,14 @@ class Partitioning(Settings):
         minimum=1,
         form=False,
     )
+    max_row_loss: float = setting(
+        0.5,
+        help="Largest share of the last plan's rows a night may drop (its table follows the manifest): "
+        "a manifest that lost more, e.g. an empty export, fails the plan; 1 allows any",
+        flag="--max-row-loss",
+        minimum=0.0,
+        maximum=1.0,
+    )
 
     @property
     def unit(self) -> str:

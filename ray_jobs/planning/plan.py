@@ -182,6 +182,8 @@ def plan_from_files(
             "anew and embedded once more"
         )
         previous = None
+    if previous is not None:
+        _refuse_a_large_loss(previous, sum(u.rows for u in units), settings.max_row_loss, manifest_uri)
     kept, retired, fresh = _sticky(files, units, previous) if previous is not None else ([], [], units)
     room = settings.max_partitions - len(kept)
     if kept and fresh and room < 1:
@@ -214,6 +216,20 @@ def plan_from_files(
         manifest_snapshot_id=snapshot.snapshot_id if snapshot is not None else None,
     )
     return plan, len(units)
+
+
+def _refuse_a_large_loss(previous: Plan, rows: int, max_row_loss: float, manifest_uri: str) -> None:
+    """The table follows the manifest: a manifest that lost more than *max_row_loss* of the last
+    plan's rows (an export that failed upstream and left few files, or none) would remove them
+    from the table. Such a night fails here, before anything is embedded or removed."""
+    before = previous.rows
+    if before <= 0 or rows >= before * (1.0 - max_row_loss):
+        return
+    raise PlanError(
+        f"the manifest {manifest_uri} has {rows:,} rows, {1 - rows / before:.0%} fewer than the {before:,} of the "
+        f"last plan (run {previous.run_id}); its table would lose them. If the manifest is right, allow it with "
+        f"max_row_loss (now {max_row_loss:g}; 1 allows any loss), or plan afresh with --fresh"
+    )
 
 
 def _retired(previous: Plan, p: PlannedPartition) -> RetiredWork:

@@ -170,3 +170,23 @@ def test_a_retried_plan_step_restores_a_lineage_pointer_its_first_try_did_not_wr
     with open(pointer) as fh:
         assert json.load(fh)["run_id"] == "n3"
     assert second.plan.previous_run_id == "n1"
+
+
+def test_a_manifest_that_lost_most_of_its_rows_fails_the_plan_unless_allowed(tmp_path):
+    """The table follows the manifest: an export that failed upstream and left one file of four
+    (or none) would remove three quarters of the table. The plan refuses, naming the numbers
+    and both ways out; ``max_row_loss`` 1 (or ``--fresh``) lets it through."""
+    write_manifest(tmp_path / "m", n_files=4)
+    _night(tmp_path, "n1")
+    for name in ("part-000-001.parquet", "part-000-002.parquet", "part-000-003.parquet"):
+        os.remove(tmp_path / "m" / name)
+    with pytest.raises(PlanError, match=r"has 60 rows, 75% fewer than the 240 of the last plan \(run n1\)"):
+        _night(tmp_path, "n2")
+    assert os.path.isdir(tmp_path / "out" / "runs" / "n1")
+    assert not os.path.exists(tmp_path / "out" / "runs" / "n2"), "nothing written for the refused night"
+    lenient = Partitioning(partition_rows=60, max_row_loss=1.0)
+    allowed = run_plan(str(tmp_path / "m"), str(tmp_path / "out"), lenient, run_id="n2").plan
+    assert allowed.rows == 60 and allowed.retired_rows == 180
+    # a loss within the bound plans as before: 60 of 240 rows lost is 25%
+    write_manifest(tmp_path / "m", n_files=3, start=500)
+    assert _night(tmp_path, "n3").plan.rows == 240
