@@ -8,6 +8,8 @@ header and nowhere else: not in URLs, logs, exceptions or XCom.
 from __future__ import annotations
 
 import copy
+import functools
+import ssl
 from typing import Any
 
 import httpx
@@ -18,6 +20,15 @@ from airflow_ray.provider_info import CONN_TYPE, FIELD_BEHAVIOUR, HOOK_NAME
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ACTIVE = frozenset({"PENDING", "RUNNING"})
 FAILED = frozenset({"FAILED", "STOPPED"})
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS settings every client of this process uses, made once: what httpx builds for
+    ``verify=True`` (certifi's CAs, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), which costs ~35 ms
+    of CPU each time. A triggerer opens a client per job; at 1,000 partitions a night that was
+    a third of its CPU."""
+    return httpx.create_ssl_context()
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -44,7 +55,7 @@ class RayJobsClient:
     def __init__(self, address: str, token: str | None = None, timeout: float = 30.0):
         self.address = address.rstrip("/")
         self._auth = _headers(token)  # also for Ray's own client (a submission that uploads a working_dir)
-        self._client = httpx.Client(base_url=self.address, headers=self._auth, timeout=timeout)
+        self._client = httpx.Client(base_url=self.address, headers=self._auth, timeout=timeout, verify=tls_context())
 
     def close(self) -> None:
         self._client.close()
@@ -161,7 +172,9 @@ class AsyncRayJobsClient:
     def __init__(self, address: str, token: str | None = None, timeout: float = 30.0):
         self.address = address.rstrip("/")
         self.token = token  # kept for the log stream's connection; never logged
-        self._client = httpx.AsyncClient(base_url=self.address, headers=_headers(token), timeout=timeout)
+        self._client = httpx.AsyncClient(
+            base_url=self.address, headers=_headers(token), timeout=timeout, verify=tls_context()
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
