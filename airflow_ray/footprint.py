@@ -4,7 +4,13 @@ A footprint is a list of bundles, each of which must fit on one node (as in a Ra
 group), plus the job's driver (its ``entrypoint_num_cpus``). The provider reads it from a
 plain dict, the contract between whoever builds a job and this provider::
 
-    {"bundles": [{"name": "pool0", "cpus": 2.0, "gpus": 1.0, "count": 1}, ...], "driver_cpus": 0.25}
+    {"bundles": [{"name": "pool0", "cpus": 2.0, "gpus": 1.0, "count": 1}, ...], "driver_cpus": 0.0001}
+
+A driver is not placed with its job's bundles: Ray's job supervisor puts it wherever Ray's
+default policy does, before the job reserves anything, and that can be the same node for
+every driver. The packing therefore keeps, on *every* node, room for the drivers of all the
+jobs it counts; a job keeps that cheap by asking little for its driver and reserving the
+rest of the driver's share as one of its bundles.
 
 (extra keys, such as a precomputed ``total``, are ignored). Pure Python: no Ray, no Airflow.
 """
@@ -57,21 +63,15 @@ class JobFootprint:
     def total(self) -> dict[str, float]:
         """Everything the job holds, driver included."""
         keys = sorted({k for item in self.items() for k in item})
-        return {k: sum(item.get(k, 0.0) for item in self.items()) for k in keys}
+        return {k: round(sum(item.get(k, 0.0) for item in self.items()), 4) for k in keys}
 
-    def describe(self) -> str:
-        parts = ", ".join(f"{name}={_fmt(resources)}" for name, resources in self.bundles)
-        return f"{_fmt(self.total())} ({parts}, driver=CPU:{self.driver_cpus:g})"
-
-    def jobs_that_fit(self, nodes: Sequence[Mapping[str, float]], limit: int = MAX_JOBS) -> int:
-        """How many copies of this footprint the *nodes* hold at once (first-fit decreasing).
-
-        Each node is a mapping of resource totals (``{"CPU": 8, "GPU": 1}``); every bundle and
-        every driver must fit on one node. A heuristic bin packing: never more than fit, and
-        exact for the usual shapes (identical nodes, or one bundle per GPU).
-        """
+    def _bundles_that_fit(self, nodes: Sequence[Mapping[str, float]], drivers: int, limit: int) -> int:
+        """How many copies of the bundles fit *nodes* (first-fit decreasing) once every node
+        keeps room for *drivers* drivers."""
         free = [{k: float(v) for k, v in n.items()} for n in nodes]
-        items = self.items()
+        for n in free:
+            n["CPU"] = n.get("CPU", 0.0) - drivers * self.driver_cpus
+        items = [dict(resources) for _, resources in self.bundles]
         items.sort(key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), reverse=True)
         jobs = 0
         while jobs < limit:
@@ -85,6 +85,28 @@ class JobFootprint:
             free = trial
             jobs += 1
         return jobs
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name}={_fmt(resources)}" for name, resources in self.bundles)
+        return f"{_fmt(self.total())} ({parts}, driver entrypoint=CPU:{self.driver_cpus:g})"
+
+    def jobs_that_fit(self, nodes: Sequence[Mapping[str, float]], limit: int = MAX_JOBS) -> int:
+        """How many copies of this footprint the *nodes* hold at once.
+
+        Each node is a mapping of resource totals (``{"CPU": 8, "GPU": 1}``); every bundle must
+        fit on one node (first-fit decreasing, a heuristic bin packing: never more than fit,
+        and exact for the usual shapes), and every node keeps room for all the counted jobs'
+        drivers, since any node may get them all. The largest *n* whose bundles fit beside
+        *n* drivers on each node.
+        """
+        lo, hi = 0, self._bundles_that_fit(nodes, 0, limit)  # lo fits beside its drivers; hi bounds
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._bundles_that_fit(nodes, mid, mid) >= mid:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 def _fmt(resources: Mapping[str, float]) -> str:

@@ -7,12 +7,21 @@ B the reverse). A placement group is reserved atomically by Ray's scheduler: a j
 holds every bundle of its footprint or none, so a job that does not fit waits *without
 holding anything*, and jobs queue in Ray instead of deadlocking. A pending placement group
 is also a resource demand the Ray autoscaler sees, so on KubeRay the queue scales the worker
-groups up to their maximum replicas, then waits. Every operator of the pipeline (read tasks,
-preprocessor and stage actors, write tasks) is then scheduled inside its own bundle, so the
-running job never asks for anything outside what it reserved.
+groups up to their maximum replicas, then waits. What the pipeline needs to finish (its read
+and write tasks, each actor pool's minimum actors) is then scheduled inside its own bundle,
+so the running job never waits for anything outside what it reserved.
 
-Pools run at their minimum size under admission (a reservation is fixed); ``--admission
-none`` keeps Ray Data's autoscaling pools for a cluster dedicated to one job at a time.
+Pools grow past their reservation (:class:`PoolPlacement`): each actor pool's first
+``min`` actors take the slots of its bundle, and Ray Data's autoscaler adds actors up to the
+pool's maximum *outside* the placement group, on capacity that no reservation holds, and
+removes them when idle. A job's minimum is always held, so a pool that cannot grow (no free
+capacity) runs at its minimum and the job still finishes; its extra actors wait, as demand
+the Ray autoscaler sees, only until the pool's inputs are done. ``--admission none`` keeps
+Ray Data's autoscaling pools with nothing reserved, for a cluster dedicated to one job at a
+time.
+
+Reads and writes have separate bundles (``read``, ``write``): streaming read tasks paused by
+backpressure never hold the slot a write task needs to drain the pipeline.
 """
 
 from __future__ import annotations
@@ -20,16 +29,61 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from ray_jobs.errors import AdmissionTimeout
 from ray_jobs.job.footprint import Footprint
 
 log = logging.getLogger(__name__)
 
-#: Ray Data operator name -> bundle name in the footprint.
+#: Ray Data's task operators, each scheduled in the footprint's bundle of the same name.
 TASK_OPERATORS = ("read", "write")
+
+
+def free_slot(prefix: str, slots: int, live_names: Collection[str]) -> str | None:
+    """The name for a new actor in the first free slot of a pool's reserved bundle, or None
+    when all *slots* are held by live actors (named ``{prefix}-{k}``)."""
+    return next((f"{prefix}-{k}" for k in range(slots) if f"{prefix}-{k}" not in live_names), None)
+
+
+@dataclass(frozen=True)
+class PoolPlacement:
+    """Where an actor pool's next actor goes (Ray Data's ``ray_remote_args_fn``, called as
+    each actor starts): into a free slot of the pool's bundle, or, all slots held, outside
+    every placement group, where Ray's default policy places it on free capacity.
+
+    Ray Data releases whichever actor is idle when a pool shrinks, reserved or not. A slot
+    is therefore held by a live actor named after it (``{prefix}-{k}``): a name is taken when
+    the actor is created and freed when it dies, so a released slot is filled again before
+    any actor goes outside. The pool's minimum actors always fit their slots; an extra actor
+    never queues inside the reservation."""
+
+    placement_group: object
+    bundle_index: int
+    slots: int
+    prefix: str
+    live_names: Callable[[], Collection[str]] = field(default=lambda: _named_actors(), compare=False)
+
+    def __call__(self) -> dict:
+        name = free_slot(self.prefix, self.slots, set(self.live_names()))
+        if name is None:
+            return {}  # the operator's own options: outside the reservation
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=self.placement_group,
+            placement_group_bundle_index=self.bundle_index,
+            placement_group_capture_child_tasks=False,
+        )
+        return {"name": name, "scheduling_strategy": strategy}
+
+
+def _named_actors() -> list[str]:
+    """Live named actors in this job's namespace (one call to Ray's GCS)."""
+    import ray.util
+
+    return ray.util.list_named_actors()
 
 
 @dataclass(frozen=True)
@@ -41,23 +95,34 @@ class Reservation:
     waited_s: float
 
     def remote_args(self, op: str) -> dict:
+        """Ray options for operator *op*: a task operator's tasks run in its bundle, in slots of
+        :func:`task_cpus`; an actor pool places its actors by :class:`PoolPlacement`."""
+        index = self.footprint.bundle(op)
+        if op not in TASK_OPERATORS:
+            prefix = f"{_pg_hex(self.placement_group)}-{op}"
+            return {
+                "ray_remote_args_fn": PoolPlacement(
+                    self.placement_group, index, self.footprint.bundles[index].count, prefix
+                )
+            }
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = "tasks" if op in TASK_OPERATORS else op
         strategy = PlacementGroupSchedulingStrategy(
             placement_group=self.placement_group,
-            placement_group_bundle_index=self.footprint.bundle(bundle),
+            placement_group_bundle_index=index,
             placement_group_capture_child_tasks=False,
         )
-        out: dict = {"scheduling_strategy": strategy}
-        if op in TASK_OPERATORS:
-            out["num_cpus"] = task_cpus(self.footprint)
-        return out
+        return {"scheduling_strategy": strategy, "num_cpus": task_cpus(self.footprint)}
+
+
+def _pg_hex(placement_group) -> str:
+    """A short unique tag of *placement_group* for its actors' names."""
+    return placement_group.id.hex()[:12]  # the random part (the job id comes last)
 
 
 def task_cpus(footprint: Footprint) -> float:
-    """CPUs of one read or write task: a third of the tasks bundle (a read, a write and one more at once)."""
-    return round(footprint.bundles[footprint.bundle("tasks")].cpus / 3, 4)
+    """CPUs of one read or write task: one slot of the ``read`` or ``write`` bundle."""
+    return footprint.bundles[footprint.bundle("read")].cpus
 
 
 def missing_resources(needed: Mapping[str, float], available: Mapping[str, float]) -> dict[str, float]:

@@ -8,7 +8,7 @@ from (a plan's partition, or a whole manifest), the model, and the declared sett
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 from ray_jobs.config.declare import fields_of, from_flat
 from ray_jobs.config.settings import JobSettings, StageSettings
@@ -92,11 +92,3 @@ class PreparedJob:
     @property
     def footprint(self) -> Footprint:
         return footprint_of(self.layout, self.config.job)
-
-
-def with_fixed_pools(job: PreparedJob) -> PreparedJob:
-    """*job* with every pool pinned to its minimum size (what a reservation holds)."""
-    stages = tuple(replace(s, resources=replace(s.resources, max_pool=s.resources.min_pool)) for s in job.layout.stages)
-    lo = job.config.job.preprocess_pool.min
-    settings = replace(job.config.job, preprocess_pool=(lo, lo))
-    return replace(job, config=replace(job.config, job=settings), layout=replace(job.layout, stages=stages))

@@ -1,12 +1,13 @@
 """The partition's Ray Data pipeline: read -> preprocess (CPU actors) -> K model stages ->
-write tasks, admitted under a reservation of its whole minimum footprint."""
+write tasks, admitted under a reservation of its whole minimum footprint; each actor pool
+grows past its reserved minimum on free capacity (:mod:`ray_jobs.job.admission`)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 
-from ray_jobs.job.config import PreparedJob, with_fixed_pools
+from ray_jobs.job.config import PreparedJob
 from ray_jobs.job.datasource import make_datasource
 from ray_jobs.model.stage_spec import StageLayout
 
@@ -139,8 +140,10 @@ def admitted(job: PreparedJob):
     ctx.wait_for_min_actors_s = -1
     from ray_jobs.job.admission import reserve
 
+    # Each pool keeps its minimum actors in the reservation and grows to its maximum outside it
+    # (admission.PoolPlacement), so the job's own pool sizes stand.
     with reserve(job.footprint, name=reservation_name(job), timeout_s=cfg.admission_timeout_s) as reservation:
-        yield with_fixed_pools(job), reservation.remote_args
+        yield job, reservation.remote_args
 
 
 def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
@@ -149,6 +152,7 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
     Part files are written by Ray Data write tasks; ``sink.on_write_complete`` commits on the
     driver with the tasks' small results only."""
     from ray_jobs.job.progress import ProgressReporter, actor_totals, progress_uri, start_counter
+    from ray_jobs.job.stall import watch
     from ray_jobs.perf.stage_stats import job_shapes
 
     ds = build_dataset(job, remote_args, startup_scope=sink.attempt_id)
@@ -160,7 +164,7 @@ def execute(job: PreparedJob, sink, remote_args=no_remote_args) -> None:
     sink.pipeline_started_at = time.time()
     sink.progress_counter = start_counter()
     uri = progress_uri(job.config.plan_uri, job.partition) if job.config.plan_uri else None
-    with ProgressReporter(
-        actor_totals(sink.progress_counter), partition=job.partition, rows_total=job.rows_in, uri=uri
-    ):
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")})
+    totals = actor_totals(sink.progress_counter)
+    # no row at the sink for stall_timeout_s interrupts the write: PipelineStalled (ray_jobs.job.stall)
+    with ProgressReporter(totals, partition=job.partition, rows_total=job.rows_in, uri=uri), watch(job, totals) as w:
+        w.run(lambda: ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS, **remote_args("write")}))

@@ -24,7 +24,7 @@ def _dict(*bundles: tuple[float, float, int], driver_cpus: float = 0.25) -> dict
 def test_a_footprint_is_read_from_its_dict_and_totals_its_bundles_and_driver():
     fp = JobFootprint.from_dict(_dict((1.0, 0.0, 2), (2.0, 1.0, 1), driver_cpus=0.5))
     assert fp.total() == {"CPU": 4.5, "GPU": 1.0}
-    assert fp.describe() == "CPU:4.5,GPU:1 (b0=CPU:2, b1=CPU:2,GPU:1, driver=CPU:0.5)"
+    assert fp.describe() == "CPU:4.5,GPU:1 (b0=CPU:2, b1=CPU:2,GPU:1, driver entrypoint=CPU:0.5)"
     assert JobFootprint.from_dict({**_dict((1.0, 0.0, 1)), "total": {"CPU": 1.25}}).total() == {"CPU": 1.25}
     for bad in ({"bundles": [{"name": "x"}], "driver_cpus": 1}, _dict(), _dict((1.0, 0.0, 1), driver_cpus=0)):
         with pytest.raises(ValueError, match="invalid footprint"):
@@ -42,8 +42,22 @@ def test_jobs_that_fit_packs_every_bundle_and_driver_on_one_node():
 
 
 def _demo() -> JobFootprint:
-    # preprocess 1 CPU, two stages of 1 CPU, tasks 0.75, driver 0.25 = 4 CPUs
-    return JobFootprint.from_dict(_dict((1.0, 0.0, 1), (1.0, 0.0, 1), (1.0, 0.0, 1), (0.75, 0.0, 1)))
+    # the data plane's shape: preprocess 1 CPU, two stages of 1 CPU, read 0.5, write 0.25, the
+    # driver's bundle 0.2 and its entrypoint 0.0001 = 3.9501 CPUs
+    bundles = ((1.0, 0.0, 1), (1.0, 0.0, 1), (1.0, 0.0, 1), (0.25, 0.0, 2), (0.25, 0.0, 1), (0.2, 0.0, 1))
+    return JobFootprint.from_dict(_dict(*bundles, driver_cpus=0.0001))
+
+
+def test_every_node_keeps_room_for_every_driver():
+    """Ray's job supervisor may put every driver on one node, before any job reserves: two
+    8-CPU nodes hold two 7.9-CPU jobs only if a driver asks (almost) nothing there."""
+    nodes = [{"CPU": 8.0}, {"CPU": 8.0}]
+    assert JobFootprint.from_dict(_dict((7.65, 0.0, 1), driver_cpus=0.25)).jobs_that_fit(nodes) == 1
+    assert JobFootprint.from_dict(_dict((7.65, 0.0, 1), (0.2, 0.0, 1), driver_cpus=0.0001)).jobs_that_fit(nodes) == 2
+    # a node exactly full of reservations still takes the drivers of all the jobs counted
+    # (the data plane's driver bundle leaves 0.05 CPU of room: 500 drivers' entrypoints)
+    exact = JobFootprint.from_dict(_dict((3.0, 0.0, 1), (0.95, 0.0, 1), driver_cpus=0.0001))
+    assert exact.jobs_that_fit([{"CPU": 4.0}] * 64) == 64
 
 
 @pytest.mark.parametrize(
@@ -54,7 +68,8 @@ def _demo() -> JobFootprint:
         ([{"CPU": 8}], 2),
         ([{"CPU": 8.5}], 2),
         ([{"CPU": 0}, {"CPU": 4}, {"CPU": 4}], 2),  # a 0-CPU head runs nothing
-        ([{"CPU": 2}, {"CPU": 2}], 1),  # bundles split across nodes, each fits one node
+        ([{"CPU": 2.1}, {"CPU": 2.1}], 1),  # bundles split across nodes, each fits one node
+        ([{"CPU": 2}, {"CPU": 2}], 0),  # two 1-CPU bundles fill a node: no room for a driver there
     ],
 )
 def test_jobs_that_fit_cpu_only(nodes, expected):

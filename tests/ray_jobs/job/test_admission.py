@@ -134,6 +134,113 @@ def test_a_job_larger_than_the_cluster_fails_naming_the_missing_resources(gpu_cl
     assert time.monotonic() - start < 120
 
 
+def _in_cluster(address: str, scenario: str, *args) -> dict:
+    """Run ``scenario(*args)`` (a function of this module) in a driver of its own on the
+    cluster, as a job's driver runs (this test process does not join the cluster)."""
+    code = (
+        "import json, sys, ray\n"
+        f"ray.init(address={address!r}, log_to_driver=False)\n"
+        f"from tests.ray_jobs.job.test_admission import {scenario}\n"
+        f"print(json.dumps({scenario}(*{list(args)!r})))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _reservations_beside_two_drivers(node_id: str) -> dict:
+    """Two drivers stand on one node (where Ray's job supervisor may put both: stand-in actors
+    asking what a driver's ``entrypoint_num_cpus`` asks), then both jobs reserve. Once with this
+    footprint (the driver asks 0.0001 CPU, the rest of its share is reserved with the job), once
+    with a driver asking its whole 0.25 CPU outside the reservation."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ray_jobs.job.footprint import job_footprint
+
+    @ray.remote
+    class Driver:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    def admitted(entrypoint_cpus: float, bundles: list[dict]) -> int:
+        pin = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        drivers = [Driver.options(num_cpus=entrypoint_cpus, scheduling_strategy=pin).remote() for _ in range(2)]
+        assert {ray.get(d.node.remote()) for d in drivers} == {node_id}
+        groups = [placement_group(bundles, strategy="PACK") for _ in range(2)]
+        ready = sum(bool(g.wait(timeout_seconds=5)) for g in groups)
+        for g in groups:
+            remove_placement_group(g)
+        for d in drivers:
+            ray.kill(d)
+        return ready
+
+    fp = job_footprint([(2.5, 0.0, 1)], preprocess_cpus=0.5, preprocess_min=1)  # 3.95 CPUs of 4 per node
+    ours = admitted(fp.driver_cpus, [b.resources() for b in fp.bundles])
+    outside = admitted(0.25, [{"CPU": 0.5}, {"CPU": 2.5}, {"CPU": 0.75}])  # same job, driver outside
+    return {"ours": ours, "outside": outside, "footprint": fp.to_dict()}
+
+
+def test_drivers_on_one_node_never_take_the_room_a_reservation_needs(gpu_cluster):
+    """Both drivers on one of two worker nodes: with the driver's share inside the reservation,
+    both jobs are admitted; with a driver holding its share outside, the second job never fits."""
+    from airflow_ray.footprint import JobFootprint
+
+    cluster, workers = gpu_cluster
+    got = _in_cluster(cluster.address, "_reservations_beside_two_drivers", workers[0].node_id)
+    assert got["ours"] == 2, got
+    assert got["outside"] == 1, "a driver holding its CPU outside the reservation should have blocked the 2nd job"
+    # and the capacity the control plane computes for these nodes is what was admitted
+    nodes = [{"CPU": 0.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert JobFootprint.from_dict(got["footprint"]).jobs_that_fit(nodes) == 2
+
+
+def _writes_while_reads_hold_their_slots(marks: str) -> dict:
+    """Reads that never finish (stand-ins for streaming read tasks paused by backpressure)
+    fill every read slot, one more waits; a write task must still run at once."""
+    import pathlib
+    import time
+
+    import ray
+
+    from ray_jobs.job.admission import reserve
+    from ray_jobs.job.footprint import job_footprint
+
+    @ray.remote
+    def read(i: int) -> None:
+        pathlib.Path(marks, f"read-{i}").touch()
+        time.sleep(120)
+
+    @ray.remote
+    def write() -> None:
+        return None
+
+    fp = job_footprint([(1.0, 0.0, 1)], preprocess_cpus=0.5, preprocess_min=1)
+    with reserve(fp, name="reads-and-writes", timeout_s=30) as res:
+        reads = [read.options(**res.remote_args("read")).remote(i) for i in range(3)]
+        deadline = time.monotonic() + 30
+        while len(list(pathlib.Path(marks).iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        start = time.monotonic()
+        ray.get(write.options(**res.remote_args("write")).remote(), timeout=30)
+        wrote = time.monotonic() - start
+        time.sleep(1)  # a third read would have started by now if it could take a slot
+        out = {"write_s": wrote, "reads_started": len(list(pathlib.Path(marks).iterdir()))}
+        out["reads_done"] = len(ray.wait(reads, timeout=0, num_returns=3)[0])
+        for r in reads:
+            ray.cancel(r, force=True)
+    return out
+
+
+def test_writes_run_while_paused_reads_hold_every_read_slot(gpu_cluster, tmp_path):
+    cluster, _ = gpu_cluster
+    got = _in_cluster(cluster.address, "_writes_while_reads_hold_their_slots", str(tmp_path))
+    assert got["reads_started"] == 2 and got["reads_done"] == 0, got
+    assert got["write_s"] < 10, got
+
+
 def _placement_group_nodes(address: str) -> set[str]:
     """Node ids holding the bundles of the embed job's placement group (asked in a separate
     driver: this test process does not join the cluster)."""
