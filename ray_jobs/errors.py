@@ -44,6 +44,23 @@ class AdmissionTimeout(Exception):
     the same job can succeed on a larger or less busy cluster). The message names what is missing."""
 
 
+#: The exit status of a partition job whose pipeline stalled (2: bad input, 3: admission timeout).
+STALL_EXIT_CODE = 4
+
+
+class PipelineStalled(Exception):
+    """No row reached the sink for ``stall_timeout_s``: the pipeline is stuck, typically on an
+    actor that died but keeps its pool slot, or one that never got its resources. The message
+    names the stuck operator and its pending or dead actors.
+
+    A failure of the job, not of a batch: it is not a :class:`TransientFailure` (retrying a batch
+    inside a hung pipeline would hang again) and never a reject. The attempt is discarded, nothing
+    is committed, and the job exits :data:`STALL_EXIT_CODE`. The control plane retries the
+    partition like any failed job: a fresh attempt gets fresh actors, so a dead actor or a lost
+    node is survived; a stall that is in the data or the model stalls every try and fails the
+    task with this message."""
+
+
 #: Every :class:`TransientFailure` message starts with this, so Ray Data's in-task retry
 #: (``DataContext.retried_map_errors``, matched on the message) retries exactly these.
 TRANSIENT_MARKER = "transient failure:"

@@ -14,7 +14,7 @@ from embedding_run.run_view import RunView
 from ray_jobs.contract.marker import STARTUP_LABELS
 
 OK, FAILED, RUNNING, BOTTLENECK, PLAIN = "#2e7d32", "#c62828", "#1565c0", "#ef6c00", "#78909c"
-STATE_COLOURS = {"ok": OK, "done": OK, "failed": FAILED, "running": RUNNING}
+STATE_COLOURS = {"ok": OK, "done": OK, "failed": FAILED, "stalled": FAILED, "running": RUNNING}
 
 
 def _figure(height: float = 3.0):

@@ -1,6 +1,7 @@
 """``python -m ray_jobs``: the data plane's command line.
 
-A bad argument or bad input exits 2 with one line naming what to fix, before any Ray work.
+A bad argument or bad input exits 2 with one line naming what to fix, before any Ray work. A
+job that waited too long for its footprint exits 3; one whose pipeline stalled exits 4.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 from ray_jobs.cli import data, embed, gc, perf
 from ray_jobs.cli.args import Parser, min_max
-from ray_jobs.errors import AdmissionTimeout, JobInputError
+from ray_jobs.errors import STALL_EXIT_CODE, AdmissionTimeout, JobInputError, PipelineStalled
 
 __all__ = ["build_parser", "main", "min_max"]
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except AdmissionTimeout as exc:
         _fail(exc, ray_was_connected)
         return 3
+    except PipelineStalled as exc:
+        _fail(exc, ray_was_connected)
+        return STALL_EXIT_CODE
 
 
 def _ray_connected() -> bool:

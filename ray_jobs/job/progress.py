@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ray_jobs.contract.layout import join_uri
+from ray_jobs.errors import PipelineStalled
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ class ProgressFigures:
 
 class ProgressReporter:
     """Report *counter*'s figures every *interval_s* from a daemon thread while the pipeline runs,
-    and once more, final, when it ends. *totals* returns ``(rows_ok, rows_rejected)``."""
+    and once more, final, when it ends (state ``done``, ``failed`` or ``stalled``). *totals* returns
+    ``(rows_ok, rows_rejected)``."""
 
     def __init__(
         self,
@@ -164,7 +166,15 @@ class ProgressReporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + 5)
-        self.report("failed" if exc_type is not None else "done")
+        self.report(end_state(exc_type))
+
+
+def end_state(exc_type: type[BaseException] | None) -> str:
+    """The last report's state: ``done``, ``stalled`` (the stall watchdog failed the pipeline,
+    :mod:`ray_jobs.job.stall`) or ``failed``."""
+    if exc_type is None:
+        return "done"
+    return "stalled" if issubclass(exc_type, PipelineStalled) else "failed"
 
 
 def actor_totals(counter) -> Callable[[], tuple[int, int]]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from ray_jobs.errors import PipelineStalled
 from ray_jobs.job.progress import ProgressFigures, ProgressReporter, RowCounter, progress_uri
 
 
@@ -60,6 +61,12 @@ def test_a_failed_pipeline_reports_failed_and_an_unreadable_counter_never_raises
     with pytest.raises(RuntimeError), ProgressReporter(lambda: (1, 0), partition=0, rows_total=5, uri=uri, emit=print):
         raise RuntimeError("pipeline failed")
     assert _read(uri)["state"] == "failed"
+    with (
+        pytest.raises(PipelineStalled),
+        ProgressReporter(lambda: (1, 0), partition=0, rows_total=5, uri=uri, emit=print),
+    ):
+        raise PipelineStalled("pipeline stalled: no row moved for 900 s")
+    assert _read(uri)["state"] == "stalled", "the run page tells a stall from a failure"
 
     def broken():
         raise ConnectionError("actor gone")
