@@ -113,8 +113,9 @@ def job_node_resources() -> dict[str, float]:
     if p["stages"]:
         raise BenchError("the defaults name an explicit stage spec; the bench sizes nodes for num_stages only")
     stage_min = int(str(p["stage_pool"]).partition("-")[0])
+    stages = 1 if p["num_stages"] == "auto" else int(p["num_stages"])  # auto: the demo model fits one stage
     fp = job_footprint(
-        [(float(p["stage_num_cpus"]), float(p["stage_num_gpus"]), stage_min)] * int(p["num_stages"]),
+        [(float(p["stage_num_cpus"]), float(p["stage_num_gpus"]), stage_min)] * stages,
         preprocess_cpus=float(p["preprocess_cpus"]),
         preprocess_min=int(str(p["preprocess_pool"]).partition("-")[0]),
     )

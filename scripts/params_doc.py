@@ -49,7 +49,10 @@ def _bounds(schema: dict) -> str:
 
 def _type(schema: dict) -> str:
     kind = schema["type"]
-    return f"{kind[1]} or empty" if isinstance(kind, list) else kind
+    if not isinstance(kind, list):
+        return kind
+    named = " or ".join(k for k in kind if k != "null")
+    return f"{named} or empty" if "null" in kind else named
 
 
 def _cell(text) -> str:

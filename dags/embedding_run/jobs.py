@@ -12,6 +12,7 @@ import shlex
 
 from embedding_run.config import RunConfig
 from ray_jobs.config.declare import to_argv
+from ray_jobs.job.footprint import DRIVER_ENTRYPOINT_CPUS
 
 
 def embed_argv(
@@ -33,6 +34,8 @@ def embed_argv(
     argv.append(f"--model={config.sources.model_uri}")
     if force:  # a redo: embed again and replace the committed marker atomically
         argv.append("--force")
+    if stages and config.stage.auto:  # num_stages auto, as check_inputs resolved it: the job may rebalance it
+        return argv + to_argv(config.stage) + [f"--auto-stages={stages}"] + to_argv(config.job)
     stage = dataclasses.replace(config.stage, stages=stages) if stages else config.stage
     return argv + to_argv(stage) + to_argv(config.job)
 
@@ -82,8 +85,8 @@ def partition_jobs(
             "partition": k,
             "entrypoint": embed_command(config, plan_uri, k, python, model_id=model_id, stages=stages, force=k in redo),
             "runtime_env": runtime_env,
-            # counted in the footprint; keeps drivers off a 0-CPU head
-            "entrypoint_num_cpus": config.job.driver_cpus,
+            # keeps drivers off a 0-CPU head; the rest of the driver's share is in its reservation
+            "entrypoint_num_cpus": DRIVER_ENTRYPOINT_CPUS,
             "job_label": partition_label(k, (rows or {}).get(k)),
         }
         for k in partitions

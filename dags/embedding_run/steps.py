@@ -85,7 +85,8 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
             raise JobInputError("params: give partition_rows or partition_bytes, not both")
         files = read_manifest(config.sources.manifest_uri, catalog=manifest.catalog() if manifest else None)
         _check_image_protocols(files)
-        ckpt, layout = _model_layout(config)
+        ckpt, decision = _model_layout(config, files)
+        layout = decision.layout
         _check_writable(config.sources.output_uri)
     except (JobInputError, ValueError) as exc:
         raise _fail(exc) from None
@@ -99,6 +100,7 @@ def check_inputs(params: dict[str, Any]) -> dict[str, Any]:
         "model_format": ckpt.format,
         "embed_dim": ckpt.embed_dim,
         "stages": layout.spec(),
+        "layout": decision.to_dict(),
         "footprint": footprint_of(layout, config.job).to_dict(),
         "catalog_uri": catalog.redacted_uri,
         **(manifest.public() if manifest else {}),
@@ -156,15 +158,22 @@ def _output_identity(config: RunConfig, model_id: str):
     return identity
 
 
-def _model_layout(config: RunConfig):
-    """The checkpoint (twin tower or a Hugging Face dual encoder, as saved) and its stage layout."""
+def _model_layout(config: RunConfig, files):
+    """The checkpoint (twin tower or a Hugging Face dual encoder, as saved) and its stage layout
+    decision, printed with its inputs (``num_stages: auto``: on a seeded sample of the manifest)."""
+    from ray_jobs.model.auto_layout import decide_layout
     from ray_jobs.model.checkpoint import open_checkpoint
-    from ray_jobs.model.stage_spec import default_resources
-    from ray_jobs.model.staged import build_layout
 
     s = config.stage
     ckpt = open_checkpoint(config.sources.model_uri)
-    return ckpt, build_layout(ckpt, num_stages=s.num_stages, spec=s.stages, defaults=default_resources(s))
+    shapes = None
+    if s.auto and not s.auto_stages:
+        from ray_jobs.perf.data_sample import manifest_fragments, measure_shapes, sample_rows
+
+        shapes = measure_shapes(ckpt, sample_rows(manifest_fragments(files)), open_images=False)
+    decision = decide_layout(ckpt, s, config.job.batch_size, shapes)
+    print("\n".join(decision.lines()))
+    return ckpt, decision
 
 
 def _check_writable(output_uri: str) -> None:
@@ -378,7 +387,12 @@ def write_run_report(checked: dict[str, Any] | None, planned: dict[str, Any] | N
         plan, model_id, max_reject_rate=max_reject_rate, output_key=output_key_of(checked), check_duplicates=False
     )
     report = build_report(
-        plan, validation, wall_s=time.time() - planned["started_at"], catalog=catalog, embedded=planned.get("todo")
+        plan,
+        validation,
+        wall_s=time.time() - planned["started_at"],
+        catalog=catalog,
+        embedded=planned.get("todo"),
+        layout=(checked or {}).get("layout"),
     )
     json_uri, md_uri = write_report(report)
     print(report.to_markdown())

@@ -36,6 +36,13 @@ def add_tune(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads (a stage actor uses its cpus)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     p.add_argument("--batches", type=positive_int, default=5, help="timed batches")
+    p.add_argument(
+        "--manifest",
+        help="time the layers on rows sampled from this manifest (its captions and images; the sample the "
+        "auto layout is balanced on), not on synthetic captions at the tokenizer's max length",
+    )
+    p.add_argument("--sample-rows", type=positive_int, default=32, help="rows sampled from --manifest")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --manifest sample")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON (what `capacity` reads)")
 
 
@@ -128,7 +135,15 @@ def run_tune(args) -> int:
         batches=args.batches,
         threads=args.threads,
     )
-    result = tune_result(profile_layers(args.model, settings), args.stages)
+    sample = None
+    if args.manifest:
+        from ray_jobs.perf.data_sample import manifest_fragments, sample_rows
+        from ray_jobs.planning.manifest import read_manifest
+
+        sample = sample_rows(manifest_fragments(read_manifest(args.manifest)), args.sample_rows, args.seed)
+        if not sample.rows:
+            raise UsageError(f"--manifest {args.manifest} has no rows to sample")
+    result = tune_result(profile_layers(args.model, settings, sample), args.stages)
     print(json.dumps(result, indent=2) if args.json else "\n".join(tune_lines(result)), flush=True)
     return 0
 

@@ -11,7 +11,8 @@ that one declaration come
 * a JSON-friendly flat dict and back (:func:`to_flat` / :func:`from_flat`, for XCom).
 
 Types a field may have: ``int``, ``float``, ``str``, ``bool``, :class:`Pool`, each optionally
-``| None``. Standard library only: the control plane imports this at DAG parse time.
+``| None``; a number may also take named values (``int | str`` with ``words=("auto",)``).
+Standard library only: the control plane imports this at DAG parse time.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Spec:
     #: part of the output identity: changing it changes the embeddings or which rows are rejected,
     #: so committed work made with another value is not reused (see :func:`identity_of`)
     identity: bool = False
+    #: words a number setting also takes in place of a number (``auto``); its bounds bind numbers only
+    words: tuple[str, ...] | None = None
 
 
 def identity_of(*groups: Settings) -> dict[str, Any]:
@@ -146,6 +149,13 @@ def _unwrap(hint: Any) -> tuple[type, bool]:
 def coerce(f: Field, value: Any) -> Any:
     if value is None:
         return None
+    if f.spec.words and isinstance(value, str):
+        text = value.strip()
+        if text in f.spec.words:
+            return text
+        if f.kind is int and re.fullmatch(r"[0-9]{1,9}", text):
+            return int(text)  # a number as text (an environment variable, a form's text box)
+        return value
     if f.kind is Pool:
         try:
             return Pool.parse(value)
@@ -168,6 +178,10 @@ def check_value(f: Field, value: Any, bounds: dict[str, Any] | None = None) -> s
         except ValueError as exc:
             return str(exc)
         return None
+    if f.spec.words and isinstance(value, str):
+        if value in f.spec.words:
+            return None
+        return f"expected {' or '.join(f.spec.words)} or a {'whole ' if f.kind is int else ''}number, got {value!r}"
     if f.kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
         return f"expected a number, got {value!r}"
     if f.kind is int and not isinstance(value, int):
@@ -207,6 +221,9 @@ def field_schema(f: Field, section: str) -> dict[str, Any]:
         schema["enum"] = [None, *s.choices] if f.nullable else list(s.choices)
     if f.kind is Pool:
         schema["pattern"] = _POOL_TEXT.pattern
+    if s.words:  # a number, or text: one of the words or a number written as text
+        schema["type"] = [*schema["type"], "string"] if f.nullable else [kind, "string"]
+        schema["pattern"] = "^(" + "|".join(re.escape(w) for w in s.words) + r"|[0-9]+)$"
     for key, value in (
         ("minimum", s.minimum),
         ("maximum", s.maximum),
@@ -265,6 +282,8 @@ def to_argv(obj: Settings) -> list[str]:
 # -------------------------------------------------------------------------- the command line
 def _arg_type(f: Field):
     def parse(text: str):
+        if f.spec.words and text in f.spec.words:
+            return text
         if f.kind is Pool:
             try:
                 return Pool.parse(text)
@@ -274,6 +293,7 @@ def _arg_type(f: Field):
             value = f.kind(text)
         except ValueError:
             what = "a whole number" if f.kind is int else "a number"
+            what = " or ".join((*(f.spec.words or ()), what))
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         problem = check_value(f, value)
         if problem:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ray_jobs.config.declare import Pool, Settings, setting
+from ray_jobs.config.declare import ConfigError, Pool, Settings, setting
 
 #: Inference precisions (:mod:`ray_jobs.model.precision`); embeddings are stored as float32.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -17,6 +17,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 ADMISSION_MODES = ("placement-group", "none")
 #: What a stage spec may contain (``text@gpus=1|image:0-5@gpus=1``): no shell metacharacter.
 STAGE_SPEC_PATTERN = r"^[A-Za-z0-9_:@=.,|-]+$"
+#: ``num_stages`` value that lets the job choose the layout from memory and measurements.
+AUTO = "auto"
+#: A memory size: bytes, or a number with a unit (``8GiB``, ``512MiB``, ``4GB``, ``100k``).
+SIZE_PATTERN = r"^[0-9]+(\.[0-9]+)?([KkMGT]i?B?|B)?$"
 #: Logical CPUs of the read/write task bundle and of the job's driver (its footprint).
 DEFAULT_TASK_CPUS = 0.75
 DEFAULT_DRIVER_CPUS = 0.25
@@ -117,8 +121,15 @@ class StageSettings(Settings):
 
     SECTION = "Model stages"
 
-    num_stages: int = setting(
-        2, help="Balanced pipeline stages: the layers split into K stages", flag="--num-stages", minimum=1, maximum=64
+    num_stages: int | str = setting(
+        "auto",
+        help="Pipeline stages. auto: one stage with stage_pool replicas (data parallel) when the whole model "
+        "(weights + activations at batch_size, in dtype) fits one stage's memory, else the fewest stages that "
+        "fit, split by the layers' costs at the data's text lengths; K: the layers split into K balanced stages",
+        flag="--num-stages",
+        minimum=1,
+        maximum=64,
+        words=(AUTO,),
     )
     stages: str | None = setting(
         None,
@@ -127,6 +138,33 @@ class StageSettings(Settings):
         max_length=512,
         pattern=STAGE_SPEC_PATTERN,
         overrides="num_stages",
+    )
+    auto_stages: str | None = setting(
+        None,
+        help="The stage spec num_stages=auto resolved to for this run (check_inputs passes it to every job, "
+        "which starts from it and may rebalance it between partitions)",
+        flag="--auto-stages",
+        max_length=512,
+        pattern=STAGE_SPEC_PATTERN,
+        form=False,
+    )
+    max_stage_memory: str | None = setting(
+        None,
+        help="Memory one stage actor may hold for its weights and activations, bytes or a size (8GiB, 512MiB), "
+        "which num_stages=auto fits the model into (empty: 4GiB on CPU stages; on GPU stages the GPU's memory "
+        "times stage_num_gpus where the layout is decided sees a GPU, else 16GiB)",
+        flag="--max-stage-memory",
+        max_length=32,
+        pattern=SIZE_PATTERN,
+    )
+    rebalance_min_gain: float | None = setting(
+        0.1,
+        help="num_stages=auto with 2+ stages: a partition job re-splits the layers by the stage statistics of "
+        "the run's committed partitions when that is predicted at least this much faster (0.1: a tenth; "
+        "empty: never)",
+        flag="--rebalance-min-gain",
+        exclusive_minimum=0,
+        maximum=10,
     )
     stage_num_cpus: float = setting(
         1.0, help="CPUs per stage actor", flag="--stage-num-cpus", exclusive_minimum=0, maximum=1024
@@ -143,6 +181,33 @@ class StageSettings(Settings):
         choices=DTYPES,
         identity=True,
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.auto_stages and (self.stages or self.num_stages != AUTO):
+            raise ConfigError("auto_stages is the spec num_stages=auto resolved to: not with stages or a number")
+
+    @property
+    def auto(self) -> bool:
+        """The layout is the job's to choose (and to rebalance): ``num_stages`` auto, no explicit spec."""
+        return self.num_stages == AUTO and not self.stages
+
+    @property
+    def max_stage_memory_bytes(self) -> int | None:
+        return None if self.max_stage_memory is None else parse_size(self.max_stage_memory)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size: ``4096``, ``8GiB``, ``512MiB``, ``4GB``, ``1.5G`` (``Ki``/``Mi``/... binary)."""
+    import re
+
+    text = str(text).strip()
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(?:([KkMGT])(i?))?B?", text)
+    if not re.fullmatch(SIZE_PATTERN, text) or not m:
+        raise ConfigError(f"not a memory size: {text!r} (bytes, or a number with K/M/G/T, KiB/MiB/GiB/TiB)")
+    number, unit, binary = m.groups()
+    power = "KMGT".index(unit.upper()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** power)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +256,14 @@ class JobSettings(Settings):
         exclusive_minimum=0,
         maximum=86400,
     )
+    stall_timeout_s: float = setting(
+        900.0,
+        help="How long a running pipeline may go without moving a row (between its operators or into the sink) "
+        "before the job fails (exit 4, naming the stuck operator and its pending or dead actors)",
+        flag="--stall-timeout-s",
+        exclusive_minimum=0,
+        maximum=86400,
+    )
     fetch_timeout_s: float = setting(
         60.0,
         help="Seconds one image fetch may take, counted from its submission, before its batch fails and is "
@@ -217,14 +290,14 @@ class JobSettings(Settings):
     )
     task_cpus: float = setting(
         DEFAULT_TASK_CPUS,
-        help="CPUs reserved for read/write tasks",
+        help="CPUs reserved for read/write tasks: two read slots and one write slot",
         flag="--task-cpus",
         exclusive_minimum=0,
         form=False,
     )
     driver_cpus: float = setting(
         DEFAULT_DRIVER_CPUS,
-        help="CPUs the submitter gives the driver (entrypoint_num_cpus); counted in the footprint",
+        help="CPUs of the job's driver, reserved with its footprint (the submitter asks only 0.0001 for it)",
         flag="--driver-cpus",
         exclusive_minimum=0,
         form=False,

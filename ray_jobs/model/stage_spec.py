@@ -16,7 +16,7 @@ projection with its last.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ray_jobs.errors import StageSpecError
@@ -177,9 +177,30 @@ def resolve(parsed, num_layers: Mapping[str, int]) -> StageLayout:
     return StageLayout(tuple(stages), dict(num_layers))
 
 
-def balanced_spec(num_stages: int, layer_costs: Mapping[str, list[float]]) -> list[list[tuple]]:
+def stage_ranges(layer_counts: Mapping[str, int], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """``[(tower, first, last)]`` of items *lo* .. *hi* - 1, the text layers then the image layers
+    numbered as one sequence (what :func:`balanced_spec` cuts)."""
+    out, offset = [], 0
+    for tower in TOWERS:
+        n = layer_counts[tower]
+        first, last = max(lo, offset), min(hi, offset + n) - 1
+        if first <= last:
+            out.append((tower, first - offset, last - offset))
+        offset += n
+    return out
+
+
+def balanced_spec(
+    num_stages: int,
+    layer_costs: Mapping[str, list[float]],
+    fits: Callable[[int, int], bool] | None = None,
+) -> list[list[tuple]]:
     """Split the text layers then the image layers into *num_stages* contiguous stages
-    minimising the most expensive stage (linear partition), returning parsed ranges."""
+    minimising the most expensive stage (linear partition), returning parsed ranges.
+
+    *fits(lo, hi)*: whether the stage of items *lo* .. *hi* - 1 fits a stage's memory (see
+    :func:`stage_ranges`); the cheapest split among those whose every stage fits. Raises
+    :class:`StageSpecError` when none does."""
     items = [(t, i, c) for t in TOWERS for i, c in enumerate(layer_costs[t])]
     n = len(items)
     if not 1 <= num_stages <= n:
@@ -195,9 +216,13 @@ def balanced_spec(num_stages: int, layer_costs: Mapping[str, list[float]]) -> li
     for k in range(1, num_stages + 1):
         for j in range(k, n + 1):
             for i in range(k - 1, j):
+                if best[k - 1][i] == inf or (fits is not None and not fits(i, j)):
+                    continue
                 cost = max(best[k - 1][i], prefix[j] - prefix[i])
                 if cost < best[k][j] - 1e-12:
                     best[k][j], cut[k][j] = cost, i
+    if best[num_stages][n] == inf:
+        raise StageSpecError(f"no split into {num_stages} stages fits a stage's memory")
     bounds = []
     j = n
     for k in range(num_stages, 0, -1):

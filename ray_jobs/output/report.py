@@ -72,6 +72,12 @@ class RunReport:
     #: what this night changed: rows of new work, rows kept from the plan it continues, rows
     #: removed from the table (retired work), and that plan's run id
     night: dict[str, Any] = field(default_factory=dict)
+    #: the run's layout decision and its inputs (:meth:`ray_jobs.model.auto_layout.LayoutDecision.to_dict`),
+    #: and per stage spec the committed partitions ran, its rate and gains
+    #: (:func:`ray_jobs.perf.rebalance.layout_history`)
+    layout: dict[str, Any] = field(default_factory=dict)
+    layouts: tuple[dict[str, Any], ...] = ()
+    layout_lines: tuple[str, ...] = ()
 
     def night_line(self) -> str:
         """``embedded N new or changed rows, kept M, removed K``."""
@@ -95,7 +101,7 @@ class RunReport:
         )
 
     def to_json(self) -> str:
-        data = {k: v for k, v in self.__dict__.items() if k != "stage_balance_lines"}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("stage_balance_lines", "layout_lines")}
         data["rows_per_s"] = self.rows_per_s
         data["night_line"] = self.night_line()
         data["startup_median"] = startup_medians(self.partitions)
@@ -148,6 +154,12 @@ class RunReport:
             lines += [f"| {reason} | {n} |" for reason, n in sorted(self.rejects_by_reason.items())]
         else:
             lines.append("None.")
+        lines += ["", "## Stage layout", ""]
+        if self.layout:
+            lines += [f"- {line}" for line in layout_decision_lines(self.layout)]
+        lines += ["", *self.layout_lines] if self.layout_lines else []
+        if not self.layout and not self.layout_lines:
+            lines.append("No layout recorded.")
         lines += ["", "## Stage balance", ""]
         lines += list(self.stage_balance_lines) or ["No stage statistics in the committed markers."]
         lines += ["", "## Cost", ""]
@@ -171,6 +183,28 @@ class RunReport:
         if self.problems:
             lines += ["", "## Problems", "", *(f"- {p}" for p in self.problems)]
         return "\n".join(lines) + "\n"
+
+
+def layout_decision_lines(layout: dict[str, Any]) -> list[str]:
+    """The run's layout decision (``check_inputs``) in words: how, why, and the figures it used."""
+    from ray_jobs.model.stage_memory import format_bytes
+
+    out = [f"layout: {layout['how']}: {layout['stages']} stage(s), replicas {layout['replicas']}; {layout['reason']}"]
+    if "model_bytes" in layout:
+        out.append(
+            f"model weights {format_bytes(layout['model_bytes'])}, "
+            f"activations ~{format_bytes(layout['activation_bytes'])} "
+            f"at batch {layout['batch_size']}; a stage may hold {format_bytes(layout['limit_bytes'])} "
+            f"({layout['limit_source']})"
+        )
+    data = layout.get("data") or {}
+    if "text_tokens" in data:
+        out.append(
+            f"data sample {data.get('source', '')}: caption tokens median {data['text_tokens']['median']:g}, "
+            f"max {data['text_tokens']['max']} of {data.get('text_max_length')}"
+        )
+    out.append(f"spec chosen for the run: `{layout['spec']}`")
+    return out
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -220,9 +254,11 @@ def build_report(
     prices: Prices | None = None,
     history: Sequence[dict[str, Any]] | None = None,
     embedded: Sequence[int] | None = None,
+    layout: dict[str, Any] | None = None,
 ) -> RunReport:
     """*history*: the last nights' figures; None reads them (:func:`recent_runs`). *embedded*:
-    the partitions this run embedded (default: the plan's new ones)."""
+    the partitions this run embedded (default: the plan's new ones). *layout*: the run's layout
+    decision as ``check_inputs`` made it."""
     import datetime as dt
 
     from ray_jobs.perf.run_cost import run_cost
@@ -243,6 +279,8 @@ def build_report(
                 entry["rows_per_s"] = check.timings["rows_per_s"]
             if check.timings.get("wall_s") is not None:
                 entry["wall_s"] = check.timings["wall_s"]
+            if check.stages:
+                entry["stages"] = check.stages
             startup = {k: check.timings[k] for k in STARTUP_KEYS if k in check.timings}
             if startup:
                 entry["startup"] = startup
@@ -273,7 +311,25 @@ def build_report(
         finished_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         output_key=validation.output_key,
         night=night_figures(plan, catalog, embedded),
+        layout=dict(layout or {}),
+        **_layouts(validation),
     )
+
+
+def _layouts(validation: ValidationReport) -> dict[str, Any]:
+    """The stage spec each committed partition ran, grouped, with measured and predicted gains."""
+    from ray_jobs.perf.rebalance import MeasuredPartition, layout_history
+
+    ran = [MeasuredPartition(c.index, c.stages, tuple(c.stage_stats)) for c in validation.checks if c.ok and c.stages]
+    rows, lines = layout_history(ran)
+    if not rows:
+        return {}
+    note = (
+        "Stage specs the committed partitions ran (a later partition may run the split measured on earlier ones); "
+        "model stages rows/s is the slowest stage pool's rows per busy second; gains against layout 1: predicted "
+        "from layout 1's stage statistics, and measured."
+    )
+    return {"layouts": tuple(rows), "layout_lines": (note, "", *lines)}
 
 
 def night_figures(plan: Plan, catalog: dict[str, Any] | None, embedded: Sequence[int] | None = None) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 The checkpoint is opened exactly as a stage actor opens it (:func:`~ray_jobs.model.checkpoint.open_checkpoint`,
 one :class:`~ray_jobs.model.staged.StageModule` holding every layer), fed batches shaped as the
-preprocessing pool shapes them (the checkpoint's own tokenizer and image processor, on synthetic
-captions and images), and timed module by module with forward hooks after a warm-up. A tower's
+preprocessing pool shapes them (the checkpoint's own tokenizer and image processor), and timed
+module by module with forward hooks after a warm-up. The batch is the data's where a manifest
+sample is given (:func:`data_batch`: its captions, padded to the batch's longest as the job pads
+them, and its images), else synthetic (:func:`synthetic_batch`: captions at the tokenizer's
+maximum length, the worst case). A tower's
 embedding is charged to its first layer and its head to its last, as a stage that owns layer 0
 runs the embedding (:mod:`ray_jobs.model.stage_spec`); time outside any module (tensor
 conversion, normalisation, pooling) is reported apart and charged to the first layers.
@@ -61,6 +64,8 @@ class LayerProfile:
     embed: dict[str, float]
     head: dict[str, float]
     other: float
+    #: what the timed batch held: the data sample's source, or ``synthetic``
+    data: str = "synthetic"
 
     def layer_costs(self) -> dict[str, list[float]]:
         """Per layer, with the embedding (and half the unattributed time) on layer 0 and the head on
@@ -96,6 +101,34 @@ def synthetic_batch(ckpt, n: int, image_size: tuple[int, int], seed: int = 0) ->
         "attention_mask": attention_mask,
         "pixels": pixels,
         **({"spatial_shapes": grids} if processing.patches else {}),
+    }
+
+
+def data_batch(ckpt, sample, n: int, max_pixels: int = 50_000_000, seed: int = 0) -> dict[str, np.ndarray]:
+    """*n* rows drawn (with *seed*) from *sample*'s rows whose image opens, as the preprocessing
+    pool hands them to stage 1: captions padded to the batch's longest, images decoded."""
+    import random
+
+    from ray_jobs.errors import TransientFailure
+    from ray_jobs.job.preprocess import RowRejected, decode_image, fetch_bytes
+
+    processing = ckpt.image_processing
+    good = []
+    for text, uri in zip(sample.texts, sample.image_uris, strict=True):
+        try:
+            good.append((text, decode_image(fetch_bytes(uri, 64 * 1024 * 1024, attempts=1), processing, max_pixels)))
+        except (RowRejected, TransientFailure, OSError):
+            continue
+    if not good:
+        raise UsageError(f"no sampled row of the manifest has an image that opens ({sample.source})")
+    rows = random.Random(seed).choices(good, k=n)
+    text = ckpt.text_processing
+    input_ids, attention_mask = text.encode(text.load_tokenizer(), [t for t, _ in rows])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixels": np.stack([px for _, (px, _) in rows]),
+        **({"spatial_shapes": np.array([g for _, (_, g) in rows], dtype=np.int64)} if processing.patches else {}),
     }
 
 
@@ -146,8 +179,9 @@ class _Timer:
             h.remove()
 
 
-def profile_layers(model_uri: str, settings: ProfileSettings) -> LayerProfile:
-    """Time every layer of *model_uri* on this machine under *settings*."""
+def profile_layers(model_uri: str, settings: ProfileSettings, sample=None) -> LayerProfile:
+    """Time every layer of *model_uri* on this machine under *settings*, on batches of *sample*
+    (a :class:`~ray_jobs.perf.data_sample.DataSample`) or, without one, synthetic batches."""
     import torch
 
     from ray_jobs.model.checkpoint import open_checkpoint
@@ -168,7 +202,10 @@ def profile_layers(model_uri: str, settings: ProfileSettings) -> LayerProfile:
             timer.watch(seg.modules[name], (seg.tower, seg.start + i))
         for name in seg.head_names:
             timer.watch(seg.modules[name], (seg.tower, "head"))
-    batch = synthetic_batch(ckpt, settings.batch_size, settings.image_size)
+    if sample is not None:
+        batch = data_batch(ckpt, sample, settings.batch_size)
+    else:
+        batch = synthetic_batch(ckpt, settings.batch_size, settings.image_size)
     try:
         for _ in range(settings.warmup):
             module.run(batch)
@@ -189,4 +226,5 @@ def profile_layers(model_uri: str, settings: ProfileSettings) -> LayerProfile:
     embed = {t: per_row.get((t, "embed"), 0.0) for t in TOWERS}
     head = {t: per_row.get((t, "head"), 0.0) for t in TOWERS}
     other = max(0.0, total / rows - sum(per_row.values()))
-    return LayerProfile(ckpt.uri, ckpt.model_id, ckpt.embed_dim, settings, layers, embed, head, other)
+    data = f"manifest sample: {sample.source}" if sample is not None else "synthetic"
+    return LayerProfile(ckpt.uri, ckpt.model_id, ckpt.embed_dim, settings, layers, embed, head, other, data)

@@ -162,9 +162,13 @@ def _layer_ranges(layers: str) -> list[tuple[str, int, int]]:
     return parsed[0][0]
 
 
-def layer_costs_from_rates(rates: Sequence[StageRate]) -> dict[str, list[float]]:
+def layer_costs_from_rates(
+    rates: Sequence[StageRate], prior: Mapping[str, Sequence[float]] | None = None
+) -> dict[str, list[float]]:
     """Seconds per row of each layer, estimated from model stages' measured rates: a stage's
-    cost (1 / rate) is spread evenly over its layers (embedding and head ride with them)."""
+    cost (1 / rate) is spread over its layers (embedding and head ride with them) evenly, or in
+    proportion to *prior* (an estimate of each layer's relative cost, e.g. FLOPs at the data's
+    shapes), which tells a text layer from an image layer in a stage holding both."""
     costs: dict[str, dict[int, float]] = {t: {} for t in TOWERS}
     for r in rates:
         if not r.is_model_stage:
@@ -172,10 +176,12 @@ def layer_costs_from_rates(rates: Sequence[StageRate]) -> dict[str, list[float]]
         ranges = _layer_ranges(r.layers)
         if not ranges:
             raise UsageError(f"{r.name}: no layers recorded; cannot re-split")
-        n = sum(hi - lo + 1 for _, lo, hi in ranges)
-        for tower, lo, hi in ranges:
-            for i in range(lo, hi + 1):
-                costs[tower][i] = (1.0 / r.rows_per_s) / n
+        weight = {(t, i): 1.0 for t, lo, hi in ranges for i in range(lo, hi + 1)}
+        if prior is not None and all(i < len(prior.get(t, ())) for t, i in weight):
+            weight = {(t, i): float(prior[t][i]) for t, i in weight}
+        total = sum(weight.values()) or 1.0
+        for (tower, i), w in weight.items():
+            costs[tower][i] = (1.0 / r.rows_per_s) * w / total
     out = {}
     for tower in TOWERS:
         idx = sorted(costs[tower])

@@ -32,6 +32,7 @@ def tune_result(profile: LayerProfile, num_stages: int) -> dict[str, Any]:
         "batch_size": s.batch_size,
         "threads": s.threads,
         "batches": s.batches,
+        "data": profile.data,
         "seconds_per_row": {
             "layers": {t: [round(c, 7) for c in v] for t, v in profile.layers.items()},
             "embed": {t: round(v, 7) for t, v in profile.embed.items()},
@@ -51,6 +52,8 @@ def tune_lines(result: dict[str, Any]) -> list[str]:
     out = [
         f"tune: {result['model_id']} on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
         f"{result['threads']} thread(s), {result['batches']} timed batches)",
+        f"data: {result.get('data', 'synthetic')}"
+        + ("" if result.get("data", "synthetic") != "synthetic" else " (captions at the tokenizer's max length)"),
         "layer cost, ms per row (embedding on layer 0, head on the last):",
     ]
     for tower, costs in sec["layers"].items():

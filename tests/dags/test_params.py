@@ -46,7 +46,7 @@ def test_only_the_three_uris_are_required_in_the_form(dag):
 
 def test_the_three_uris_alone_validate(dag):
     resolved = _resolve(dag, VALID)
-    assert resolved["backend"] == "local" and resolved["num_stages"] >= 1
+    assert resolved["backend"] == "local" and resolved["num_stages"] == "auto"
     assert resolved["stages"] is None and resolved["catalog_conn_id"] is None
     for name in VALID:  # and each one param at a time through Param.resolve
         copy.deepcopy(dag.params).get_param(name).resolve(VALID[name])
@@ -68,6 +68,9 @@ def test_removed_params_are_gone(dag):
         ({"stage_pool": "two"}, "stage_pool"),
         ({"stage_pool": "1-2; touch /tmp/x"}, "stage_pool"),
         ({"stages": "text|image; id"}, "stages"),
+        ({"num_stages": "lots"}, "num_stages"),
+        ({"num_stages": 0}, "num_stages"),
+        ({"max_stage_memory": "4 pigs"}, "max_stage_memory"),
         ({"max_partitions": 5000}, "max_partitions"),
         ({"rows_per_file": 0}, "rows_per_file"),
         ({"local_num_cpus": 10_000}, "local_num_cpus"),

@@ -25,7 +25,9 @@ def _other_value(f, schema):
     if f.kind is Pool:
         return "2-3"
     if f.kind is str:
-        return {"stages": "text|image", "dataset": "nightly.v2"}.get(f.name, f.default)
+        return {"stages": "text|image", "dataset": "nightly.v2", "max_stage_memory": "8GiB"}.get(f.name, f.default)
+    if f.spec.words and f.default in f.spec.words:
+        return 3  # a number in place of the word
     lo = schema.get("minimum", schema.get("exclusiveMinimum", 0))
     hi = schema.get("maximum", 10**9)
     base = f.default if f.default is not None else lo
@@ -64,7 +66,9 @@ def test_form_argv_cli_and_job_config_agree_for_every_setting(deployment, stages
     argv = embed_argv(config, "/o/plan.json", 4, "python")
     job = embed_config(build_parser().parse_args(argv[3:]))
     assert job.job == config.job
-    expected_stage = dataclasses.replace(config.stage, num_stages=2) if stages else config.stage
+    expected_stage = (
+        dataclasses.replace(config.stage, num_stages=StageSettings().num_stages) if stages else config.stage
+    )
     assert job.stage == expected_stage, "with a stage spec the job gets the spec, not num_stages"
     assert (job.plan_uri, job.partition, job.model_uri) == ("/o/plan.json", 4, URIS["model_uri"])
 
