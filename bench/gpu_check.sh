@@ -1,56 +1,73 @@
 #!/usr/bin/env bash
-# The fair benchmarks on a CUDA machine, in one prepared run (docs/performance.md):
-#   1. bench/pipeline_vs_torch.py on the larger presets (bf16), vs the single-card loop at 3 batch sizes
-#   2. bench/job_vs_torch.py: the whole partition job vs a tuned DataLoader, on real image files
-#   4. python -m ray_jobs tune (skipped, saying so, where the subcommand is absent)
-# Each step has a hard timeout; with the defaults the steps fit in 8 minutes together (the venv
-# set-up before them is separate: GPU_CHECK_SETUP_TIMEOUT_S). Output goes to stdout and, when
-# $OUT is set, to $OUT/gpu_check.log. Settings (environment):
-#   GPU_CHECK_VENV (.venv-gpu)        venv made here if absent: python3 -m venv + requirements.txt/constraints.txt,
-#                                     then torch (the pin in requirements.txt) from the default index, which is a
-#                                     CUDA build on Linux x86-64; fails clearly if torch then sees no GPU
-#   GPU_CHECK_STEADY_S (6)            steady-state seconds per side and repetition in step 1
-#   GPU_CHECK_REPS (2)                alternating repetitions in step 1
-#   GPU_CHECK_STEP_TIMEOUT_S (140)    hard limit of steps 1a, 1b and 2; step 4 gets GPU_CHECK_TUNE_TIMEOUT_S (40)
-#   GPU_CHECK_JOB_ROWS (2400)         rows (image files) in step 2
-#   GPU_CHECK_BATCH (32)              batch size of steps 1, 2 and 4
+# The fair benchmarks and the stall check on a CUDA machine, in one prepared run (docs/performance.md):
+#   1. bench/pipeline_vs_sequential.py: the model split over 2 workers (one GPU shared), the project's
+#      pipeline vs sequential model parallel (accelerate's device_map) and a torch micro-batch pipeline
+#   2. bench/job_vs_torch.py: the whole partition job with the automatic layout vs a tuned DataLoader
+#   3. tests/ray_jobs/job/test_stall*.py: a stage actor SIGKILLed mid-run (skipped, saying so, where absent)
+# Each step has a hard timeout; with the defaults the steps fit in 8 minutes together (the set-up
+# before them is separate and local: nothing is downloaded). Output goes to stdout and, when $OUT
+# is set, to $OUT/gpu_check.log. Settings (environment):
+#   GPU_CHECK_PYTHON (python3)        a Python whose torch is a CUDA build (the machine's own)
+#   GPU_CHECK_WHEELS (.whl)           wheels of what that Python lacks (ray, pyiceberg, ...), installed with
+#                                     pip --no-index --no-deps into GPU_CHECK_SITE and put first on PYTHONPATH;
+#                                     a wheel too big to travel in one piece may come split as NAME.whl.part-aa,
+#                                     NAME.whl.part-ab, ... (split -b 60M), joined here first
+#   GPU_CHECK_SITE (/tmp/gpu-check-site)
+#   GPU_CHECK_STEADY_S (6)            steady-state seconds per variant and repetition in step 1
+#   GPU_CHECK_REPS (2)                alternating repetitions in steps 1 and 2
+#   GPU_CHECK_BATCH (32)              batch size of steps 1 and 2
+#   GPU_CHECK_JOB_ROWS (1600)         rows (image files) in step 2
+#   GPU_CHECK_STEP1_TIMEOUT_S (150), GPU_CHECK_STEP2_TIMEOUT_S (220), GPU_CHECK_STEP3_TIMEOUT_S (100)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-}
 LOG=${OUT_DIR:+$OUT_DIR/gpu_check.log}
 LOG=${LOG:-/dev/null}
-VENV=${GPU_CHECK_VENV:-.venv-gpu}
+PY=${GPU_CHECK_PYTHON:-python3}
+WHEELS=${GPU_CHECK_WHEELS:-.whl}
+SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
 STEADY_S=${GPU_CHECK_STEADY_S:-6}
 REPS=${GPU_CHECK_REPS:-2}
-STEP_T=${GPU_CHECK_STEP_TIMEOUT_S:-140}
-TUNE_T=${GPU_CHECK_TUNE_TIMEOUT_S:-40}
-SETUP_T=${GPU_CHECK_SETUP_TIMEOUT_S:-900}
-JOB_ROWS=${GPU_CHECK_JOB_ROWS:-2400}
 BATCH=${GPU_CHECK_BATCH:-32}
-PY_BOOT=${PYTHON_BOOT:-$(command -v python3.11 || command -v python3)}
+JOB_ROWS=${GPU_CHECK_JOB_ROWS:-1600}
+STEP1_T=${GPU_CHECK_STEP1_TIMEOUT_S:-150}
+STEP2_T=${GPU_CHECK_STEP2_TIMEOUT_S:-220}
+STEP3_T=${GPU_CHECK_STEP3_TIMEOUT_S:-100}
 export RAY_ADDRESS=local PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
-WORK=$(mktemp -d -t gpu-check-XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
 
 say() { echo "gpu_check: $*" | tee -a "$LOG"; }
 
 setup() {
-    [ -x "$VENV/bin/python" ] || "$PY_BOOT" -m venv "$VENV" || return 1
-    grep -v '^torch==' requirements.txt > "$WORK/requirements-no-torch.txt"
-    "$VENV/bin/python" -m pip install -q --upgrade "pip>=24" || return 1
-    "$VENV/bin/python" -m pip install -q -r "$WORK/requirements-no-torch.txt" -c constraints.txt || return 1
-    if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
-        local spec
-        spec=$(grep -o '^torch==[^ ]*' requirements.txt)
-        "$VENV/bin/python" -m pip uninstall -q -y torch 2>/dev/null
-        # The default index only (no local wheel folders or extra indexes a machine's pip config adds):
-        # its Linux x86-64 torch wheels are CUDA builds that pull the CUDA runtime as packages.
-        env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
-            "$VENV/bin/python" -m pip install -q "$spec" -c constraints.txt || return 1
+    if [ -d "$WHEELS" ]; then
+        local first whole
+        for first in "$WHEELS"/*.whl.part-aa; do
+            [ -e "$first" ] || continue
+            whole=${first%.part-aa}
+            cat "$whole".part-* > "$whole" || return 1
+        done
+        if compgen -G "$WHEELS/*.whl" > /dev/null; then
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+                "$WHEELS"/*.whl || return 1
+        fi
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    "$VENV/bin/python" -c 'import sys, torch
-print(f"torch {torch.__version__} cuda {torch.version.cuda} gpus {torch.cuda.device_count()}")
-sys.exit(0 if torch.cuda.is_available() else 1)' 2>&1 | tee -a "$LOG"
+    "$PY" - <<'PYEOF' 2>&1 | tee -a "$LOG"
+import importlib, sys
+missing = []
+for name in ("torch", "ray", "ray.data", "transformers", "tokenizers", "safetensors", "pyarrow", "PIL", "fsspec",
+             "pytest", "ray_jobs.job.embed"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        missing.append(f"{name} ({type(exc).__name__}: {exc})")
+if missing:
+    print("cannot import: " + "; ".join(missing))
+    sys.exit(1)
+import ray, torch
+print(f"python {sys.version.split()[0]} torch {torch.__version__} cuda {torch.version.cuda} "
+      f"gpus {torch.cuda.device_count()} ray {ray.__version__}")
+sys.exit(0 if torch.cuda.is_available() else 1)
+PYEOF
 }
 
 step() {  # step NAME TIMEOUT COMMAND...
@@ -63,27 +80,22 @@ step() {  # step NAME TIMEOUT COMMAND...
     say "step $name: exit $rc after $((SECONDS - t0))s$([ "$rc" = 124 ] && echo ' (timed out)')"
 }
 
-say "setting up $VENV (limit ${SETUP_T}s) ..."
-export -f setup say
-export VENV WORK LOG PY_BOOT
-if ! timeout "$SETUP_T" bash -c setup; then
-    say "set-up failed: no venv with a CUDA torch (see above); nothing measured"
+say "setting up $PY with the wheels in $WHEELS (if any) ..."
+if ! setup; then
+    say "set-up failed: no Python with a CUDA torch and the project's imports (see above); nothing measured"
     exit 1
 fi
-PY="$VENV/bin/python"
 START=$SECONDS
-step 1a "$STEP_T" "$PY" bench/pipeline_vs_torch.py --preset albert-base-vit-s16 --dtype bfloat16 \
+step 1 "$STEP1_T" "$PY" bench/pipeline_vs_sequential.py --preset albert-base-vit-s16 --dtype bfloat16 \
     --batch-size "$BATCH" --steady-s "$STEADY_S" --reps "$REPS"
-step 1b "$STEP_T" "$PY" bench/pipeline_vs_torch.py --preset clip-vit-b-16 --dtype bfloat16 \
-    --batch-size "$BATCH" --steady-s "$STEADY_S" --reps "$REPS"
-step 2 "$STEP_T" "$PY" bench/job_vs_torch.py --preset albert-base-vit-s16 --dtype bfloat16 --batch-size "$BATCH" \
-    --rows "$JOB_ROWS" --max-side 960 --loader-workers 8,15 --loader-threads 4 \
+step 2 "$STEP2_T" "$PY" bench/job_vs_torch.py --preset albert-base-vit-s16 --dtype bfloat16 --batch-size "$BATCH" \
+    --num-stages auto --rows "$JOB_ROWS" --max-side 960 --loader-workers 8,15 --loader-threads 4 --reps "$REPS" \
     ${OUT_DIR:+--stats-out "$OUT_DIR/job_stats.txt"}
-if "$PY" -m ray_jobs tune --help > /dev/null 2>&1; then
-    MODEL=$("$PY" -c 'import sys; sys.path.insert(0, "."); from bench.rows import build_preset
-print(build_preset("albert-base-vit-s16", sys.argv[1]))' "$WORK" 2>/dev/null | tail -1)
-    step 4 "$TUNE_T" "$PY" -m ray_jobs tune --model "$MODEL" --dtype bfloat16 --batch-size "$BATCH" --stages 2
+STALL_TESTS=$(ls tests/ray_jobs/job/test_stall*.py 2> /dev/null)
+if [ -n "$STALL_TESTS" ]; then
+    # shellcheck disable=SC2086  # one argument per test file
+    step 3 "$STEP3_T" "$PY" -m pytest -q $STALL_TESTS
 else
-    say "step 4 skipped: this checkout has no 'python -m ray_jobs tune' subcommand"
+    say "step 3 skipped: this checkout has no tests/ray_jobs/job/test_stall*.py"
 fi
 say "steps took $((SECONDS - START))s in all"

@@ -25,11 +25,13 @@ class JobSettings:
     output: str
     dtype: str
     batch: int
-    num_stages: int
     stage_cpus: float
     stage_gpus: float
     preprocess_pool: tuple[int, int]
     gpus: int
+    #: the job's layout and any other job settings, by name (``num_stages``, ``stages``, ...);
+    #: a setting left out takes the job's default
+    settings: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class JobFigures:
     spilled_bytes: int
     restored_bytes: int
     stats_text: str
+    layout: str  # the stage spec the job ran (its pools' sizes are in the operators' names)
+    #: the job's start-up seconds from its commit marker (driver, actor start, admission wait, ...)
+    startup: tuple[tuple[str, float], ...] = ()
 
 
 @contextlib.contextmanager
@@ -124,13 +129,13 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
             output_uri=settings.output,
             model_uri=settings.model,
             manifest_uri=settings.manifest,
-            num_stages=settings.num_stages,
             stage_num_cpus=settings.stage_cpus,
             stage_num_gpus=settings.stage_gpus,
             batch_size=settings.batch,
             preprocess_pool=settings.preprocess_pool,
             dtype=settings.dtype,
             force=True,
+            **dict(settings.settings),
         )
         job = prepare(cfg)
         needed = job.footprint.total()["CPU"] - job.footprint.driver_cpus
@@ -169,6 +174,8 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
                 int(summary.global_bytes_spilled or 0),
                 int(summary.global_bytes_restored or 0),
                 stats_text,
+                job.layout.spec(),
+                tuple((k.removeprefix("startup_"), float(v)) for k, v in sorted(result.startup.items())),
             )
         )
     except BaseException as exc:

@@ -7,12 +7,16 @@ project's own functions, embed with the same checkpoint and write Parquet. The j
 ``run_prepared`` (what ``python -m ray_jobs embed`` runs: fetch, decode, tokenise, stages,
 sink, commit) on a local Ray; the alternative is a ``DataLoader`` with worker processes and
 the reference (unsplit) model, tuned over a small grid of worker counts and torch threads on
-``--tune-rows`` rows (each printed), the best then run on all rows. Every run is a fresh
-process; end-to-end time runs from its spawn (imports, Ray start, model load included).
+``--tune-rows`` rows (each printed), the best then run on all rows, in ``--reps`` alternating
+repetitions (job, loader, job, loader ...); each side's median and spread (min-max) is printed.
+Every run is a fresh process; end-to-end time runs from its spawn (imports, Ray start, model
+load included). The job runs with its own default layout unless ``--num-stages`` (a number or
+``auto``), ``--stages`` or ``--job-setting NAME=VALUE`` say otherwise.
 
     python bench/job_vs_torch.py                                 # tiny demo model
     python bench/job_vs_torch.py --preset albert-base-vit-s16    # the target: ratio >= 0.9
-    python bench/job_vs_torch.py --rows 256 --tune-rows 96       # a smoke run, not a figure
+    python bench/job_vs_torch.py --num-stages auto               # the job's automatic layout
+    python bench/job_vs_torch.py --rows 256 --tune-rows 96 --reps 1   # a smoke run, not a figure
 
 Prints steady-state and end-to-end rows/s of both sides, the job's per-operator busy time,
 rows and bytes out (object-store traffic) from Ray Data's stats, and last ``ratio=<job steady
@@ -31,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.fair import Spread, alternating, best_variant, ratio
+from bench.fair import Spread, alternating, ratio
 from bench.pipeline_vs_torch import _ints
 from bench.rows import TINY_PRESETS, build_preset
 from ray_jobs.cli import min_max
@@ -54,17 +58,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="both sides (default 64 tiny, 16 larger)")
     p.add_argument("--min-side", type=int, default=160, help="smallest image side in pixels")
     p.add_argument("--max-side", type=int, default=1280, help="largest image side in pixels")
-    p.add_argument("--num-stages", type=int, default=2)
+    p.add_argument(
+        "--num-stages",
+        type=_num_stages,
+        default=None,
+        help="the job's layout: a number of stages or 'auto' (default: the job's own default)",
+    )
+    p.add_argument("--stages", help="the job's layout as an explicit stage spec (overrides --num-stages)")
+    p.add_argument(
+        "--job-setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other job setting by name (e.g. stage_pool=1-2), repeatable",
+    )
     p.add_argument(
         "--preprocess-pool", type=min_max, default=None, help=f"job: MIN-MAX (default 1-{max(2, cores - 1)})"
     )
     p.add_argument("--loader-workers", type=_ints, default=None, help="DataLoader num_workers grid (comma-separated)")
     p.add_argument("--loader-threads", type=_ints, default=None, help="torch intra-op threads grid (comma-separated)")
-    p.add_argument("--reps", type=int, default=1, help="alternating repetitions of the final runs (job, loader)")
+    p.add_argument("--reps", type=int, default=3, help="alternating repetitions of the final runs (job, loader)")
     p.add_argument("--warmup", type=int, default=3, help="DataLoader batches excluded from its steady state")
     p.add_argument("--assets", help="reuse (or create) the images and manifest in this directory")
     p.add_argument("--stats-out", help="write Ray Data's full stats of the last job run to this file")
     return p.parse_args(argv)
+
+
+def _num_stages(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of stages or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 stage, got {value}")
+    return value
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` -> (name, value): a whole number, a number, ``MIN-MAX`` for a pool, else the text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    name, value = name.strip(), value.strip()
+    if name.endswith("_pool"):
+        return name, min_max(value)
+    for convert in (int, float):
+        try:
+            return name, convert(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def job_layout(num_stages: int | str | None, stages: str | None) -> tuple[tuple[str, object], ...]:
+    """The layout settings the job gets: an explicit spec, else a stage count or ``auto``, else none
+    (the job's default)."""
+    if stages:
+        return (("stages", stages),)
+    if num_stages is not None:
+        return (("num_stages", num_stages),)
+    return ()
 
 
 def _grid(cores: int, cuda: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -96,19 +152,21 @@ def main(argv=None) -> None:
     if not os.path.isdir(manifest):
         made = write_job_assets(assets_dir, rows, min_side=args.min_side, max_side=args.max_side)
         print(f"assets: {made.rows} images, {made.image_bytes / 1e6:.1f} MB, sides {args.min_side}-{args.max_side} px")
-    k = args.num_stages
-    stage_gpus = (1.0 if gpus >= k else round(1.0 / k, 3)) if gpus else 0.0
+    layout = job_layout(args.num_stages, args.stages)
+    k = len(args.stages.split("|")) if args.stages else args.num_stages
+    # a GPU per stage where there are enough (data parallel, 'auto' on a GPU: one per replica), else a share
+    stage_gpus = (1.0 if not isinstance(k, int) or gpus >= k else round(1.0 / k, 3)) if gpus else 0.0
     job = JobSettings(
         ckpt.uri,
         manifest,
         os.path.join(work, "job-out"),
         args.dtype,
         batch,
-        k,
         1.0,
         stage_gpus,
         args.preprocess_pool or (1, max(2, cores - 1)),
         gpus,
+        layout + tuple(args.job_setting),
     )
     device = "cuda" if gpus else "cpu"
     workers, threads = _grid(cores, bool(gpus))
@@ -116,7 +174,8 @@ def main(argv=None) -> None:
     variants = [LoaderVariant(w, t) for w in workers for t in threads]
     print(
         f"model={ckpt.name} ({ckpt.format}) dtype={args.dtype} rows={rows} batch={batch} device={device} "
-        f"cores={cores} gpus={gpus} stages={k} preprocess_pool={job.preprocess_pool[0]}-{job.preprocess_pool[1]}",
+        f"cores={cores} gpus={gpus} preprocess_pool={job.preprocess_pool[0]}-{job.preprocess_pool[1]}\n"
+        f"job settings: {', '.join(f'{n}={v}' for n, v in job.settings) or 'the defaults'}",
         flush=True,
     )
 
@@ -147,9 +206,11 @@ def main(argv=None) -> None:
             print(
                 f"rep {rep} job: steady {f.steady_rows_per_s:9.2f} rows/s  end-to-end "
                 f"{f.rows_in / f.end_to_end_s:9.2f} rows/s ({f.end_to_end_s:.1f}s, run_prepared {f.pipeline_s:.1f}s, "
-                f"{f.rows_ok}/{f.rows_in} ok)",
+                f"{f.rows_ok}/{f.rows_in} ok) layout {f.layout}",
                 flush=True,
             )
+            if f.startup:
+                print(f"  start-up s: {' '.join(f'{k}={v:.1f}' for k, v in f.startup)}", flush=True)
         else:
             f = loader(best, rows)
             steady["loader"].append(f.steady_rows_per_s)
@@ -178,13 +239,12 @@ def main(argv=None) -> None:
     if args.stats_out:
         with open(args.stats_out, "w") as fh:
             fh.write(last_job.stats_text)
-    print("summary:")
+    print(f"summary (job layout {last_job.layout}; loader {best.name}):")
     for side in ("job", "loader"):
         print(f"  {side:7s} steady     {Spread.of(steady[side]).text()}")
         print(f"  {side:7s} end-to-end {Spread.of(e2e[side]).text()}")
     print(f"end_to_end_ratio={ratio(Spread.of(e2e['job']).median, Spread.of(e2e['loader']).median):.3f}")
-    _, loader_best = best_variant({"loader": steady["loader"]})
-    print(f"ratio={ratio(Spread.of(steady['job']).median, loader_best.median):.3f}")
+    print(f"ratio={ratio(Spread.of(steady['job']).median, Spread.of(steady['loader']).median):.3f}")
 
 
 if __name__ == "__main__":

@@ -57,12 +57,16 @@ def _pool_table(rows):
 
 
 def _tiles(pool_ref, batch: int, first: int, count: int) -> Iterator:
+    """Batches *first* .. *first + count - 1* of the pool, each its own table holding only its rows
+    (an Arrow slice would carry, and put in the object store, the whole pool's buffers)."""
+    import numpy as np
     import ray
 
-    table = ray.get(pool_ref)
-    starts = list(range(0, table.num_rows - batch + 1, batch))
+    rows = ray.get(pool_ref)
+    starts = list(range(0, len(rows["id"]) - batch + 1, batch))
     for k in range(first, first + count):
-        yield table.slice(starts[k % len(starts)], batch)
+        lo = starts[k % len(starts)]
+        yield _pool_table({key: np.array(v[lo : lo + batch], copy=True) for key, v in rows.items()})
 
 
 def _source(pool_ref, batch: int, batches: int):
@@ -99,7 +103,7 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
     from ray_jobs.model.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(settings.model)
-    pool = _pool_table(make_rows(ckpt, settings.pool_rows))
+    pool = make_rows(ckpt, settings.pool_rows)
     ray.init(
         address="local",
         num_cpus=settings.cores + 1,  # + the source tasks' fraction
