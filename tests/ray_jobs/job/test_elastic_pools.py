@@ -44,8 +44,10 @@ def _run(rows: int, reserved: int, pool: tuple[int, int], hold_rest: bool = Fals
     fp = job_footprint([(1.0, 0.0, reserved)], preprocess_cpus=0.5, preprocess_min=1)
     with contextlib.ExitStack() as stack:
         if hold_rest:
-            rest = ray.available_resources()["CPU"] - (fp.total()["CPU"] - fp.driver_cpus)
-            other = placement_group([{"CPU": round(rest, 4)}])
+            # the cluster's CPUs less this job's reservation, less a margin no actor fits in; from
+            # the total, not from what is free while the last test's actors are still released
+            rest = ray.cluster_resources()["CPU"] - (fp.total()["CPU"] - fp.driver_cpus) - 0.1
+            other = placement_group([{"CPU": round(rest, 2)}])
             assert other.wait(timeout_seconds=30)
             stack.callback(remove_placement_group, other)
         res = stack.enter_context(reserve(fp, name=f"elastic-{reserved}-{pool[1]}", timeout_s=30))
