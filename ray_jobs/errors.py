@@ -49,9 +49,9 @@ STALL_EXIT_CODE = 4
 
 
 class PipelineStalled(Exception):
-    """No row reached the sink for ``stall_timeout_s``: the pipeline is stuck, typically on an
-    actor that died but keeps its pool slot, or one that never got its resources. The message
-    names the stuck operator and its pending or dead actors.
+    """No row moved for ``stall_timeout_s`` (to the sink, nor between the pipeline's operators):
+    the pipeline is stuck, typically on an actor that died but keeps its pool slot, or one that
+    never got its resources. The message names the stuck operator and its pending or dead actors.
 
     A failure of the job, not of a batch: it is not a :class:`TransientFailure` (retrying a batch
     inside a hung pipeline would hang again) and never a reject. The attempt is discarded, nothing

@@ -67,7 +67,9 @@ def choose_layout(cfg: EmbedConfig, ckpt, refs, plan, model_id: str, out_key: st
     if s.auto and not s.auto_stages and refs:
         from ray_jobs.perf.data_sample import measure_shapes, sample_rows
 
-        shapes = measure_shapes(ckpt, sample_rows([(r.uri, r.row_groups) for r in refs]))
+        # captions only: the layout does not depend on image sizes, and every image is read once,
+        # by the pipeline
+        shapes = measure_shapes(ckpt, sample_rows([(r.uri, r.row_groups) for r in refs]), open_images=False)
     decision = decide_layout(ckpt, s, cfg.job.batch_size, shapes)
     print("\n".join(decision.lines()), flush=True)
     layout = decision.layout

@@ -4,10 +4,11 @@ Layer costs and activations depend on the data: a text layer's cost grows with t
 its batch, padded to the batch's longest caption (:meth:`~ray_jobs.model.text_ops.TextProcessing.encode`),
 not to the tokenizer's maximum length. The stage layout (``num_stages: auto``) and ``tune`` are
 balanced on this sample: a few row groups picked with a fixed seed, a few rows of each; the
-captions are tokenized with the checkpoint's own tokenizer and the images opened for their sizes
-(header only). An image tower's token count is fixed by its processor (every image is resized,
-or its patches padded to the maximum), so image sizes change the preprocessing's cost, not the
-layers'; they are reported beside the text lengths.
+captions are tokenized with the checkpoint's own tokenizer. An image tower's token count is
+fixed by its processor (every image is resized, or its patches padded to the maximum), so image
+sizes change the preprocessing's cost, not the layers': ``tune`` opens the sampled images and
+reports their sizes beside the text lengths; the layout and the jobs do not (every image is
+read once, by the pipeline).
 """
 
 from __future__ import annotations
@@ -169,8 +170,9 @@ def measure_shapes(
 ) -> DataShapes:
     """Tokenize *sample*'s captions with *ckpt*'s tokenizer and, with *open_images*, open its
     images (sizes only). The layout needs only the captions (an image tower's tokens are fixed
-    by its processor): the control plane passes ``open_images=False`` and never fetches a URI
-    it reads from the manifest's rows, which only the cluster's workers do."""
+    by its processor): ``check_inputs`` and the job's preflight pass ``open_images=False``, so
+    the control plane never fetches a URI from the manifest's rows and every image is read
+    once, by the pipeline."""
     text = ckpt.text_processing
     tokens = token_counts(text, sample.texts) if sample.rows else ()
     sizes = []
