@@ -88,18 +88,12 @@ def measured_layer_costs(ckpt, rows: dict, batch: int, threads: int, dtype: str,
 
     from ray_jobs.model.stage_spec import TOWERS, parse_spec, resolve
     from ray_jobs.model.staged import StageModule
-    from ray_jobs.perf.layer_profile import _Timer
+    from ray_jobs.perf.layer_profile import _Timer, watch_layers
 
     torch.set_num_threads(threads)
     module = StageModule(ckpt, resolve(parse_spec("text,image"), ckpt.layer_counts()), 0, device, dtype)
     timer = _Timer(device == "cuda")
-    for seg in module.segments:
-        for name in seg.embed_names:
-            timer.watch(seg.modules[name], (seg.tower, "embed"))
-        for i, name in enumerate(seg.block_names):
-            timer.watch(seg.modules[name], (seg.tower, seg.start + i))
-        for name in seg.head_names:
-            timer.watch(seg.modules[name], (seg.tower, "head"))
+    watch_layers(timer, module)
     cols = {k: rows[k][:batch] for k in ("input_ids", "attention_mask", "pixels")}
     measured = 2
     try:

@@ -179,6 +179,18 @@ class _Timer:
             h.remove()
 
 
+def watch_layers(timer: _Timer, module) -> None:
+    """Time every embedding, block and head of *module* (a ``StageModule``) with *timer*,
+    labelled ``(tower, "embed" | layer index | "head")``."""
+    for seg in module.segments:
+        for name in seg.embed_names:
+            timer.watch(seg.modules[name], (seg.tower, "embed"))
+        for i, name in enumerate(seg.block_names):
+            timer.watch(seg.modules[name], (seg.tower, seg.start + i))
+        for name in seg.head_names:
+            timer.watch(seg.modules[name], (seg.tower, "head"))
+
+
 def profile_layers(model_uri: str, settings: ProfileSettings, sample=None) -> LayerProfile:
     """Time every layer of *model_uri* on this machine under *settings*, on batches of *sample*
     (a :class:`~ray_jobs.perf.data_sample.DataSample`) or, without one, synthetic batches."""
@@ -195,13 +207,7 @@ def profile_layers(model_uri: str, settings: ProfileSettings, sample=None) -> La
     layout = resolve(parse_spec("text,image"), ckpt.layer_counts())
     module = StageModule(ckpt, layout, 0, settings.device, settings.dtype)
     timer = _Timer(settings.device == "cuda")
-    for seg in module.segments:
-        for name in seg.embed_names:
-            timer.watch(seg.modules[name], (seg.tower, "embed"))
-        for i, name in enumerate(seg.block_names):
-            timer.watch(seg.modules[name], (seg.tower, seg.start + i))
-        for name in seg.head_names:
-            timer.watch(seg.modules[name], (seg.tower, "head"))
+    watch_layers(timer, module)
     if sample is not None:
         batch = data_batch(ckpt, sample, settings.batch_size)
     else:
