@@ -391,6 +391,27 @@ def sizes_under(uri: str) -> dict[str, int]:
     return {name[len(prefix) :]: info["size"] for name, info in found.items() if name.startswith(prefix)}
 
 
+def last_modified(uri: str) -> float:
+    """When anything below *uri* last changed (epoch seconds, the store's clock); 0.0 when
+    nothing is there. A local directory counts itself, so one just created, still empty, is new."""
+    fs, path = filesystem_for(uri)
+    invalidate(fs, path)
+    if isinstance(fs, LocalFileSystem):
+        newest = 0.0
+        for dirpath, _, names in os.walk(path):
+            for full in (dirpath, *(os.path.join(dirpath, n) for n in names)):
+                try:
+                    newest = max(newest, os.stat(full).st_mtime)
+                except FileNotFoundError:  # removed while listing
+                    continue
+        return newest
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return 0.0
+    return max((_modified(info) or 0.0 for info in found.values()), default=0.0)
+
+
 def _entries(uri: str) -> tuple[fsspec.AbstractFileSystem, list[dict]]:
     """The filesystem and the fresh (uncached) listing of what is directly under *uri*."""
     fs, path = filesystem_for(uri)

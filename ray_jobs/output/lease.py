@@ -116,7 +116,11 @@ def last_heartbeat(attempt_uri: str) -> float:
 
 
 def clean_dead_attempts(partition_uri: str, keep: str | None = None, ttl_s: float = LEASE_TTL_S) -> list[str]:
-    """Remove attempts that never committed and whose lease is stale; return their ids."""
+    """Remove attempts that never committed and whose lease is stale; return their ids.
+
+    An attempt with no readable lease may be writing it right now (its directory exists a
+    moment before the lease does): it is judged by its newest file, and is dead only once
+    that is older than *ttl_s*, the rule ``gc`` applies too."""
     protected = protected_attempts(partition_uri)
     if protected is None:
         log.warning("partition %s: unreadable %s; not cleaning up any attempt", partition_uri, SUCCESS_FILE)
@@ -127,7 +131,7 @@ def clean_dead_attempts(partition_uri: str, keep: str | None = None, ttl_s: floa
         if attempt in (name, keep) or attempt in protected:
             continue
         uri = join_uri(partition_uri, name)
-        if time.time() - last_heartbeat(uri) > ttl_s:
+        if time.time() - (last_heartbeat(uri) or storage.last_modified(uri)) > ttl_s:
             storage.remove_tree(uri)
             removed.append(attempt)
     if removed:

@@ -20,7 +20,9 @@ def test_dead_uncommitted_attempts_are_cleaned_live_and_committed_ones_are_not(t
             json.dump({"attempt": attempt.id, "heartbeat_at": beat}, fh)
         with open(os.path.join(attempt.uri, "part-00000-000.parquet"), "wb") as fh:
             fh.write(b"half written")
-    os.makedirs(os.path.join(part, "attempt=crashed-before-its-lease"))
+    crashed = os.path.join(part, "attempt=crashed-before-its-lease")
+    os.makedirs(crashed)
+    os.utime(crashed, (time.time() - 3600, time.time() - 3600))
     removed = clean_dead_attempts(part, ttl_s=600)
     assert sorted(removed) == sorted([dead.id, "crashed-before-its-lease"])
     assert os.path.isdir(live.uri) and committed_marker(part, "m") == committed
@@ -44,3 +46,21 @@ def test_lease_is_refreshed_while_the_attempt_runs(tmp_path):
         time.sleep(0.3)
         with open(path) as fh:
             assert json.load(fh)["heartbeat_at"] > first
+
+
+def test_an_attempt_still_writing_its_first_lease_is_not_taken_for_dead(tmp_path):
+    """Two processes on one partition: the second cleans up while the first has created its
+    attempt directory but not yet renamed its lease into place. That attempt is alive."""
+    part = str(tmp_path / "p")
+    starting = Attempt(part)
+    os.makedirs(starting.uri)
+    with open(os.path.join(starting.uri, f"{LEASE_FILE}.0a1b2c.tmp"), "w") as fh:
+        fh.write("{")
+    empty = os.path.join(part, "attempt=just-created")
+    os.makedirs(empty)
+    assert clean_dead_attempts(part, ttl_s=600) == []
+    assert os.path.isdir(starting.uri) and os.path.isdir(empty)
+    old = time.time() - 3600
+    for path in (os.path.join(starting.uri, f"{LEASE_FILE}.0a1b2c.tmp"), starting.uri, empty):
+        os.utime(path, (old, old))
+    assert sorted(clean_dead_attempts(part, ttl_s=600)) == sorted([starting.id, "just-created"])
