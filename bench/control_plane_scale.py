@@ -103,9 +103,11 @@ class BenchConfig:
         return self.timeout_s if self.timeout_s is not None else ideal_s + 10.0 * self.partitions + 900.0
 
 
-def job_node_resources() -> dict[str, float]:
+def job_node_resources(jobs: int) -> dict[str, float]:
     """One node of exactly one job's footprint under the DAG's default stage layout (as
-    ``check_inputs`` computes it), so the stand-in's N nodes fit exactly N jobs."""
+    ``check_inputs`` computes it), plus room for the entrypoints of all *jobs* drivers (the
+    capacity rule keeps it on every node, since Ray may place every driver on one), so the
+    stand-in's *jobs* nodes fit exactly *jobs* jobs."""
     from embedding_run.deployment import load_defaults
     from ray_jobs.job.footprint import job_footprint
 
@@ -119,7 +121,9 @@ def job_node_resources() -> dict[str, float]:
         preprocess_cpus=float(p["preprocess_cpus"]),
         preprocess_min=int(str(p["preprocess_pool"]).partition("-")[0]),
     )
-    return {k: v for k, v in fp.total().items() if v}
+    node = {k: v for k, v in fp.total().items() if v}
+    node["CPU"] = round(node["CPU"] + (jobs - 1) * fp.driver_cpus, 4)
+    return node
 
 
 def airflow_env(cfg: BenchConfig, cluster_url: str, token: str) -> dict[str, str]:
@@ -232,7 +236,7 @@ def run(cfg: BenchConfig, workdir: str) -> dict:
 
     delays = seeded_delays(cfg.partitions, cfg.min_delay_s, cfg.max_delay_s, cfg.seed)
     ideal = ideal_makespan(delays, cfg.max_in_flight)
-    node = job_node_resources()
+    node = job_node_resources(cfg.max_in_flight)
     t0 = time.monotonic()
     assets = write_demo_assets(
         os.path.join(workdir, "assets"), rows=cfg.partitions, bad_images=0, files=1, row_group_rows=1
