@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from airflow.sdk import BaseOperatorLink
 
-XCOM_JOB_URL = "ray_job_url"
+#: The XCom key of the job's dashboard URL: the link's own key (``BaseOperatorLink.xcom_key``),
+#: which the UI reads. Written once the job is submitted, so the button works while it runs;
+#: at the task's end Airflow writes :meth:`RayJobLink.get_link`'s answer under it again.
+XCOM_JOB_URL = "_link_RayJobLink"
 
 
 def job_url(dashboard_url: str, submission_id: str) -> str:

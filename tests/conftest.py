@@ -36,6 +36,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _credentials_looked_up_afresh():
+    """Each test looks its clusters' credentials up anew: the triggerer's short reuse of an
+    answer would carry one test's token or address into the next."""
+    from airflow_ray.backends import forget_credentials
+
+    forget_credentials()
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory) -> str:
     from ray_jobs.demo.checkpoint import build_demo_checkpoint

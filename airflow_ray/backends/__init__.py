@@ -68,10 +68,37 @@ def credentials(
     return get_backend(handle.backend, config).credentials(handle)
 
 
+#: How long the triggerer reuses a cluster's looked-up address and token. Every trigger needs
+#: them, and each lookup is a round trip through the triggerer's supervisor to the secrets
+#: backend: at a thousand partitions one lookup per cluster a minute instead of one per trigger.
+CREDENTIALS_TTL_S = 60.0
+_looked_up: dict[str, tuple[float, tuple[str, str | None]]] = {}
+
+
+def forget_credentials() -> None:
+    """Drop every reused answer of :func:`acredentials` (the next lookup asks the backend)."""
+    _looked_up.clear()
+
+
 async def acredentials(
     handle: ClusterHandle | Mapping[str, Any], config: Mapping[str, Any] | None = None
 ) -> tuple[str, str | None]:
-    """:func:`credentials` from async code (a trigger), off the event loop."""
+    """:func:`credentials` from async code (a trigger), off the event loop; an answer for the
+    same handle and settings is reused for :data:`CREDENTIALS_TTL_S` (a failed lookup is not)."""
     import asyncio
+    import json
+    import time
 
-    return await asyncio.to_thread(credentials, handle, config)
+    from airflow_ray.cluster import ClusterHandle
+
+    as_dict = handle.to_dict() if isinstance(handle, ClusterHandle) else dict(handle)
+    key = json.dumps([as_dict, dict(config or {})], sort_keys=True, default=str)
+    now = time.monotonic()
+    hit = _looked_up.get(key)
+    if hit is not None and now - hit[0] < CREDENTIALS_TTL_S:
+        return hit[1]
+    answer = await asyncio.to_thread(credentials, handle, config)
+    for stale in [k for k, (at, _) in _looked_up.items() if now - at >= CREDENTIALS_TTL_S]:
+        del _looked_up[stale]
+    _looked_up[key] = (time.monotonic(), answer)
+    return answer

@@ -217,6 +217,7 @@ class RayJobsHook(_base_hook()):
     def __init__(self, ray_conn_id: str = default_conn_name, **kwargs):
         super().__init__(**kwargs)
         self.ray_conn_id = ray_conn_id
+        self._connection = None
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -225,7 +226,10 @@ class RayJobsHook(_base_hook()):
         return copy.deepcopy(FIELD_BEHAVIOUR)
 
     def _conn(self):
-        return self.get_connection(self.ray_conn_id)
+        """The connection, looked up once per hook (address and token come from one lookup)."""
+        if self._connection is None:
+            self._connection = self.get_connection(self.ray_conn_id)
+        return self._connection
 
     def get_address(self) -> str:
         conn = self._conn()

@@ -295,7 +295,6 @@ class RayJobOperator(BaseOperator):
         url = job_url(handle.dashboard_url, sid)
         ti.xcom_push(key="submission_id", value=sid)
         ti.xcom_push(key=XCOM_JOB_URL, value=url)
-        ti.xcom_push(key=RayJobLink().xcom_key, value=url)
         return url
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:

@@ -6,9 +6,11 @@ triggerer, it resumes polling the same job and ends with the same event.
 Logs stream into the task log incrementally (:mod:`airflow_ray.hooks.ray_job_logs`): only
 new log text is fetched, at most ``max_log_lines`` lines per poll are written (a marker says
 how many were cut), and the position reached is checkpointed in the task instance's XCom
-(``ray_log_offset``) after every poll, so a triggerer that restarts resumes after the last
-line it logged instead of replaying the log. Memory per trigger is bounded whatever the
-log's size.
+(``ray_log_offset``) at most every ``checkpoint_every_s`` (30 s), so a triggerer that restarts
+resumes at most that much before the last line it logged instead of replaying the log. Each
+checkpoint is a write through the triggerer to the metadata database: at a thousand
+partitions a write per poll would be most of the triggerer's work. The end of the job needs
+none (its event carries the offset). Memory per trigger is bounded whatever the log's size.
 
 ``deadline`` (epoch seconds) bounds the whole wait: past it the trigger stops the Ray job and
 ends with ``TIMEOUT``, so a stuck job fails its task clearly instead of blocking the run.
@@ -39,7 +41,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_ray.errors import RayJobError, RayJobsApiError
 from airflow_ray.hooks.ray_job_logs import JobLogFollower
 from airflow_ray.hooks.ray_jobs import TERMINAL, AsyncRayJobsClient, RayJobsClient
-from airflow_ray.links import XCOM_JOB_URL, RayJobLink, job_url
+from airflow_ray.links import XCOM_JOB_URL, job_url
 from airflow_ray.progress import split_progress
 from airflow_ray.submission import job_deadline, submit_or_adopt
 from airflow_ray.triggers.in_flight_gate import wait_for_slot
@@ -50,6 +52,8 @@ _ENDING_POLL_S = 0.25
 _MAX_CONSECUTIVE_ERRORS = 12
 #: XCom key under which a trigger checkpoints how far into the job's log it has logged.
 LOG_OFFSET_XCOM_KEY = "ray_log_offset"
+#: The least time between two log-offset checkpoints (what a triggerer restart may log again).
+CHECKPOINT_EVERY_S = 30.0
 #: After a terminal status, how long to wait for the log stream to deliver its last lines.
 _DRAIN_S = 15.0
 #: Tries of a submission from the triggerer before the event reports the Jobs API's error.
@@ -68,10 +72,12 @@ class _OffsetCheckpoint:
     """The log offset in the task instance's XCom, read and written through the Task SDK's
     supervisor channel (available in the triggerer); a no-op where there is none."""
 
-    def __init__(self, task_instance: Any, log):
+    def __init__(self, task_instance: Any, log, every_s: float = CHECKPOINT_EVERY_S):
         self.ti = task_instance
         self.log = log
+        self.every_s = every_s
         self.saved: int | None = None
+        self.saved_at = time.monotonic()
         self.enabled = task_instance is not None and all(
             getattr(task_instance, a, None) is not None for a in ("dag_id", "task_id", "run_id")
         )
@@ -126,8 +132,10 @@ class _OffsetCheckpoint:
             return False
 
     async def save(self, offset: int) -> None:
-        if not self.enabled or offset == self.saved:
+        """Checkpoint *offset* if it moved and the last checkpoint is ``every_s`` old."""
+        if not self.enabled or offset == self.saved or time.monotonic() - self.saved_at < self.every_s:
             return
+        self.saved_at = time.monotonic()
         try:
             await asyncio.to_thread(self._save, offset)
             self.saved = offset
@@ -152,6 +160,7 @@ class RayJobTrigger(BaseTrigger):
         partition: int | str | None = None,
         gate: dict[str, Any] | None = None,
         submission: dict[str, Any] | None = None,
+        checkpoint_every_s: float = CHECKPOINT_EVERY_S,
     ):
         super().__init__()
         if gate is not None and not set(gate) >= GATE_KEYS:
@@ -181,6 +190,7 @@ class RayJobTrigger(BaseTrigger):
         #: ``run_id``, ``partition``, the submit arguments, and ``timeout_s``, the job's bound
         #: from its admission (``deadline`` is then set from it)
         self.submission = dict(submission) if submission is not None else None
+        self.checkpoint_every_s = checkpoint_every_s
         self.published = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -201,6 +211,7 @@ class RayJobTrigger(BaseTrigger):
                 "partition": self.partition,
                 "gate": self.gate,
                 "submission": self.submission,
+                "checkpoint_every_s": self.checkpoint_every_s,
             },
         )
 
@@ -279,7 +290,7 @@ class RayJobTrigger(BaseTrigger):
         except Exception as exc:  # the backend's lookup failed every try: the task fails, naming it
             yield self._event("ERROR", f"no credentials for cluster {self.cluster_name!r}: {exc}", None)
             return
-        checkpoint = _OffsetCheckpoint(getattr(self, "task_instance", None), self.log)
+        checkpoint = _OffsetCheckpoint(getattr(self, "task_instance", None), self.log, self.checkpoint_every_s)
         how = None
         if self.submission is not None:
             try:
@@ -288,7 +299,8 @@ class RayJobTrigger(BaseTrigger):
                 await client.aclose()
                 yield self._event("ERROR", f"submitting the job failed: {exc}", None, waited_s=waited.get("waited_s"))
                 return
-        offset = max(self.log_offset, await checkpoint.load())
+        # a job this trigger just submitted has logged nothing yet: no checkpoint to read
+        offset = self.log_offset if how == "submitted" else max(self.log_offset, await checkpoint.load())
         follower = JobLogFollower(
             self.dashboard_url,
             self.submission_id,
@@ -317,13 +329,11 @@ class RayJobTrigger(BaseTrigger):
                 status = info.get("status", "")
                 if status in TERMINAL:
                     await self._drain(follower)
-                    await checkpoint.save(follower.offset)
                     yield self._event(status, info.get("message"), follower, how=how, waited_s=waited.get("waited_s"))
                     return
                 if self.deadline is not None and time.time() >= self.deadline:
                     stopped = await client.stop(self.submission_id)
                     await self._drain(follower, 2.0)
-                    await checkpoint.save(follower.offset)
                     msg = (
                         f"deadline passed ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(self.deadline))} UTC) "
                         f"with the job {status}; stop requested: {stopped}"
@@ -379,7 +389,7 @@ class RayJobTrigger(BaseTrigger):
         self.submission_id = sid
         self.deadline = job_deadline(info, sub["timeout_s"])
         url = job_url(self.dashboard_url, sid)
-        self.published = await checkpoint.publish({"submission_id": sid, XCOM_JOB_URL: url, RayJobLink().xcom_key: url})
+        self.published = await checkpoint.publish({"submission_id": sid, XCOM_JOB_URL: url})
         self.log.info("%s Ray job %s for partition %s (%s)", how, sid, self.partition, url)
         return how
 

@@ -132,3 +132,34 @@ def test_the_local_token_comes_from_the_clusters_own_private_dir(tmp_path):
     with pytest.raises(ClusterError, match="not a private file"):
         backend.credentials(handle)
     assert DIR_PREFIX in tdir
+
+
+def test_the_triggerer_reuses_a_lookup_for_a_minute_but_never_a_failure_nor_for_another_handle(
+    connections, monkeypatch
+):
+    """Every trigger needs its cluster's address and token; the triggerer looks them up once a
+    minute per handle and settings instead of once per trigger. A failed lookup is asked again,
+    and a forged handle (another address) is still checked and refused."""
+    import asyncio
+
+    import airflow_ray.backends as backends
+
+    looked_up = []
+    real = backends.credentials
+    monkeypatch.setattr(backends, "credentials", lambda h, c=None: looked_up.append(h) or real(h, c))
+    with RayClusterStandIn(delays=[], token=TOKEN) as cluster, _Collector() as collector:
+        connections(cluster.url)
+        config = {"conn_id": "ray_test"}
+        genuine = {"backend": "existing", "name": "emb-x", "dashboard_url": cluster.url, "details": {}}
+        for _ in range(3):
+            assert asyncio.run(backends.acredentials(genuine, config)) == (cluster.url, TOKEN)
+        assert len(looked_up) == 1
+        forged = {**genuine, "dashboard_url": collector.url}
+        for _ in range(2):
+            with pytest.raises(ClusterError, match="no token is sent there"):
+                asyncio.run(backends.acredentials(forged, config))
+        assert len(looked_up) == 3, "a refused lookup is not kept"
+        monkeypatch.setattr(backends, "CREDENTIALS_TTL_S", 0.0)
+        asyncio.run(backends.acredentials(genuine, config))
+        assert len(looked_up) == 4, "past its time an answer is looked up again"
+    assert collector.requests == []

@@ -117,7 +117,7 @@ def test_embed_job_submitted_and_sensed_to_success(cluster, demo_assets, tmp_pat
     out, err = capfd.readouterr()
     task_log = caplog.text + out + err  # Airflow's structlog writes to the process's stdout here
     assert "embed: committed: rows_in=120" in task_log, "job log lines reach the task log"
-    assert ti.xcom["ray_job_url"].endswith(f"/#/jobs/{trigger.submission_id}")
+    assert ti.xcom["_link_RayJobLink"].endswith(f"/#/jobs/{trigger.submission_id}")
     token = _token(handle)
     assert token and token not in task_log and token not in repr(ti.xcom) and token not in repr(trigger.serialize())
 

@@ -100,9 +100,13 @@ def test_the_configured_xcom_class_is_resolved_from_public_apis(xcom_backend, mo
 
 
 def test_the_job_link_reads_the_url_the_operator_pushed(xcom_backend):
+    """One XCom write gives both the UI's button (the link's own key) and the link's answer at
+    the task's end."""
     from airflow.sdk.types import TaskInstanceKey
 
     from airflow_ray.links import XCOM_JOB_URL, RayJobLink
+
+    assert RayJobLink().xcom_key == XCOM_JOB_URL
 
     key = TaskInstanceKey(dag_id="d", task_id="job", run_id="r", try_number=1, map_index=4)
     assert RayJobLink().get_link(None, ti_key=key) == ""

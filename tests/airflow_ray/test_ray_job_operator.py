@@ -164,7 +164,7 @@ def test_a_waiting_partition_defers_once_and_its_trigger_submits_when_the_slot_o
     result = op.execute_complete({"ti": ti}, event)
     assert result == {"submission_id": event["submission_id"], "status": "SUCCEEDED", "adopted": False}
     assert ti.xcom["submission_id"] == event["submission_id"], "no XCom channel in the trigger: the task wrote them"
-    assert ti.xcom["ray_job_url"].endswith(event["submission_id"])
+    assert ti.xcom["_link_RayJobLink"].endswith(event["submission_id"])
 
 
 def test_a_slot_wait_past_its_bound_submits_nothing_and_says_so(monkeypatch):

@@ -100,7 +100,7 @@ def test_a_rebuilt_trigger_resumes_after_the_last_logged_line(caplog, in_memory_
     with JobsApiStandIn(jobs={"slow": StandInJob(lines=600, width=40, rate=400)}) as api:
 
         async def interrupted():
-            first = RayJobTrigger(api.url, "slow", poll_interval=0.2)
+            first = RayJobTrigger(api.url, "slow", poll_interval=0.2, checkpoint_every_s=0)
             first.task_instance = _TI()
             task = asyncio.create_task(_first(first))
             await asyncio.sleep(0.8)
@@ -112,7 +112,7 @@ def test_a_rebuilt_trigger_resumes_after_the_last_logged_line(caplog, in_memory_
         before = _logged(caplog, "slow")
         assert 0 < len(before) < 600 and in_memory_checkpoints["offset"] > 0
         # a new triggerer rebuilds the trigger from its *original* kwargs (offset 0) ...
-        rebuilt = RayJobTrigger(api.url, "slow", poll_interval=0.2)
+        rebuilt = RayJobTrigger(api.url, "slow", poll_interval=0.2, checkpoint_every_s=0)
         rebuilt.task_instance = _TI()
         event = asyncio.run(_first(rebuilt))
         assert api.jobs["slow"].connections == 2
@@ -120,6 +120,30 @@ def test_a_rebuilt_trigger_resumes_after_the_last_logged_line(caplog, in_memory_
     after = _logged(caplog, "slow")
     # ... and resumes from the checkpoint: nothing replayed, nothing lost
     assert after == [log_line(i, 40) for i in range(600)]
+
+
+def test_checkpoints_are_written_at_most_every_interval_and_none_at_the_job_end(caplog, monkeypatch):
+    """A checkpoint is a write to the metadata database through the triggerer: a job shorter
+    than the interval writes none (its event carries the offset), a longer one about one per
+    interval, however often lines arrive."""
+    caplog.set_level(logging.INFO)
+    saves: list[int] = []
+    monkeypatch.setattr(trigger_module._OffsetCheckpoint, "_load", lambda self: 0)
+    monkeypatch.setattr(trigger_module._OffsetCheckpoint, "_save", lambda self, off: saves.append(off))
+    with JobsApiStandIn(
+        jobs={"short": StandInJob(lines=100, width=80, rate=400), "long": StandInJob(lines=600, width=80, rate=400)}
+    ) as api:
+        for sid, every in (("short", 30.0), ("long", 0.5)):
+            trigger = RayJobTrigger(api.url, sid, poll_interval=0.1, checkpoint_every_s=every)
+            trigger.task_instance = _TI()
+            start = time.monotonic()
+            event = asyncio.run(_first(trigger))
+            took = time.monotonic() - start
+            assert event["status"] == "SUCCEEDED" and len(_logged(caplog, sid)) == event["log_offset"] // 81 > 0
+            if sid == "short":
+                assert saves == [], "a job shorter than the interval checkpoints nothing"
+    assert 1 <= len(saves) <= took / 0.5 + 1, (saves, took)
+    assert saves == sorted(saves) and saves[-1] < event["log_offset"], "no checkpoint at the end: the event has it"
 
 
 @pytest.mark.integration
@@ -133,7 +157,9 @@ def test_what_a_triggerer_restart_re_receives_of_a_200_mb_log(caplog, in_memory_
     with JobsApiStandIn(jobs={"big": StandInJob(lines=n, width=width, rate=20_000)}) as api:
 
         async def interrupted():
-            first = RayJobTrigger(api.url, "big", poll_interval=0.5, max_log_lines=200, tail_lines=5)
+            first = RayJobTrigger(
+                api.url, "big", poll_interval=0.5, max_log_lines=200, tail_lines=5, checkpoint_every_s=0
+            )
             first.task_instance = _TI()
             task = asyncio.create_task(_first(first))
             while in_memory_checkpoints.get("offset", 0) < 80e6:
@@ -144,7 +170,9 @@ def test_what_a_triggerer_restart_re_receives_of_a_200_mb_log(caplog, in_memory_
 
         asyncio.run(interrupted())
         at_restart, sent_before = in_memory_checkpoints["offset"], api.jobs["big"].chars_sent
-        rebuilt = RayJobTrigger(api.url, "big", poll_interval=0.5, max_log_lines=200, tail_lines=5)
+        rebuilt = RayJobTrigger(
+            api.url, "big", poll_interval=0.5, max_log_lines=200, tail_lines=5, checkpoint_every_s=0
+        )
         rebuilt.task_instance = _TI()
         start = time.monotonic()
         follower_cls = trigger_module.JobLogFollower

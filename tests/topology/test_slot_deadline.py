@@ -68,4 +68,4 @@ def test_every_partition_of_a_queue_longer_than_the_deadline_succeeds_on_its_fir
     assert "submitted Ray job" in log and log.count("Pausing task as DEFERRED") <= 1, log[-3000:]
     sid = stack.xcom(run_id, "embed", "submission_id", map_index=PARTITIONS - 1)
     assert sid and sid in {j.submission_id for j in jobs}
-    assert (stack.xcom(run_id, "embed", "ray_job_url", map_index=PARTITIONS - 1) or "").endswith(sid)
+    assert (stack.xcom(run_id, "embed", "_link_RayJobLink", map_index=PARTITIONS - 1) or "").endswith(sid)
