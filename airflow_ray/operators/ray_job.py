@@ -16,7 +16,7 @@ from airflow_ray.hooks.ray_jobs import FAILED, RayJobsClient, uploads_working_di
 from airflow_ray.links import XCOM_JOB_URL, RayJobLink, job_url
 from airflow_ray.submission import find_job, job_deadline, job_metadata, submit_or_adopt
 from airflow_ray.triggers.in_flight_gate import InFlightGateTrigger, may_start_now, slot_wait_bound
-from airflow_ray.triggers.ray_job import LOG_OFFSET_XCOM_KEY, SLOT_TIMEOUT, RayJobTrigger
+from airflow_ray.triggers.ray_job import SLOT_TIMEOUT, RayJobTrigger
 from airflow_ray.version_guard import check_compatible
 
 
@@ -184,7 +184,6 @@ class RayJobOperator(BaseOperator):
                 )
             if not uploads_working_dir(self.runtime_env):
                 # one deferral: the trigger waits for the slot, submits (or adopts) and senses the job
-                ti.xcom_push(key=LOG_OFFSET_XCOM_KEY, value=0)
                 self.defer(
                     trigger=self._job_trigger(handle, submission_id="", info=None, gate=self._gate(ti, deadline)),
                     method_name="execute_complete",
@@ -283,8 +282,8 @@ class RayJobOperator(BaseOperator):
         self.log.info("%s Ray job %s on cluster %s (%s)", how, sid, handle.name, url)
         if info is not None and info.get("status") == "SUCCEEDED":
             return {"submission_id": sid, "status": "SUCCEEDED", "adopted": True}
-        # the log is followed from its start in each try's own log; the trigger checkpoints from here
-        ti.xcom_push(key=LOG_OFFSET_XCOM_KEY, value=0)
+        # the log is followed from its start in each try's own log: Airflow clears a task's XComs,
+        # the trigger's log-offset checkpoint included, when a new try starts (not when it resumes)
         trigger = self._job_trigger(handle, sid, info)
         if self.deferrable:
             self.defer(trigger=trigger, method_name="execute_complete")
