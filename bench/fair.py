@@ -15,6 +15,14 @@ class BenchError(ValueError):
     """A bench setting or measurement that cannot give a figure (too few batches, no samples)."""
 
 
+def check_window(steady_s: float, *, pool_rows: int | None = None, batch: int | None = None) -> None:
+    """A timed run's settings: a positive ``--steady-s``, and a row pool that holds a batch."""
+    if steady_s <= 0:
+        raise BenchError(f"--steady-s must be > 0, got {steady_s}")
+    if pool_rows is not None and batch is not None and pool_rows < batch:
+        raise BenchError(f"--pool-rows ({pool_rows}) must be >= the batch size ({batch})")
+
+
 @dataclass(frozen=True)
 class Spread:
     """The median of some repetitions' rows/s with their min and max."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from bench.fair import BenchError, steady_rate
+from bench.fair import BenchError, check_window, steady_rate
 
 #: Logical CPUs of a source task: tiling a few in-memory batches is light, and a whole CPU
 #: would keep a stage actor from starting on a small machine.
@@ -35,10 +35,7 @@ class PipelineSettings:
     max_rows: int = 50_000_000
 
     def __post_init__(self) -> None:
-        if self.steady_s <= 0:
-            raise BenchError(f"--steady-s must be > 0, got {self.steady_s}")
-        if self.pool_rows < self.batch:
-            raise BenchError(f"--pool-rows ({self.pool_rows}) must be >= the batch size ({self.batch})")
+        check_window(self.steady_s, pool_rows=self.pool_rows, batch=self.batch)
 
 
 @dataclass(frozen=True)

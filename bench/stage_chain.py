@@ -27,7 +27,7 @@ import queue as queue_mod
 import time
 from dataclasses import dataclass
 
-from bench.fair import BenchError, steady_rate
+from bench.fair import BenchError, check_window, steady_rate
 
 #: Seconds a worker may take to import torch and load its layers before the run is abandoned.
 START_TIMEOUT_S = 900.0
@@ -83,10 +83,7 @@ class ChainSettings:
     steady_s: float
 
     def __post_init__(self) -> None:
-        if self.steady_s <= 0:
-            raise BenchError(f"--steady-s must be > 0, got {self.steady_s}")
-        if self.pool_rows < self.batch:
-            raise BenchError(f"--pool-rows ({self.pool_rows}) must be >= the batch size ({self.batch})")
+        check_window(self.steady_s, pool_rows=self.pool_rows, batch=self.batch)
 
 
 @dataclass(frozen=True)

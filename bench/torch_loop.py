@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from bench.fair import BenchError, TorchVariant, data_parallel_rate, shard
+from bench.fair import BenchError, TorchVariant, check_window, data_parallel_rate, shard
 
 #: Seconds a process may take to import torch and load the model before the run is abandoned.
 START_TIMEOUT_S = 900.0
@@ -30,8 +30,7 @@ class LoopSettings:
     steady_s: float
 
     def __post_init__(self) -> None:
-        if self.steady_s <= 0:
-            raise BenchError(f"--steady-s must be > 0, got {self.steady_s}")
+        check_window(self.steady_s)
         if self.warmup < 0:
             raise BenchError(f"--warmup must be >= 0, got {self.warmup}")
 
