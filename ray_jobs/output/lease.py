@@ -104,15 +104,20 @@ def protected_attempts(partition_uri: str) -> set[str] | None:
     return keep
 
 
-def last_heartbeat(attempt_uri: str) -> float:
-    """When the lease of the attempt at *attempt_uri* was last refreshed (epoch seconds); 0.0
-    when it has no readable lease. An attempt silent for longer than :data:`LEASE_TTL_S` is dead."""
+def lease_heartbeat(attempt_uri: str) -> float | None:
+    """When the lease of the attempt at *attempt_uri* was last refreshed (epoch seconds); None
+    when it has no readable lease (not written yet, or never will be)."""
     try:
         return float(json.loads(storage.read_text(join_uri(attempt_uri, LEASE_FILE)))["heartbeat_at"])
-    except FileNotFoundError:
-        return 0.0  # the lease is an attempt's first file: none left means it died starting
-    except (ValueError, KeyError, TypeError):
-        return 0.0
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def last_heartbeat(attempt_uri: str) -> float:
+    """:func:`lease_heartbeat`, 0.0 when there is no readable lease. An attempt silent for
+    longer than :data:`LEASE_TTL_S` is dead."""
+    beat = lease_heartbeat(attempt_uri)
+    return 0.0 if beat is None else beat
 
 
 def clean_dead_attempts(partition_uri: str, keep: str | None = None, ttl_s: float = LEASE_TTL_S) -> list[str]:
@@ -131,7 +136,8 @@ def clean_dead_attempts(partition_uri: str, keep: str | None = None, ttl_s: floa
         if attempt in (name, keep) or attempt in protected:
             continue
         uri = join_uri(partition_uri, name)
-        if time.time() - (last_heartbeat(uri) or storage.last_modified(uri)) > ttl_s:
+        beat = lease_heartbeat(uri)
+        if time.time() - (storage.last_modified(uri) if beat is None else beat) > ttl_s:
             storage.remove_tree(uri)
             removed.append(attempt)
     if removed:
