@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 
 from bench.fair import BenchError
@@ -24,3 +25,18 @@ def run_spawned(target, args: tuple, *, timeout_s: float, what: str):
     if isinstance(got, str):
         raise BenchError(f"{what} failed: {got}")
     return got
+
+
+def start_with_threads(procs, threads: int) -> None:
+    """Start *procs* (spawned processes, not yet started) with ``OMP_NUM_THREADS`` = *threads*,
+    which they inherit; this process's own value is put back afterwards."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import os
 import queue as queue_mod
 import time
 from dataclasses import dataclass
 
 from bench.fair import BenchError, check_window, steady_rate
+from bench.spawned import start_with_threads
 
 #: Seconds a worker may take to import torch and load its layers before the run is abandoned.
 START_TIMEOUT_S = 900.0
@@ -158,20 +158,11 @@ def run_chain(settings: ChainSettings, variant: ChainVariant) -> ChainResult:
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(settings.stages + 1)]
     report = ctx.Queue()
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(settings.threads)  # inherited by the spawned processes
-    try:
-        procs = [
-            ctx.Process(target=_worker, args=(settings, i, queues[i], queues[i + 1], report))
-            for i in range(settings.stages)
-        ]
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    procs = [
+        ctx.Process(target=_worker, args=(settings, i, queues[i], queues[i + 1], report))
+        for i in range(settings.stages)
+    ]
+    start_with_threads(procs, settings.threads)
     try:
         load_s = 0.0
         for _ in procs:

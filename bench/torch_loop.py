@@ -10,11 +10,11 @@ lasted ``steady_s``. The variant's figure is all processes' rows over the slowes
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass
 
 from bench.fair import BenchError, TorchVariant, check_window, data_parallel_rate, shard
+from bench.spawned import start_with_threads
 
 #: Seconds a process may take to import torch and load the model before the run is abandoned.
 START_TIMEOUT_S = 900.0
@@ -95,19 +95,8 @@ def run_variant(settings: LoopSettings, variant: TorchVariant) -> LoopResult:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(variant.procs)
     queue = ctx.Queue()
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(variant.threads)  # inherited by the spawned processes
-    try:
-        procs = [
-            ctx.Process(target=_process, args=(settings, variant, i, barrier, queue)) for i in range(variant.procs)
-        ]
-        for p in procs:
-            p.start()
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    procs = [ctx.Process(target=_process, args=(settings, variant, i, barrier, queue)) for i in range(variant.procs)]
+    start_with_threads(procs, variant.threads)
     deadline = START_TIMEOUT_S + settings.steady_s * 4 + 60
     results, errors = [], []
     try:
