@@ -158,12 +158,32 @@ class HFDualCheckpoint(Checkpoint):
             config, key = self._config_json.get("vision_config") or {}, "hidden_size"
         return declared_positive_int(config, key) or self.family.embed_dim(self.hf_config)
 
-    @cached_property
-    def text_processing(self) -> TextProcessing:
+    def declared_text_positions(self) -> int | None:
+        """The text tower's usable positions where ``config.json`` states all it takes (no
+        transformers import, so a preprocessing actor starts without it), else None."""
+        text = self._config_json.get("text_config")
+        limit = declared_positive_int(text or {}, "max_position_embeddings")
+        model_type = text.get("model_type") if isinstance(text, dict) else None
+        if limit is None or not isinstance(model_type, str):
+            return None
+        if model_type in ("roberta", "xlm-roberta"):  # positions start after the padding index
+            pad = text.get("pad_token_id")
+            if not isinstance(pad, int) or isinstance(pad, bool):
+                return None
+            limit -= pad + 1
+        return limit
+
+    def config_text_positions(self) -> int:
+        """The text tower's usable positions as transformers' config classes read them."""
         tcfg = self.hf_config.text_config
         limit = int(tcfg.max_position_embeddings)
         if tcfg.model_type in ("roberta", "xlm-roberta"):  # positions start after the padding index
             limit -= int(tcfg.pad_token_id or 0) + 1
+        return limit
+
+    @cached_property
+    def text_processing(self) -> TextProcessing:
+        limit = self.declared_text_positions() or self.config_text_positions()
         return TextProcessing(
             self.local_dir,
             tokenizer_max_length(self.local_dir, limit, limit),

@@ -2,8 +2,12 @@
 
 :class:`ImageProcessing` is read from the checkpoint's image-processor config through the
 Hugging Face processor class itself (so legacy spellings of ``size`` etc. mean what they mean
-there). The CPU side (:meth:`ImageProcessing.transform`) does RGB conversion, resize and centre
-crop on uint8 pixels exactly as the processor's PIL backend does; the model stage
+there), except where the config spells out, in the current form, every value a common
+processor class uses: then it is read as plain JSON, and a preprocessing actor starts without
+importing transformers or torch (:func:`plain_image_processing`).
+
+The CPU side (:meth:`ImageProcessing.transform`) does RGB conversion, resize and centre crop on
+uint8 pixels exactly as the processor's PIL backend does; the model stage
 (:func:`pixels_to_tensor`) rescales and normalises, so only uint8 pixels cross the object store.
 """
 
@@ -180,14 +184,106 @@ def has_image_processor(directory: str) -> bool:
         return False
 
 
+#: Processor classes read as plain JSON, each with whether it centre-crops by default: their
+#: other defaults (resize, rescale and normalise on) are alike.
+_PLAIN_CLASSES = {
+    "ViTImageProcessor": False,
+    "SiglipImageProcessor": False,
+    "CLIPImageProcessor": True,
+    "ChineseCLIPImageProcessor": True,
+}
+_PLAIN_KEYS = frozenset(
+    {
+        "crop_size",
+        "do_center_crop",
+        "do_convert_rgb",
+        "do_normalize",
+        "do_rescale",
+        "do_resize",
+        "image_mean",
+        "image_processor_type",
+        "image_std",
+        "processor_class",
+        "resample",
+        "rescale_factor",
+        "size",
+    }
+)
+
+
+def _processor_config(directory: str) -> dict:
+    path = os.path.join(directory, PROCESSOR_FILES[0])
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    with open(os.path.join(directory, PROCESSOR_FILES[1])) as fh:
+        return json.load(fh)["image_processor"]
+
+
+def _hw(value) -> tuple[int, int] | None:
+    if isinstance(value, dict) and set(value) == {"height", "width"}:
+        h, w = value["height"], value["width"]
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            return h, w
+    return None
+
+
+def _triple(value) -> tuple[float, float, float] | None:
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value):
+        return tuple(float(x) for x in value)
+    return None
+
+
+def plain_image_processing(config: dict) -> ImageProcessing | None:
+    """*config* (an image processor's saved dict) as :class:`ImageProcessing`, read without
+    transformers; None where only the processor class can say what it means: another class, a
+    key this reader does not know, a legacy ``size`` spelling, or a value left to a default."""
+    cls = config.get("image_processor_type")
+    if cls not in _PLAIN_CLASSES or set(config) - _PLAIN_KEYS:
+        return None
+    flags = {k: config.get(k, True) for k in ("do_resize", "do_rescale", "do_normalize")}
+    if not all(v is True for v in flags.values()):
+        return None
+    do_crop = config.get("do_center_crop", _PLAIN_CLASSES[cls])
+    if do_crop not in (True, False) or ("do_center_crop" not in config and _PLAIN_CLASSES[cls]):
+        return None
+    size = config.get("size")
+    if _hw(size) is not None:
+        resize = ("fixed", *_hw(size))
+    elif isinstance(size, dict) and set(size) == {"shortest_edge"} and isinstance(size["shortest_edge"], int):
+        resize = ("shortest_edge", size["shortest_edge"], 0)
+    else:
+        return None
+    crop = _hw(config.get("crop_size")) if do_crop else None
+    mean, std = _triple(config.get("image_mean")), _triple(config.get("image_std"))
+    resample, factor = config.get("resample"), config.get("rescale_factor")
+    if (do_crop and crop is None) or mean is None or std is None or not isinstance(resample, int):
+        return None
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        return None
+    return ImageProcessing(
+        resize=resize, crop=crop, resample=resample, rescale_factor=float(factor), image_mean=mean, image_std=std
+    )
+
+
 def load_image_processing(directory: str) -> ImageProcessing:
-    """Read the image processor's config in *directory* through the Hugging Face processor class."""
-    path = os.path.join(directory, "preprocessor_config.json")
+    """Read the image processor's config in *directory*: as plain JSON where
+    :func:`plain_image_processing` can, otherwise through the Hugging Face processor class."""
     if not has_image_processor(directory):
         raise ModelError(
             f"{directory}: no image processor config (preprocessor_config.json, or processor_config.json with an "
             "image_processor entry): save the model's processor beside it"
         )
+    try:
+        plain = plain_image_processing(_processor_config(directory))
+    except (OSError, ValueError, KeyError, TypeError):
+        plain = None  # transformers reads it, or says what is wrong
+    return plain if plain is not None else processor_class_image_processing(directory)
+
+
+def processor_class_image_processing(directory: str) -> ImageProcessing:
+    """Read the image processor's config in *directory* through the Hugging Face processor class."""
+    path = os.path.join(directory, "preprocessor_config.json")
     from transformers import AutoImageProcessor
 
     try:

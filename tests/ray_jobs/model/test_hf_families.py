@@ -129,6 +129,21 @@ def test_layer_counts_and_embed_dim_read_from_the_json_equal_the_full_configs(fa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_text_positions_read_from_the_json_equal_the_full_config(family, checkpoints):
+    """A preprocessing actor reads the text length from config.json alone (no transformers import)."""
+    ckpt = open_checkpoint(checkpoints(family))
+    assert ckpt.declared_text_positions() is not None, "save_pretrained writes the text config whole"
+    assert ckpt.declared_text_positions() == ckpt.config_text_positions()
+
+
+def test_a_text_config_missing_its_positions_is_read_by_transformers(checkpoints):
+    ckpt = open_checkpoint(checkpoints("dual-roberta-siglip"))
+    del ckpt._config_json["text_config"]["pad_token_id"]
+    assert ckpt.declared_text_positions() is None
+    assert ckpt.text_processing.max_length <= ckpt.config_text_positions()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pixels_equal_the_hf_processor_within_one_grey_level(family, checkpoints, tmp_path):
     from transformers import AutoImageProcessor
 
