@@ -4,11 +4,20 @@ The source tiles a pool of rows into batches for as long as the consumer wants t
 driver iterates the output, and once the steady window (after the warm-up batches) has
 lasted ``steady_s`` it stops. Ray is started fresh for each repetition (loopback only, its own
 local instance, never a cluster another process started) and shut down after it.
+
+The source is read tasks of 64 batches each, two at a time, as a Parquet read is row groups:
+Ray Data's backpressure holds back tasks it has not started, not the output of one it has,
+so a few endless tasks ran far ahead of a slow model (481,376 rows read while the stages took
+2,464) and spilled 68 GB. Tasks of 4 batches bounded it too, but their overhead halved the
+tiny model's rows/s. Ray's session files (spilled objects included) live in a temporary
+directory removed after each repetition.
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +27,10 @@ from bench.fair import BenchError, check_window, steady_rate
 #: Logical CPUs of a source task: tiling a few in-memory batches is light, and a whole CPU
 #: would keep a stage actor from starting on a small machine.
 SOURCE_TASK_CPUS = 0.1
-SOURCE_TASKS = 64
+#: Batches one read task tiles.
+SOURCE_BATCHES_PER_TASK = 64
+#: Read tasks running at once.
+SOURCE_TASKS_AT_ONCE = 2
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class PipelineSettings:
     steady_s: float
     cores: int
     gpus: int
-    max_rows: int = 50_000_000
+    max_rows: int = 2_000_000
 
     def __post_init__(self) -> None:
         check_window(self.steady_s, pool_rows=self.pool_rows, batch=self.batch)
@@ -66,11 +78,16 @@ def _tiles(pool_ref, batch: int, first: int, count: int) -> Iterator:
         yield _pool_table({key: np.array(v[lo : lo + batch], copy=True) for key, v in rows.items()})
 
 
+def source_tasks(batches: int, per_task: int = SOURCE_BATCHES_PER_TASK) -> list[tuple[int, int]]:
+    """``(first batch, batches)`` of each read task: *batches* in all, at most *per_task* each."""
+    return [(first, min(per_task, batches - first)) for first in range(0, batches, per_task)]
+
+
 def _source(pool_ref, batch: int, batches: int):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    per_task = -(-batches // SOURCE_TASKS)
+    tasks = source_tasks(batches)
 
     class TiledRows(Datasource):
         def estimate_inmemory_data_size(self):
@@ -82,10 +99,10 @@ def _source(pool_ref, batch: int, batches: int):
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             return [
                 ReadTask(
-                    functools.partial(_tiles, pool_ref, batch, t * per_task, per_task),
-                    BlockMetadata(num_rows=per_task * batch, size_bytes=None, input_files=None, exec_stats=None),
+                    functools.partial(_tiles, pool_ref, batch, first, count),
+                    BlockMetadata(num_rows=count * batch, size_bytes=None, input_files=None, exec_stats=None),
                 )
-                for t in range(SOURCE_TASKS)
+                for first, count in tasks
             ]
 
     return TiledRows()
@@ -101,7 +118,9 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
 
     ckpt = open_checkpoint(settings.model)
     pool = make_rows(ckpt, settings.pool_rows)
+    session_dir = tempfile.mkdtemp(prefix="bench-ray-")
     ray.init(
+        _temp_dir=session_dir,
         address="local",
         num_cpus=settings.cores + 1,  # + the source tasks' fraction
         num_gpus=settings.gpus,
@@ -115,7 +134,7 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
         ctx.execution_options.preserve_order = False
         ctx.enable_progress_bars = False
         src = _source(ray.put(pool), settings.batch, settings.max_rows // settings.batch)
-        ds = ray.data.read_datasource(src, num_cpus=SOURCE_TASK_CPUS)
+        ds = ray.data.read_datasource(src, num_cpus=SOURCE_TASK_CPUS, concurrency=SOURCE_TASKS_AT_ONCE)
         ds = add_model_stages(ds, settings.layout, ckpt.uri, settings.batch, dtype=settings.dtype)
         times: list[float] = []
         sizes: list[int] = []
@@ -132,3 +151,4 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
         return PipelineResult(steady_rate(times, sizes, settings.warmup), times[0] - start, len(times))
     finally:
         ray.shutdown()
+        shutil.rmtree(session_dir, ignore_errors=True)
