@@ -2,7 +2,9 @@
 
 ``run_prepared`` (what ``python -m ray_jobs embed`` calls) embeds the manifest on a local Ray
 started here the way the job starts one (loopback only, logical CPUs for its footprint), and
-always a new local instance, never a cluster another process started. The dataset the job
+always a new local instance; or, with ``ray_address``, on a Ray the bench started before the
+repetitions (:func:`running_cluster`), as each partition job of a night runs on the cluster
+``cluster_up`` started. The dataset the job
 builds is observed (not changed) to read Ray Data's execution stats after the commit:
 per-operator busy time, rows and bytes out (object-store traffic), spill.
 """
@@ -32,6 +34,8 @@ class JobSettings:
     #: the job's layout and any other job settings, by name (``num_stages``, ``stages``, ...);
     #: a setting left out takes the job's default
     settings: tuple[tuple[str, object], ...] = ()
+    #: a running Ray to connect to; None: the job starts its own local Ray
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,39 +121,80 @@ def steady_from_operators(rows: int, operators) -> float:
     return rows / stages[-1].span_s
 
 
+def _config(settings: JobSettings):
+    from ray_jobs.job.config import EmbedConfig
+
+    return EmbedConfig.of(
+        output_uri=settings.output,
+        model_uri=settings.model,
+        manifest_uri=settings.manifest,
+        stage_num_cpus=settings.stage_cpus,
+        stage_num_gpus=settings.stage_gpus,
+        batch_size=settings.batch,
+        preprocess_pool=settings.preprocess_pool,
+        dtype=settings.dtype,
+        force=True,
+        **dict(settings.settings),
+    )
+
+
+def local_cpus(job) -> int:
+    """Logical CPUs of the local Ray the job would start for itself (as ``ray_start.ensure_ray``)."""
+    needed = job.footprint.total()["CPU"] - job.footprint.driver_cpus
+    return max(os.cpu_count() or 1, int(needed + 0.999) + 2)
+
+
+@contextlib.contextmanager
+def running_cluster(settings: JobSettings):
+    """A local Ray started in this process, sized as the job would size its own, for the job
+    processes to connect to; yields its address and is shut down on exit."""
+    import tempfile
+
+    import ray
+
+    from ray_jobs.job.embed import prepare
+
+    session_dir = tempfile.mkdtemp(prefix="bench-ray-")
+    ray.init(
+        address="local",
+        num_cpus=local_cpus(prepare(_config(settings))),
+        num_gpus=settings.gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=session_dir,
+        log_to_driver=False,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        import shutil
+
+        shutil.rmtree(session_dir, ignore_errors=True)
+
+
 def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
     try:
         import ray
 
-        from ray_jobs.job.config import EmbedConfig
         from ray_jobs.job.embed import prepare, run_prepared
         from ray_jobs.job.ray_start import WORKER_ENV
 
-        cfg = EmbedConfig.of(
-            output_uri=settings.output,
-            model_uri=settings.model,
-            manifest_uri=settings.manifest,
-            stage_num_cpus=settings.stage_cpus,
-            stage_num_gpus=settings.stage_gpus,
-            batch_size=settings.batch,
-            preprocess_pool=settings.preprocess_pool,
-            dtype=settings.dtype,
-            force=True,
-            **dict(settings.settings),
-        )
-        job = prepare(cfg)
-        needed = job.footprint.total()["CPU"] - job.footprint.driver_cpus
+        job = prepare(_config(settings))
         for k, v in WORKER_ENV.items():
             os.environ.setdefault(k, v)
-        ray.init(  # as ray_start.ensure_ray starts a local Ray, but always a new instance
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999) + 2),
-            num_gpus=settings.gpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": dict(WORKER_ENV)},
-            log_to_driver=False,
-        )
+        if settings.ray_address:  # a partition job of a night: the cluster is up
+            ray.init(address=settings.ray_address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
+        else:
+            ray.init(  # as ray_start.ensure_ray starts a local Ray, but always a new instance
+                address="local",
+                num_cpus=local_cpus(job),
+                num_gpus=settings.gpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                runtime_env={"env_vars": dict(WORKER_ENV)},
+                log_to_driver=False,
+            )
         ray.data.DataContext.get_current().enable_progress_bars = False
         found: list = []
         try:

@@ -10,13 +10,17 @@ the reference (unsplit) model, tuned over a small grid of worker counts and torc
 ``--tune-rows`` rows (each printed), the best then run on all rows, in ``--reps`` alternating
 repetitions (job, loader, job, loader ...); each side's median and spread (min-max) is printed.
 Every run is a fresh process; end-to-end time runs from its spawn (imports, Ray start, model
-load included). The job runs with its own default layout unless ``--num-stages`` (a number or
+load included). With ``--ray running`` the bench starts one local Ray before the repetitions
+and every job process connects to it, as each partition job of a night runs on the cluster
+``cluster_up`` started: its end to end still runs from the job process's spawn, without the
+Ray start. The job runs with its own default layout unless ``--num-stages`` (a number or
 ``auto``), ``--stages`` or ``--job-setting NAME=VALUE`` say otherwise.
 
     python bench/job_vs_torch.py                                 # tiny demo model
     python bench/job_vs_torch.py --preset albert-base-vit-s16    # the target: ratio >= 0.9
     python bench/job_vs_torch.py --num-stages auto               # the job's automatic layout
     python bench/job_vs_torch.py --rows 256 --tune-rows 96 --reps 1   # a smoke run, not a figure
+    python bench/job_vs_torch.py --ray running                   # jobs on a Ray that is already up
 
 Prints steady-state and end-to-end rows/s of both sides, the job's per-operator busy time,
 rows and bytes out (object-store traffic) from Ray Data's stats, and last ``ratio=<job steady
@@ -26,6 +30,8 @@ rows/s / best DataLoader steady rows/s>``. ``--stats-out FILE`` keeps Ray Data's
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -78,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--loader-workers", type=_ints, default=None, help="DataLoader num_workers grid (comma-separated)")
     p.add_argument("--loader-threads", type=_ints, default=None, help="torch intra-op threads grid (comma-separated)")
+    p.add_argument(
+        "--ray",
+        choices=("local", "running"),
+        default="local",
+        help="local: each job starts its own local Ray; running: jobs connect to one the bench started first",
+    )
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions of the final runs (job, loader)")
     p.add_argument("--warmup", type=int, default=3, help="DataLoader batches excluded from its steady state")
     p.add_argument("--assets", help="reuse (or create) the images and manifest in this directory")
@@ -134,7 +146,7 @@ def main(argv=None) -> None:
     import torch
 
     from bench.job_assets import write_job_assets
-    from bench.job_side import JobSettings, run_job
+    from bench.job_side import JobSettings, run_job, running_cluster
     from bench.loader_side import LoaderSettings, LoaderVariant, run_loader
     from ray_jobs.model.checkpoint import open_checkpoint
 
@@ -198,28 +210,33 @@ def main(argv=None) -> None:
     steady: dict[str, list[float]] = {"job": [], "loader": []}
     e2e: dict[str, list[float]] = {"job": [], "loader": []}
     last_job = None
-    for rep, side in alternating(args.reps, ("job", "loader")):
-        if side == "job":
-            last_job = f = run_job(job)
-            steady["job"].append(f.steady_rows_per_s)
-            e2e["job"].append(f.rows_in / f.end_to_end_s)
-            print(
-                f"rep {rep} job: steady {f.steady_rows_per_s:9.2f} rows/s  end-to-end "
-                f"{f.rows_in / f.end_to_end_s:9.2f} rows/s ({f.end_to_end_s:.1f}s, run_prepared {f.pipeline_s:.1f}s, "
-                f"{f.rows_ok}/{f.rows_in} ok) layout {f.layout}",
-                flush=True,
-            )
-            if f.startup:
-                print(f"  start-up s: {' '.join(f'{k}={v:.1f}' for k, v in f.startup)}", flush=True)
-        else:
-            f = loader(best, rows)
-            steady["loader"].append(f.steady_rows_per_s)
-            e2e["loader"].append(f.rows_in / f.end_to_end_s)
-            print(
-                f"rep {rep} {best.name}: steady {f.steady_rows_per_s:9.2f} rows/s  end-to-end "
-                f"{f.rows_in / f.end_to_end_s:9.2f} rows/s ({f.end_to_end_s:.1f}s, {f.rows_ok}/{f.rows_in} ok)",
-                flush=True,
-            )
+    stack = contextlib.ExitStack()
+    if args.ray == "running":
+        job = dataclasses.replace(job, ray_address=stack.enter_context(running_cluster(job)))
+        print(f"jobs connect to a running local Ray at {job.ray_address} (started before the repetitions)", flush=True)
+    with stack:
+        for rep, side in alternating(args.reps, ("job", "loader")):
+            if side == "job":
+                last_job = f = run_job(job)
+                steady["job"].append(f.steady_rows_per_s)
+                e2e["job"].append(f.rows_in / f.end_to_end_s)
+                print(
+                    f"rep {rep} job: steady {f.steady_rows_per_s:9.2f} rows/s  end-to-end "
+                    f"{f.rows_in / f.end_to_end_s:9.2f} rows/s ({f.end_to_end_s:.1f}s, "
+                    f"run_prepared {f.pipeline_s:.1f}s, {f.rows_ok}/{f.rows_in} ok) layout {f.layout}",
+                    flush=True,
+                )
+                if f.startup:
+                    print(f"  start-up s: {' '.join(f'{k}={v:.1f}' for k, v in f.startup)}", flush=True)
+            else:
+                f = loader(best, rows)
+                steady["loader"].append(f.steady_rows_per_s)
+                e2e["loader"].append(f.rows_in / f.end_to_end_s)
+                print(
+                    f"rep {rep} {best.name}: steady {f.steady_rows_per_s:9.2f} rows/s  end-to-end "
+                    f"{f.rows_in / f.end_to_end_s:9.2f} rows/s ({f.end_to_end_s:.1f}s, {f.rows_ok}/{f.rows_in} ok)",
+                    flush=True,
+                )
 
     print("job's operators (Ray Data stats, last run): busy = remote wall time summed over tasks/actor calls")
     print(
@@ -239,7 +256,8 @@ def main(argv=None) -> None:
     if args.stats_out:
         with open(args.stats_out, "w") as fh:
             fh.write(last_job.stats_text)
-    print(f"summary (job layout {last_job.layout}; loader {best.name}):")
+    where = "on a running Ray" if args.ray == "running" else "each starting its own local Ray"
+    print(f"summary (job layout {last_job.layout}, {where}; loader {best.name}):")
     for side in ("job", "loader"):
         print(f"  {side:7s} steady     {Spread.of(steady[side]).text()}")
         print(f"  {side:7s} end-to-end {Spread.of(e2e[side]).text()}")
