@@ -157,6 +157,9 @@ def json_tokenizer_problem(tokenizer_dir: str) -> str | None:
     missing = [k for k in _SPECIAL_TOKEN_KEYS if _token_content(config.get(k)) not in (None, *added)]
     if missing:
         return f"special tokens not in tokenizer.json: {', '.join(missing)} (transformers adds them)"
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict) or any(_token_content(t) not in added for t in decoder.values()):
+        return "added_tokens_decoder holds tokens not in tokenizer.json (transformers adds them)"
     if config.get("padding_side", "right") not in ("left", "right"):
         return f"padding_side {config.get('padding_side')!r}"
     if config.get("truncation_side", "right") not in ("left", "right"):

@@ -104,6 +104,11 @@ def _variant(src: str, dst, edit_config=None, edit_json=None) -> str:
         (lambda c: c.update(auto_map={"AutoTokenizer": ["x.Tok", None]}), None, "sets auto_map"),
         (lambda c: c.update(tokenizer_class="BertTokenizer"), None, "tokenizer class BertTokenizer"),
         (lambda c: c.update(mask_token="<new-mask>"), None, "special tokens not in tokenizer.json: mask_token"),
+        (
+            lambda c: c.update(added_tokens_decoder={"999": {"content": "<extra>", "special": True}}),
+            None,
+            "added_tokens_decoder holds tokens not in tokenizer.json",
+        ),
         (None, lambda j: j.update(post_processor=None), "no post-processor"),
         (None, lambda j: j.update(truncation={"max_length": 8}), "fixes its own truncation"),
         (lambda c: c.pop("pad_token"), None, "no pad token"),
