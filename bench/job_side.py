@@ -138,12 +138,6 @@ def _config(settings: JobSettings):
     )
 
 
-def local_cpus(job) -> int:
-    """Logical CPUs of the local Ray the job would start for itself (as ``ray_start.ensure_ray``)."""
-    needed = job.footprint.total()["CPU"] - job.footprint.driver_cpus
-    return max(os.cpu_count() or 1, int(needed + 0.999) + 2)
-
-
 @contextlib.contextmanager
 def running_cluster(settings: JobSettings):
     """A local Ray started in this process, sized as the job would size its own, for the job
@@ -153,17 +147,13 @@ def running_cluster(settings: JobSettings):
     import ray
 
     from ray_jobs.job.embed import prepare
+    from ray_jobs.job.ray_start import local_ray_options
 
     session_dir = tempfile.mkdtemp(prefix="bench-ray-")
-    ray.init(
-        address="local",
-        num_cpus=local_cpus(prepare(_config(settings))),
-        num_gpus=settings.gpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=session_dir,
-        log_to_driver=False,
-    )
+    options = local_ray_options(prepare(_config(settings)))
+    # a cluster's workers are shared by every job: prestarting them is Ray's default there
+    options.pop("_system_config")
+    ray.init(address="local", num_gpus=settings.gpus, _temp_dir=session_dir, log_to_driver=False, **options)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -178,7 +168,7 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
         import ray
 
         from ray_jobs.job.embed import prepare, run_prepared
-        from ray_jobs.job.ray_start import WORKER_ENV
+        from ray_jobs.job.ray_start import WORKER_ENV, local_ray_options
 
         job = prepare(_config(settings))
         for k, v in WORKER_ENV.items():
@@ -188,12 +178,10 @@ def _job_process(settings: JobSettings, spawned_at: float, queue) -> None:
         else:
             ray.init(  # as ray_start.ensure_ray starts a local Ray, but always a new instance
                 address="local",
-                num_cpus=local_cpus(job),
                 num_gpus=settings.gpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
                 runtime_env={"env_vars": dict(WORKER_ENV)},
                 log_to_driver=False,
+                **local_ray_options(job),
             )
         ray.data.DataContext.get_current().enable_progress_bars = False
         found: list = []

@@ -34,18 +34,28 @@ def ensure_ray(job: PreparedJob) -> None:
         # inside a Ray job: the submitter's runtime_env (working_dir, env_vars) already applies
         ray.init(log_to_driver=True)
         return
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    ray.init(**local_ray_options(job), runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+#: Ray settings of a local Ray the job starts for itself. Ray prestarts idle workers for the
+#: default environment when its first driver connects, but the job's actors run in the job's
+#: own ``runtime_env``, so those workers are never used: on a small machine they only take CPU
+#: from the job's own start (each boots a Python interpreter and imports Ray).
+LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+
+
+def local_ray_options(job: PreparedJob) -> dict:
+    """``ray.init`` arguments of the local Ray for *job* (no address, no ``runtime_env``)."""
     footprint = job.footprint
     needed = footprint.total()["CPU"] - footprint.driver_cpus  # this process is the driver
     # Logical CPUs: the whole minimum footprint (pools at their minimum, read/write tasks) plus
     # headroom for Ray Data's per-operator reservations, so a small machine oversubscribes
     # instead of queueing forever or pinning the preprocessing pool at its minimum.
-    num_cpus = max(os.cpu_count() or 1, int(needed + 0.999) + 2)
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",  # loopback only
-        runtime_env={"env_vars": env},
-        log_to_driver=True,
-    )
+    return {
+        "num_cpus": max(os.cpu_count() or 1, int(needed + 0.999) + 2),
+        "include_dashboard": False,
+        "_node_ip_address": "127.0.0.1",  # loopback only
+        "_system_config": dict(LOCAL_SYSTEM_CONFIG),
+    }

@@ -57,6 +57,21 @@ def test_ray_address_connects_without_credentials_in_its_runtime_env(monkeypatch
     assert kw["runtime_env"]["env_vars"]["AWS_ENDPOINT_URL"] == CONFIG["AWS_ENDPOINT_URL"]
 
 
+def test_a_local_ray_prestarts_no_workers_the_job_cannot_use(monkeypatch):
+    """The job's actors run in its own ``runtime_env``: idle workers Ray would prestart for the
+    default one only take CPU from the job's start (the probe below runs a job on such a Ray)."""
+    import ray
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    ray_start.ensure_ray(_Job(None))
+    (kw,) = calls
+    assert kw["_system_config"] == {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+    assert kw["num_cpus"] >= 3 and kw["_node_ip_address"] == "127.0.0.1" and "address" not in kw
+
+
 _PROBE = textwrap.dedent(
     """
     import json, os, sys
