@@ -151,8 +151,6 @@ def running_cluster(settings: JobSettings):
 
     session_dir = tempfile.mkdtemp(prefix="bench-ray-")
     options = local_ray_options(prepare(_config(settings)))
-    # a cluster's workers are shared by every job: prestarting them is Ray's default there
-    options.pop("_system_config")
     ray.init(address="local", num_gpus=settings.gpus, _temp_dir=session_dir, log_to_driver=False, **options)
     try:
         yield ray.get_runtime_context().gcs_address

@@ -39,13 +39,6 @@ def ensure_ray(job: PreparedJob) -> None:
     ray.init(**local_ray_options(job), runtime_env={"env_vars": env}, log_to_driver=True)
 
 
-#: Ray settings of a local Ray the job starts for itself. Ray prestarts idle workers for the
-#: default environment when its first driver connects, but the job's actors run in the job's
-#: own ``runtime_env``, so those workers are never used: on a small machine they only take CPU
-#: from the job's own start (each boots a Python interpreter and imports Ray).
-LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
-
-
 def local_ray_options(job: PreparedJob) -> dict:
     """``ray.init`` arguments of the local Ray for *job* (no address, no ``runtime_env``)."""
     footprint = job.footprint
@@ -57,5 +50,4 @@ def local_ray_options(job: PreparedJob) -> dict:
         "num_cpus": max(os.cpu_count() or 1, int(needed + 0.999) + 2),
         "include_dashboard": False,
         "_node_ip_address": "127.0.0.1",  # loopback only
-        "_system_config": dict(LOCAL_SYSTEM_CONFIG),
     }

@@ -57,9 +57,9 @@ def test_ray_address_connects_without_credentials_in_its_runtime_env(monkeypatch
     assert kw["runtime_env"]["env_vars"]["AWS_ENDPOINT_URL"] == CONFIG["AWS_ENDPOINT_URL"]
 
 
-def test_a_local_ray_prestarts_no_workers_the_job_cannot_use(monkeypatch):
-    """The job's actors run in its own ``runtime_env``: idle workers Ray would prestart for the
-    default one only take CPU from the job's start (the probe below runs a job on such a Ray)."""
+def test_a_local_ray_is_loopback_only_and_sized_for_the_footprint(monkeypatch):
+    """What the job gives ``ray.init`` when it starts its own Ray (``bench/job_side.py`` starts
+    the same one)."""
     import ray
 
     calls = []
@@ -68,8 +68,9 @@ def test_a_local_ray_prestarts_no_workers_the_job_cannot_use(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     ray_start.ensure_ray(_Job(None))
     (kw,) = calls
-    assert kw["_system_config"] == {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
-    assert kw["num_cpus"] >= 3 and kw["_node_ip_address"] == "127.0.0.1" and "address" not in kw
+    assert kw["num_cpus"] == max(os.cpu_count() or 1, 3)  # a footprint of 1 CPU besides the driver, + 2
+    assert kw["_node_ip_address"] == "127.0.0.1" and kw["include_dashboard"] is False and "address" not in kw
+    assert kw["runtime_env"] == {"env_vars": ray_start.job_runtime_env()}
 
 
 _PROBE = textwrap.dedent(
