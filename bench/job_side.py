@@ -4,9 +4,9 @@
 started here the way the job starts one (loopback only, logical CPUs for its footprint), and
 always a new local instance; or, with ``ray_address``, on a Ray the bench started before the
 repetitions (:func:`running_cluster`), as each partition job of a night runs on the cluster
-``cluster_up`` started. The dataset the job
-builds is observed (not changed) to read Ray Data's execution stats after the commit:
-per-operator busy time, rows and bytes out (object-store traffic), spill.
+``cluster_up`` started. The dataset the job builds is observed (not changed) to read Ray
+Data's execution stats after the commit: per-operator busy time, rows and bytes out
+(object-store traffic), spill.
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def _config(settings: JobSettings):
 def running_cluster(settings: JobSettings):
     """A local Ray started in this process, sized as the job would size its own, for the job
     processes to connect to; yields its address and is shut down on exit."""
+    import shutil
     import tempfile
 
     import ray
@@ -156,8 +157,6 @@ def running_cluster(settings: JobSettings):
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-        import shutil
-
         shutil.rmtree(session_dir, ignore_errors=True)
 
 

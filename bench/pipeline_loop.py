@@ -6,11 +6,10 @@ lasted ``steady_s`` it stops. Ray is started fresh for each repetition (loopback
 local instance, never a cluster another process started) and shut down after it.
 
 The source is read tasks of 64 batches each, two at a time, as a Parquet read is row groups:
-Ray Data's backpressure holds back tasks it has not started, not the output of one it has,
-so a few endless tasks ran far ahead of a slow model (481,376 rows read while the stages took
-2,464) and spilled 68 GB. Tasks of 4 batches bounded it too, but their overhead halved the
-tiny model's rows/s. Ray's session files (spilled objects included) live in a temporary
-directory removed after each repetition.
+Ray Data's backpressure holds back tasks it has not started, not the output of one it has, so
+a few endless tasks run far ahead of a slow model and spill tens of GB to disk. Tasks of 4
+batches are bounded too, but their overhead halves the tiny model's rows/s. Ray's session
+files (spilled objects included) live in a temporary directory removed after each repetition.
 """
 
 from __future__ import annotations
