@@ -110,20 +110,22 @@ def test_two_embed_processes_on_one_partition_commit_exactly_once(ray_session, d
     assert t["startup_admission_wait_s"] >= 0
     assert t["startup_actor_start_s"] + t["startup_model_load_s"] <= t["time_to_first_batch_s"] + 0.5, t
     assert any("embed: start-up: driver_s=" in o for o in outputs), "the committing driver prints its start-up"
-    # under the reservation every pool starts at once: each actor's constructor overlaps all
-    # the others' (Ray Data's per-operator wait would start them one pool after another)
+    # under the reservation every pool starts at once: every actor's process has started before
+    # any actor is ready (Ray Data's per-operator wait would start a pool's processes only once
+    # the pool before it is ready)
     for output in outputs:
-        spans = _constructor_spans(output)
-        assert {"preprocess", "stage0"} <= set(spans), output[-3000:]
-        assert max(b for b, _ in spans.values()) < min(e for _, e in spans.values()), spans
+        starts = _actor_starts(output)
+        assert {"preprocess", "stage0"} <= set(starts), output[-3000:]
+        assert max(p for p, _ in starts.values()) < min(e for _, e in starts.values()), starts
 
 
-_SPAN = re.compile(r"start-up of (\w+) \(pid \d+\).*constructor (-?[\d.]+)-(-?[\d.]+)")
+_START = re.compile(r"start-up of (\w+) \(pid \d+\).*process (-?[\d.]+), constructor -?[\d.]+-(-?[\d.]+)")
 
 
-def _constructor_spans(output: str) -> dict[str, tuple[float, float]]:
-    """Each actor's constructor, seconds after the pipeline's start, from the driver's log."""
-    return {m[1]: (float(m[2]), float(m[3])) for m in _SPAN.finditer(output)}
+def _actor_starts(output: str) -> dict[str, tuple[float, float]]:
+    """Each actor's process start and constructor end, seconds after the pipeline's start, from
+    the driver's log."""
+    return {m[1]: (float(m[2]), float(m[3])) for m in _START.finditer(output)}
 
 
 def test_throttled_and_dropped_image_gets_never_become_rejects(ray_session, s3_server, s3_bucket, tmp_path):
