@@ -34,9 +34,10 @@ class TextProcessing:
     def load_tokenizer(self):
         """The tokenizer :meth:`encode` takes: a :class:`JsonTokenizer` where transformers would
         run ``tokenizer.json`` unchanged, else the checkpoint's ``AutoTokenizer``."""
-        if json_tokenizer_problem(self.tokenizer_dir) is None:
+        try:
             return JsonTokenizer.load(self.tokenizer_dir)
-        return self.auto_tokenizer()
+        except NotStandalone:
+            return self.auto_tokenizer()
 
     def auto_tokenizer(self):
         """The checkpoint's tokenizer as transformers' ``AutoTokenizer`` loads it."""
@@ -120,56 +121,75 @@ def _read_json(path: str) -> dict:
     return data
 
 
+class NotStandalone(ModelError):
+    """transformers would not run this ``tokenizer.json`` as it stands (the reason is the message)."""
+
+
 def json_tokenizer_problem(tokenizer_dir: str) -> str | None:
     """Why *tokenizer_dir* must go through transformers, or None when :class:`JsonTokenizer`
     encodes exactly as transformers would (its generic backend, given this config, leaves the
     serialised pipeline as it is: adds no special token, rebuilds no post-processor)."""
+    try:
+        _standalone(tokenizer_dir)
+    except NotStandalone as exc:
+        return str(exc)
+    return None
+
+
+def _standalone(tokenizer_dir: str):
+    """``(backend, tokenizer config)`` of *tokenizer_dir*, each file read once; raises
+    :class:`NotStandalone` naming why transformers would do otherwise than run the file."""
+    from tokenizers import Tokenizer
+
     path = os.path.join(tokenizer_dir, "tokenizer.json")
     if not os.path.exists(path):
-        return "no tokenizer.json"
+        raise NotStandalone("no tokenizer.json")
     try:
         config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
         config = _read_json(config_path) if os.path.exists(config_path) else {}
-        serialised = _read_json(path)
     except (OSError, ValueError) as exc:
-        return f"unreadable tokenizer files: {exc}"
+        raise NotStandalone(f"unreadable tokenizer files: {exc}") from None
     cls = config.get("tokenizer_class") or "PreTrainedTokenizerFast"
     if cls not in _GENERIC_CLASSES:
-        return f"tokenizer class {cls} (its own code builds the pipeline)"
+        raise NotStandalone(f"tokenizer class {cls} (its own code builds the pipeline)")
     try:
         model_config_path = os.path.join(tokenizer_dir, "config.json")
         model_config = _read_json(model_config_path) if os.path.exists(model_config_path) else {}
     except (OSError, ValueError) as exc:
-        return f"unreadable config.json: {exc}"
+        raise NotStandalone(f"unreadable config.json: {exc}") from None
     for key in ("model_type", "model_name"):
         if model_config.get(key) in _CLASS_OVERRIDDEN_MODEL_TYPES:
-            return f"{key} {model_config[key]} (transformers builds its own tokenizer class for it)"
+            raise NotStandalone(f"{key} {model_config[key]} (transformers builds its own tokenizer class for it)")
     if os.path.exists(os.path.join(tokenizer_dir, "tekken.json")):
-        return "a Mistral tekken.json (transformers may load that instead)"
+        raise NotStandalone("a Mistral tekken.json (transformers may load that instead)")
     extra = sorted(set(config) - _NEUTRAL_CONFIG_KEYS)
     if extra:
-        return f"tokenizer_config.json sets {', '.join(extra)}"
-    if serialised.get("post_processor") is None:
-        return "no post-processor (transformers builds one)"
-    if serialised.get("truncation") is not None or serialised.get("padding") is not None:
-        return "tokenizer.json fixes its own truncation or padding"
-    added = {t.get("content") for t in serialised.get("added_tokens") or [] if isinstance(t, dict)}
+        raise NotStandalone(f"tokenizer_config.json sets {', '.join(extra)}")
+    try:
+        backend = Tokenizer.from_file(path)
+    except Exception as exc:  # the Rust loader raises a bare Exception on a malformed file
+        raise NotStandalone(f"unreadable tokenizer files: {exc}") from None
+    if backend.post_processor is None:
+        raise NotStandalone("no post-processor (transformers builds one)")
+    if backend.truncation is not None or backend.padding is not None:
+        raise NotStandalone("tokenizer.json fixes its own truncation or padding")
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
     missing = [k for k in _SPECIAL_TOKEN_KEYS if _token_content(config.get(k)) not in (None, *added)]
     if missing:
-        return f"special tokens not in tokenizer.json: {', '.join(missing)} (transformers adds them)"
+        raise NotStandalone(f"special tokens not in tokenizer.json: {', '.join(missing)} (transformers adds them)")
     decoder = config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict) or any(_token_content(t) not in added for t in decoder.values()):
-        return "added_tokens_decoder holds tokens not in tokenizer.json (transformers adds them)"
+        raise NotStandalone("added_tokens_decoder holds tokens not in tokenizer.json (transformers adds them)")
     if config.get("padding_side", "right") not in ("left", "right"):
-        return f"padding_side {config.get('padding_side')!r}"
+        raise NotStandalone(f"padding_side {config.get('padding_side')!r}")
     if config.get("truncation_side", "right") not in ("left", "right"):
-        return f"truncation_side {config.get('truncation_side')!r}"
-    if _token_content(config.get("pad_token")) is None:
-        return "no pad token"
-    model = serialised.get("model") or {}
-    if len(model.get("vocab") or ()) + len(added) > _MAX_VOCAB:
-        return f"vocabulary over {_MAX_VOCAB:,} tokens"
-    return None
+        raise NotStandalone(f"truncation_side {config.get('truncation_side')!r}")
+    pad_token = _token_content(config.get("pad_token"))
+    if pad_token is None:
+        raise NotStandalone("no pad token")
+    if backend.get_vocab_size(with_added_tokens=True) > _MAX_VOCAB:
+        raise NotStandalone(f"vocabulary over {_MAX_VOCAB:,} tokens")
+    return backend, config
 
 
 class JsonTokenizer:
@@ -188,17 +208,11 @@ class JsonTokenizer:
 
     @classmethod
     def load(cls, tokenizer_dir: str) -> JsonTokenizer:
-        from tokenizers import Tokenizer
-
-        problem = json_tokenizer_problem(tokenizer_dir)
-        if problem is not None:
-            raise ModelError(f"{tokenizer_dir}: the tokenizers library alone cannot stand in: {problem}")
-        config_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-        config = _read_json(config_path) if os.path.exists(config_path) else {}
+        """Raises :class:`NotStandalone` where transformers would not run the file as it stands."""
         try:
-            backend = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
-        except Exception as exc:  # the Rust loader raises a bare Exception on a malformed file
-            raise ModelError(f"{tokenizer_dir}: cannot load the tokenizer: {exc}") from exc
+            backend, config = _standalone(tokenizer_dir)
+        except NotStandalone as exc:
+            raise NotStandalone(f"{tokenizer_dir}: the tokenizers library alone cannot stand in: {exc}") from None
         pad_token = _token_content(config.get("pad_token"))
         pad_id = backend.token_to_id(pad_token)
         if pad_id is None:

@@ -110,7 +110,13 @@ def _variant(src: str, dst, edit_config=None, edit_json=None) -> str:
             "added_tokens_decoder holds tokens not in tokenizer.json",
         ),
         (None, lambda j: j.update(post_processor=None), "no post-processor"),
-        (None, lambda j: j.update(truncation={"max_length": 8}), "fixes its own truncation"),
+        (
+            None,
+            lambda j: j.update(
+                truncation={"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+            ),
+            "fixes its own truncation",
+        ),
         (lambda c: c.pop("pad_token"), None, "no pad token"),
     ],
 )
